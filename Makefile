@@ -1,0 +1,87 @@
+# seedlings: the pipeline. `make help` lists the targets; each is a thin call of the `seedlings` CLI.
+# Variables shared by every target (override on the command line: make train FOLD=0 CONFIG=configs/gpu.yaml):
+DEFAULT_DATA := data/plant-seedlings-classification
+DATA     ?= $(DEFAULT_DATA)# competition folder: train/<Species>/*, test/*, sample_submission.csv
+CONFIG   ?= configs/cpu.yaml# recipe (YAML)
+RUN      ?= $(basename $(notdir $(CONFIG)))# run name: runs/$(RUN)/, submissions/$(RUN).csv
+N_FOLDS  ?= 5# folds for cross-validation
+FOLD_SEED ?= 0# seed of the fold split (separate from the recipe's training seed)
+FOLD     ?=# one fold only (train, predict, lr-find)
+RUNS     ?=# several runs to blend (submit): RUNS="a b"
+ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
+
+PY        := .venv/bin/python
+SEEDLINGS := .venv/bin/seedlings
+STAMP     := .venv/.installed
+COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED)
+FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit upload scores demo test test-all \
+	bench lint clean
+
+help: ## list the targets
+	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## build .venv and install the pinned requirements (idempotent)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip setuptools
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(STAMP) ## download the competition with the kaggle CLI into DATA (skipped when verified)
+	$(SEEDLINGS) fetch --data "$(DATA)"
+
+demo-data: $(STAMP) ## generate a small synthetic competition in data/demo
+	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
+
+check-data: $(STAMP) ## check layout, decode every image, report counts, sizes, duplicates
+	$(SEEDLINGS) check-data --data "$(DATA)" --config "$(CONFIG)"
+
+folds: $(STAMP) ## write the stratified, duplicate-grouped folds file for DATA, N_FOLDS, FOLD_SEED
+	$(SEEDLINGS) folds --data "$(DATA)" --n-folds $(N_FOLDS) --seed $(FOLD_SEED)
+
+lr-find: $(STAMP) ## LR range test at the first stage's settings: runs/RUN/lr_find.{png,csv}
+	$(SEEDLINGS) lr-find $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
+
+train: $(addprefix train-fold-,$(FOLDS)) ## train every fold in turn (FOLD=k: one; make -j N train: N at once)
+
+train-fold-%: $(STAMP) folds
+	$(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
+
+predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test}_*
+	$(SEEDLINGS) predict $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
+
+submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, predict, blend: submissions/RUN.csv
+	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
+
+upload: $(STAMP) ## send submissions/RUN.csv to Kaggle with a message from its provenance
+	$(SEEDLINGS) upload --run "$(RUN)"
+
+scores: $(STAMP) ## list your Kaggle submissions and their scores
+	$(SEEDLINGS) scores
+
+demo: $(STAMP) ## the whole chain on a generated competition: submissions/demo.csv
+	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
+	$(SEEDLINGS) submit --data data/demo --config configs/cpu.yaml --run demo --n-folds 5 --fold-seed 0 $(ARGS)
+
+test: $(STAMP) ## the fast tests (CPU, a few minutes)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) ## every test, slow end-to-end runs included
+	$(PY) -m pytest -q
+
+bench: $(STAMP) ## loader and training throughput, measured side by side (ratios)
+	$(SEEDLINGS) bench
+
+lint: $(STAMP) ## ruff check and format check
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+clean: ## remove runs, caches, folds and submissions (keeps downloaded data and .venv)
+	rm -rf runs data/cache data/folds data/demo submissions/*.csv submissions/*.json

@@ -1,0 +1,94 @@
+"""Decode once: every image resized to one square size and stored as a uint8 memmap per split under data/cache/."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from seedlings import paths
+from seedlings.errors import UserError
+from seedlings.images import Competition, listing_hash, parallel_imap, read_image
+
+CACHE_VERSION = 1  # bump when the stored pixels would change for the same inputs
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Squash to size x size (the photos are near square); area filter to shrink, cubic to enlarge."""
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _load(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return resize_square(read_image(path), size), None
+    except UserError as e:
+        return None, str(e)
+
+
+@dataclass
+class ImageCache:
+    """Images of one split at one size: `images[i]` is (size, size, 3) uint8 RGB of `files[i]`."""
+
+    images: np.ndarray
+    files: list[str]
+    bad: list[str]  # files that could not be decoded (skip_bad_images: true); their pixels are zeros
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[1]
+
+
+def cache_paths(comp: Competition, split: str, size: int) -> tuple[Path, Path]:
+    files = comp.train_files if split == "train" else comp.test_files
+    where = comp.train_path if split == "train" else comp.test_path
+    key = listing_hash([where(f) for f in files], files, with_mtime=True)  # a changed file changes the key
+    stem = f"{comp.root.resolve().name}-{key}-{split}-{size}px-v{CACHE_VERSION}"
+    return paths.cache_dir() / f"{stem}.u8", paths.cache_dir() / f"{stem}.json"
+
+
+def load_cache(comp: Competition, split: str, size: int, skip_bad_images: bool = False) -> ImageCache:
+    """Open the cache of (dataset, split, size), building it first when missing (on every core)."""
+    data_path, meta_path = cache_paths(comp, split, size)
+    files = comp.train_files if split == "train" else comp.test_files
+    if not meta_path.exists():  # the .json is written last: its presence means the array is complete
+        build_cache(comp, split, size, skip_bad_images, data_path, meta_path)
+    meta = json.loads(meta_path.read_text())
+    if meta["bad"] and not skip_bad_images:
+        raise UserError(meta["bad"][0]["error"] + " (the cache was built with skip_bad_images: true)")
+    images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(files), size, size, 3))
+    return ImageCache(images, files, [b["file"] for b in meta["bad"]])
+
+
+def build_cache(comp: Competition, split: str, size: int, skip_bad_images: bool, data_path: Path,
+                meta_path: Path) -> None:
+    files = comp.train_files if split == "train" else comp.test_files
+    where = comp.train_path if split == "train" else comp.test_path
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
+    arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
+    bad = []
+    try:
+        loader = partial(_load, size=size)
+        for i, (img, err) in enumerate(parallel_imap(loader, [where(f) for f in files], desc=f"cache {split}")):
+            if err is not None:
+                if not skip_bad_images:
+                    raise UserError(err)
+                bad.append({"file": files[i], "error": err})
+                arr[i] = 0
+            else:
+                arr[i] = img
+        arr.flush()
+        del arr
+        tmp.replace(data_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {"files": len(files), "size": size, "split": split, "data": str(comp.root), "bad": bad}
+    meta_path.write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,133 @@
+"""`seedlings <stage> ...`: one command per pipeline stage; bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seedlings.errors import UserError
+
+DEFAULT_DATA = "data/plant-seedlings-classification"
+DEFAULT_CONFIG = "configs/cpu.yaml"
+
+
+def _run_args(p: argparse.ArgumentParser, fold: bool = True) -> None:
+    """The arguments every recipe-driven stage shares (the Makefile's DATA, CONFIG, RUN, N_FOLDS, FOLD_SEED)."""
+    p.add_argument("--data", default=DEFAULT_DATA, help="competition folder")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe (YAML)")
+    p.add_argument("--run", default=None, help="run name (default: the recipe's file name)")
+    p.add_argument("--n-folds", type=int, default=5, help="number of folds")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (not the training seed)")
+    if fold:
+        p.add_argument("--fold", type=int, default=None, help="one fold only")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted: stages.1.size=160")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seedlings", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+
+    p = sub.add_parser("fetch", help="download (or unpack --archive) the competition into --data and verify it")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--archive", default=None, help="a bundle downloaded by hand from the competition page")
+
+    p = sub.add_parser("demo-data", help="generate a small synthetic competition")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--per-class", type=int, default=10, help="images of the smallest species (others up to ~3x)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-size", type=int, default=50, help="px, smallest image side")
+    p.add_argument("--max-size", type=int, default=600, help="px, largest image side")
+
+    p = sub.add_parser("check-data", help="check layout, decode every image, report counts, sizes, duplicates")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--config", default=None, help="recipe (for skip_bad_images)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = sub.add_parser("folds", help="write the stratified, duplicate-grouped folds CSV")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="fold seed")
+    p.add_argument("--out", default=None, help="CSV path (default: data/folds/<dataset>-<hash>-k<K>-s<S>.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite a folds file made with other parameters")
+
+    _run_args(sub.add_parser("lr-find", help="LR range test at the first stage's settings"))
+    _run_args(sub.add_parser("train", help="train folds (all, or --fold K)"))
+    _run_args(sub.add_parser("predict", help="TTA probabilities per fold and snapshot"))
+    p = sub.add_parser("submit", help="folds, train, predict, blend: submissions/<run>.csv")
+    _run_args(p, fold=False)
+    p.add_argument("--runs", nargs="*", default=None, help="blend these runs (default: --run)")
+    p.add_argument("--weights", choices=["equal", "fit"], default="fit", help="blend weights")
+
+    p = sub.add_parser("validate-submission", help="check a submission CSV against a competition folder")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--submission", required=True)
+
+    p = sub.add_parser("grade", help="micro-F1 of a submission against held-out labels")
+    p.add_argument("--submission", required=True)
+    p.add_argument("--answers", required=True, help="CSV file,species with the true labels")
+
+    p = sub.add_parser("upload", help="submit submissions/<run>.csv to Kaggle")
+    p.add_argument("--run", required=True)
+    p.add_argument("--message", default=None)
+
+    sub.add_parser("scores", help="list your Kaggle submissions and scores")
+
+    p = sub.add_parser("bench", help="loader and training throughput, side by side")
+    p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
+    return parser
+
+
+def run_name(args: argparse.Namespace) -> str:
+    return args.run or Path(args.config).stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    stage = args.stage
+    if stage == "fetch":
+        from seedlings.fetch import fetch
+
+        fetch(args.data, archive=args.archive)
+    elif stage == "demo-data":
+        from seedlings.demo import make_demo
+
+        out = Path(args.out)
+        if out.exists():
+            print(f"{out}: exists, nothing to do")
+            return 0
+        make_demo(out, args.per_class, args.seed, args.min_size, args.max_size)
+        print(f"{out}: demo competition written")
+    elif stage == "check-data":
+        from seedlings.config import load_recipe
+        from seedlings.images import check_competition
+
+        recipe = load_recipe(args.config, args.overrides)
+        report = check_competition(args.data, skip_bad_images=recipe.skip_bad_images)
+        print("\n".join(report.lines()))
+    elif stage == "folds":
+        from seedlings.folds import make_folds
+
+        make_folds(args.data, args.n_folds, args.seed, args.out, args.force)
+    else:
+        return dispatch_training(args)
+    return 0
+
+
+def dispatch_training(args: argparse.Namespace) -> int | None:
+    raise UserError(f"{args.stage}: not built yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

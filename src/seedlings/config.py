@@ -1,0 +1,261 @@
+"""Recipes: a YAML file loaded into typed dataclasses, with dotted key=value overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from seedlings.errors import UserError
+
+LR = Union[float, list, dict]  # one number | one per group (earliest first) | {max, mult} like fast.ai's slice
+
+
+@dataclass
+class Stage:
+    """One SGDR schedule at one image size."""
+
+    size: int = 128  # px, square side of the training crop and of evaluation
+    freeze: bool = False  # true: train only the head (last layer group)
+    precompute: bool = False  # with freeze: compute pooled backbone features once, train the head on them
+    lr: LR = 1.0e-3  # peak learning rate of each cycle (see LR above)
+    n_cycles: int = 1  # cosine cycles with warm restarts
+    cycle_len: float = 1  # epochs in the first cycle
+    cycle_mult: float = 1  # each cycle is this many times longer than the one before
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs; every field a recipe may set."""
+
+    model: str = "tf_efficientnet_lite0"  # any timm model name
+    pretrained: str = "bundled"  # bundled | hub | path/to/weights.(pth|safetensors) | none
+    drop_rate: float = 0.25  # dropout before the classifier (fast.ai's ps)
+    batch_size: int = 32  # images per optimizer step
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw
+    momentum: float = 0.9  # SGD momentum (adamw: beta1)
+    weight_decay: float = 1.0e-4  # L2 penalty per step, not applied to biases and norm layers
+    label_smoothing: float = 0.1  # cross-entropy target smoothing, 0 to 1
+    layer_groups: int = 3  # parameter groups for differential learning rates (early body, late body, head)
+    seed: int = 0  # training seed: weights init, shuffling, augmentation
+    tta: str = "d4"  # used by predict: none | flip | d4 | d4+scales
+    tta_mean: str = "arith"  # arith | geom: how TTA copies' probabilities are averaged
+    stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
+    crop_scale: float = 0.35  # RandomResizedCrop's smallest area fraction
+    cache_margin: float = 1.15  # cached side = largest stage size x this, so crops keep detail
+    precompute_d4: bool = True  # precompute: add the 8 dihedral copies of each image as fixed samples
+    num_workers: int = -1  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
+    compile: bool = False  # torch.compile the model (CUDA)
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    skip_bad_images: bool = False  # true: unreadable images are listed and skipped; false: exit 2 naming the file
+    snapshots: bool = True  # save weights at the end of every cycle for snapshot ensembles
+    lr_find_start: float = 1.0e-7  # LR finder sweep start
+    lr_find_end: float = 10.0  # LR finder sweep end
+    lr_find_steps: int = 100  # LR finder steps
+
+    @property
+    def max_size(self) -> int:
+        return max(s.size for s in self.stages)
+
+    @property
+    def cache_size(self) -> int:
+        return int(round(self.max_size * self.cache_margin))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its annotated type; errors name the key."""
+    if tp is LR or tp == "LR":
+        return _coerce_lr(key, value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}.{i}", v, item_tp) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise UserError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_lr(key: str, value: Any) -> LR:
+    if isinstance(value, bool):
+        raise UserError(f"{key}: expected a learning rate, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    if isinstance(value, dict) and set(value) == {"max", "mult"}:
+        return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
+    raise UserError(f"{key}: expected a number, a list of numbers or {{max, mult}}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls, globalns={**vars(typing), "LR": LR, "Stage": Stage})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise UserError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _validate(r: Recipe) -> None:
+    def bad(key: str, why: str) -> None:
+        raise UserError(f"{key}: {why}")
+
+    if r.pretrained not in ("bundled", "hub", "none") and not r.pretrained.endswith((".pth", ".pt", ".safetensors")):
+        bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {r.pretrained!r}")
+    if not 0 <= r.drop_rate < 1:
+        bad("drop_rate", f"must be in [0, 1), got {r.drop_rate}")
+    if r.batch_size < 1:
+        bad("batch_size", f"must be at least 1, got {r.batch_size}")
+    if r.optimizer not in ("sgd", "adamw"):
+        bad("optimizer", f"expected sgd or adamw, got {r.optimizer!r}")
+    if not 0 <= r.label_smoothing < 1:
+        bad("label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
+    if r.layer_groups < 1:
+        bad("layer_groups", f"must be at least 1, got {r.layer_groups}")
+    if r.tta not in ("none", "flip", "d4", "d4+scales"):
+        bad("tta", f"expected none, flip, d4 or d4+scales, got {r.tta!r}")
+    if r.tta_mean not in ("arith", "geom"):
+        bad("tta_mean", f"expected arith or geom, got {r.tta_mean!r}")
+    if not 0 < r.crop_scale <= 1:
+        bad("crop_scale", f"must be in (0, 1], got {r.crop_scale}")
+    if r.cache_margin < 1:
+        bad("cache_margin", f"must be at least 1, got {r.cache_margin}")
+    if not r.stages:
+        bad("stages", "at least one stage is needed")
+    for i, s in enumerate(r.stages):
+        key = f"stages.{i}"
+        if s.size < 16:
+            bad(f"{key}.size", f"must be at least 16 px, got {s.size}")
+        if s.n_cycles < 1:
+            bad(f"{key}.n_cycles", f"must be at least 1, got {s.n_cycles}")
+        if s.cycle_len <= 0:
+            bad(f"{key}.cycle_len", f"must be positive, got {s.cycle_len}")
+        if s.cycle_mult < 1:
+            bad(f"{key}.cycle_mult", f"must be at least 1, got {s.cycle_mult}")
+        if s.precompute and not s.freeze:
+            bad(f"{key}.precompute", "needs freeze: true (features of a changing backbone cannot be precomputed)")
+        if isinstance(s.lr, list) and len(s.lr) != r.layer_groups:
+            bad(f"{key}.lr", f"has {len(s.lr)} values for {r.layer_groups} layer groups")
+        for lr in lrs_of(s.lr, r.layer_groups):
+            if not 0 < lr < 100:
+                bad(f"{key}.lr", f"every learning rate must be in (0, 100), got {lr}")
+
+
+def lrs_of(lr: LR, n_groups: int) -> list[float]:
+    """Peak learning rate per layer group, earliest group first."""
+    if isinstance(lr, float):
+        return [lr] * n_groups
+    if isinstance(lr, list):
+        return list(lr)
+    return [lr["max"] / lr["mult"] ** (n_groups - 1 - g) for g in range(n_groups)]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
+    return _fix_floats(yaml.safe_load(text))
+
+
+def _fix_floats(obj: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number."""
+    if isinstance(obj, dict):
+        return {k: _fix_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_floats(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if any(c.isdigit() for c in obj) and obj.strip().lower() not in ("nan", "inf") else obj
+        except ValueError:
+            return obj
+    return obj
+
+
+def apply_override(values: dict, key: str, value: Any) -> None:
+    """Set a dotted key (`stages.1.size`) in a nested dict/list, creating nothing that the recipe lacks."""
+    parts = key.split(".")
+    node: Any = values
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"{path}: no such list index (the recipe has {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                if part == "stages" or part in {f.name for f in dataclasses.fields(Recipe)}:
+                    node[part] = {}
+                else:
+                    raise UserError(f"{path}: unknown key")
+            node = node[part]
+        else:
+            raise UserError(f"{path}: is not a mapping or a list")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"{key}: no such list index (the recipe has {len(node)})")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (None: the defaults), apply `key=value` overrides, type-check and validate."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: recipe not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{p}: a recipe is a mapping of keys to values")
+        values = _fix_floats(values)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"{item}: an override is key=value")
+        key, text = item.split("=", 1)
+        apply_override(values, key.strip(), parse_value(text))
+    recipe = _build(Recipe, values)
+    _validate(recipe)
+    return recipe
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: Path, extra: dict | None = None) -> None:
+    data = {**recipe_dict(recipe), **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+

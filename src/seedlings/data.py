@@ -1,0 +1,81 @@
+"""Datasets over the decode-once cache, albumentations pipelines, and loaders whose randomness is (seed, fold, epoch)."""
+
+from __future__ import annotations
+
+import os
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def item_seed(*key: int) -> int:
+    """A 32-bit seed from integers (seed, fold, epoch, index): same key, same augmentation, in any worker."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def train_transform(size: int, mean: tuple, std: tuple, crop_scale: float = 0.35) -> A.Compose:
+    """Random crop and all 8 dihedral orientations (the photos are taken from above), mild colour jitter."""
+    return A.Compose([
+        A.RandomResizedCrop(size=(size, size), scale=(crop_scale, 1.0), ratio=(0.75, 1.333)),
+        A.HorizontalFlip(),
+        A.VerticalFlip(),
+        A.RandomRotate90(),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02, p=0.8),
+        A.Normalize(mean=mean, std=std),
+    ])  # fmt: skip
+
+
+def eval_transform(size: int, mean: tuple, std: tuple) -> A.Compose:
+    return A.Compose([A.Resize(size, size, interpolation=3), A.Normalize(mean=mean, std=std)])  # 3: cv2.INTER_AREA
+
+
+class CachedImages(Dataset):
+    """Images from an ImageCache (rows `index`) with labels; items are (CHW float tensor, label)."""
+
+    def __init__(self, images: np.ndarray, index: np.ndarray, labels: np.ndarray | None, transform: A.Compose):
+        self.images, self.index, self.transform = images, np.asarray(index), transform
+        self.labels = np.full(len(self.index), -1) if labels is None else np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)  # per-item seed: batches replay exactly on resume
+        x = self.transform(image=np.asarray(self.images[self.index[i]]))["image"]
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), int(self.labels[i])
+
+
+class EpochSampler(Sampler):
+    """Shuffles by (seed, fold, epoch) and hands each index its own augmentation seed."""
+
+    def __init__(self, n: int, seed: int, fold: int):
+        self.n, self.seed, self.fold, self.epoch = n, seed, fold, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.fold, self.epoch])
+        order = rng.permutation(self.n)
+        return iter([(int(i), item_seed(self.seed, self.fold, self.epoch, int(i))) for i in order])
+
+
+def default_workers(device: torch.device) -> int:
+    """No workers on CPU (the model needs every core; decoding is already done), up to 8 on CUDA."""
+    if device.type != "cuda":
+        return 0
+    return min(8, os.cpu_count() or 1)
+
+
+def make_loader(ds: Dataset, batch_size: int, device: torch.device, sampler: Sampler | None = None,
+                num_workers: int = -1, drop_last: bool = False) -> DataLoader:
+    workers = default_workers(device) if num_workers < 0 else num_workers
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last)

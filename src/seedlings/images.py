@@ -1,0 +1,187 @@
+"""One image reader for every file, and the scan of a competition folder (train/<Species>/*, test/*)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from seedlings.errors import UserError
+
+STRAY_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode PNG or JPEG to RGB uint8 (H, W, 3): alpha dropped, greyscale and palette expanded, 16 bit scaled.
+
+    Raises UserError naming the file when it is empty or not a decodable image.
+    """
+    path = Path(path)
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work too
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if buf.size == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # keeps 16-bit depth so we can scale it ourselves
+    if img is None:
+        raise UserError(f"{path}: not a readable image")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.uint32) * 255 + 32767) // 65535  # exact rounding of v * 255 / 65535
+    img = img.astype(np.uint8, copy=False)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _listed(p: Path) -> bool:
+    """Every file counts except stray OS files and hidden ones: a non-image file is an error check-data reports."""
+    return p.is_file() and p.name not in STRAY_FILES and not p.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Competition:
+    """The files of a competition folder; `train_files` are relative to train/, `test_files` to test/."""
+
+    root: Path
+    classes: list[str]  # species, sorted: the class index order everywhere
+    train_files: list[str]  # "<Species>/<name>.png"
+    train_labels: list[int]
+    test_files: list[str]  # "<name>.png"
+
+    def train_path(self, rel: str) -> Path:
+        return self.root / "train" / rel
+
+    def test_path(self, rel: str) -> Path:
+        return self.root / "test" / rel
+
+
+def scan_competition(root: str | Path, need_test: bool = True) -> Competition:
+    """List a competition folder; a missing train/ (or test/, sample_submission.csv) exits 2 naming it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: competition folder not found (make data, or make demo-data and DATA=data/demo)")
+    train = root / "train"
+    if not train.is_dir():
+        raise UserError(f"{train}: missing (a competition folder holds train/<Species>/*.png)")
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{train}: no species folders")
+    files, labels = [], []
+    for label, species in enumerate(classes):
+        for p in sorted((train / species).iterdir()):
+            if _listed(p):
+                files.append(f"{species}/{p.name}")
+                labels.append(label)
+    test_files: list[str] = []
+    if need_test:
+        test = root / "test"
+        if not test.is_dir():
+            raise UserError(f"{test}: missing (a competition folder holds test/*.png)")
+        if not (root / "sample_submission.csv").is_file():
+            raise UserError(f"{root / 'sample_submission.csv'}: missing")
+        test_files = sorted(p.name for p in test.iterdir() if _listed(p))
+    return Competition(root, classes, files, labels, test_files)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing_hash(paths: list[Path], names: list[str], with_mtime: bool) -> str:
+    """A short key for a set of files: names and sizes (and modification times when asked), not their bytes."""
+    h = hashlib.sha256()
+    for p, name in zip(paths, names):
+        st = p.stat()
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns if with_mtime else 0}\n".encode())
+    return h.hexdigest()[:10]
+
+
+def parallel_imap(fn, items: list, desc: str, workers: int | None = None):
+    """Yield fn(item) in order, computed on every core, with a progress bar; fn must be a module-level function."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(items) < 64:  # a pool costs more than it saves on a handful of files
+        yield from (fn(x) for x in tqdm(items, desc=desc, leave=False, disable=len(items) < 64))
+        return
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+    with ctx.Pool(workers) as pool:
+        yield from tqdm(pool.imap(fn, items, chunksize=8), total=len(items), desc=desc, leave=False)
+
+
+def parallel_map(fn, items: list, desc: str, workers: int | None = None) -> list:
+    return list(parallel_imap(fn, items, desc, workers))
+
+
+def _inspect(path: Path) -> tuple[str, int, int, str | None]:
+    """(sha256, width, height, error) of one file; error is the message naming the file, or None."""
+    digest = file_digest(path)
+    try:
+        img = read_image(path)
+    except UserError as e:
+        return digest, 0, 0, str(e)
+    return digest, img.shape[1], img.shape[0], None
+
+
+@dataclass
+class DataReport:
+    counts: dict[str, int]  # training images per species
+    n_test: int
+    widths: list[int]
+    heights: list[int]
+    duplicates: list[list[str]]  # groups of byte-identical files ("train/<Species>/x.png", "test/y.png")
+    bad: list[str]  # error messages, one per unreadable file
+
+    def lines(self) -> list[str]:
+        out = [f"train: {sum(self.counts.values())} images in {len(self.counts)} species; test: {self.n_test} images"]
+        width = max(len(c) for c in self.counts)
+        out += [f"  {c:<{width}}  {n:5d}" for c, n in self.counts.items()]
+        if self.widths:
+            w, h = np.array(self.widths), np.array(self.heights)
+            out.append(f"sizes (px): width min {w.min()} median {int(np.median(w))} max {w.max()}; "
+                       f"height min {h.min()} median {int(np.median(h))} max {h.max()}; "
+                       f"{int((w != h).sum())} not square")
+        out.append(f"byte-identical duplicate groups: {len(self.duplicates)}")
+        out += ["  " + " = ".join(g) for g in self.duplicates[:20]]
+        if self.bad:
+            out.append(f"skipped {len(self.bad)} unreadable files:")
+            out += ["  " + b for b in self.bad]
+        return out
+
+
+def check_competition(root: str | Path, skip_bad_images: bool = False, with_digests: bool = False):
+    """Decode every image of a competition folder; the first bad file exits 2 unless skip_bad_images.
+
+    Returns the DataReport, and with `with_digests` also {relative name: sha256}.
+    """
+    comp = scan_competition(root)
+    names = [f"train/{f}" for f in comp.train_files] + [f"test/{f}" for f in comp.test_files]
+    results = parallel_map(_inspect, [comp.root / n for n in names], desc="decode")
+    bad = [err for *_, err in results if err]
+    if bad and not skip_bad_images:
+        raise UserError(bad[0] + (f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""))
+    by_digest: dict[str, list[str]] = {}
+    for name, (digest, *_rest) in zip(names, results):
+        by_digest.setdefault(digest, []).append(name)
+    counts = {c: 0 for c in comp.classes}
+    for label in comp.train_labels:
+        counts[comp.classes[label]] += 1
+    ok = [r for r in results if r[3] is None]
+    report = DataReport(counts, len(comp.test_files), [r[1] for r in ok], [r[2] for r in ok],
+                        [g for g in by_digest.values() if len(g) > 1], bad)
+    if with_digests:
+        digests = {n: r[0] for n, r in zip(names, results)}
+        digests["sample_submission.csv"] = file_digest(comp.root / "sample_submission.csv")
+        return report, digests
+    return report

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from seedlings.config import Recipe, Stage, load_recipe, lrs_of, save_recipe
+from seedlings.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+def test_shipped_recipes_load(name):
+    r = load_recipe(CONFIGS / name)
+    assert isinstance(r, Recipe) and all(isinstance(s, Stage) for s in r.stages)
+
+
+def test_overrides_dotted_and_typed():
+    r = load_recipe(CONFIGS / "cpu.yaml", ["batch_size=64", "stages.1.size=160", "stages.0.lr=1e-3",
+                                           "stages.1.lr=[1e-4, 1e-3, 1e-2]", "tta=flip"])
+    assert r.batch_size == 64 and r.stages[1].size == 160 and r.stages[0].lr == 1e-3
+    assert r.stages[1].lr == [1e-4, 1e-3, 1e-2] and r.tta == "flip"
+    assert r.cache_size == round(160 * r.cache_margin)
+
+
+def test_lr_forms():
+    assert lrs_of(0.1, 3) == [0.1, 0.1, 0.1]
+    assert lrs_of([1.0, 2.0, 3.0], 3) == [1.0, 2.0, 3.0]
+    assert lrs_of({"max": 1e-2, "mult": 10.0}, 3) == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("bogus=1", "bogus"),
+    ("stages.0.bogus=1", "stages.0.bogus"),
+    ("batch_size=abc", "batch_size"),
+    ("batch_size=1.5", "batch_size"),
+    ("stages.0.freeze=maybe", "stages.0.freeze"),
+    ("stages.5.size=10", "stages.5"),
+    ("optimizer=lbfgs", "optimizer"),
+    ("drop_rate=1.5", "drop_rate"),
+    ("stages.1.lr=[1e-3, 1e-2]", "stages.1.lr"),
+    ("stages.1.lr={max: 0.1}", "stages.1.lr"),
+    ("stages.1.cycle_mult=0.5", "stages.1.cycle_mult"),
+    ("stages.1.precompute=true", "stages.1.precompute"),
+    ("tta=d8", "tta"),
+    ("pretrained=weights.bin", "pretrained"),
+])  # fmt: skip
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(UserError) as e:
+        load_recipe(CONFIGS / "cpu.yaml", [override])
+    assert str(e.value).startswith(key)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_recipe(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_save_and_reload(tmp_path):
+    r = load_recipe(CONFIGS / "cpu.yaml", ["seed=3"])
+    save_recipe(r, tmp_path / "c.yaml", {"git_commit": "abc"})
+    import yaml
+
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert data.pop("git_commit") == "abc"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert load_recipe(tmp_path / "r.yaml") == r
