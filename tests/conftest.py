@@ -40,3 +40,58 @@ def real() -> Path:
     if not REAL.is_dir():
         pytest.skip("../shared/data/seedlings-150 is not here")
     return REAL
+
+
+TINY = [
+    "model=test_efficientnet",
+    "pretrained=none",
+    "batch_size=16",
+    "num_workers=0",
+    "drop_rate=0.1",
+    "stages=[{size: 32, freeze: true, precompute: true, lr: 0.05, n_cycles: 1, cycle_len: 1, cycle_mult: 1},"
+    " {size: 32, freeze: false, lr: [0.001, 0.003, 0.01], n_cycles: 2, cycle_len: 1, cycle_mult: 2},"
+    " {size: 40, freeze: false, lr: {max: 0.01, mult: 3}, n_cycles: 2, cycle_len: 1, cycle_mult: 1}]",
+    "tta=flip",
+]
+
+
+def tiny_recipe(*extra):
+    from seedlings.config import load_recipe
+
+    return load_recipe(None, [*TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_fold(demo_master, tmp_path_factory):
+    """One fold of the tiny recipe trained once per session on the demo (3 folds): shared by several tests."""
+    import math
+
+    import numpy as np
+
+    from seedlings.folds import load_folds
+
+    home = tmp_path_factory.mktemp("trained-home")
+    old = os.environ.get("SEEDLINGS_HOME")
+    os.environ["SEEDLINGS_HOME"] = str(home)
+    try:
+        from seedlings.train import train_fold
+
+        recipe = tiny_recipe()
+        final = train_fold(recipe, demo_master, "tiny", 0, n_folds=3)
+        n_train = int((load_folds(demo_master, 3, 0).fold != 0).sum())
+    finally:
+        if old is None:
+            os.environ.pop("SEEDLINGS_HOME")
+        else:
+            os.environ["SEEDLINGS_HOME"] = old
+    steps = [math.ceil(n_train * (8 if s.precompute else 1) / recipe.batch_size) for s in recipe.stages]
+    assert n_train % recipe.batch_size != 0  # the test wants a short last batch
+    return {
+        "recipe": recipe,
+        "final": final,
+        "home": home,
+        "dir": home / "runs" / "tiny" / "fold0",
+        "steps_per_epoch": steps,
+        "n_train": n_train,
+        "np": np,
+    }

@@ -147,7 +147,12 @@ def test_kaggle_cli_starts(tmp_path):
     import sys
 
     kaggle = Path(sys.executable).parent / "kaggle"
-    r = subprocess.run([str(kaggle), "--version"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "KAGGLE_CONFIG_DIR": str(tmp_path)})
+    r = subprocess.run(
+        [str(kaggle), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KAGGLE_CONFIG_DIR": str(tmp_path)},
+    )
     assert "ModuleNotFoundError" not in r.stderr
     assert "2.2.5" in r.stdout + r.stderr

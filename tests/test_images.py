@@ -58,8 +58,14 @@ def test_jpeg(tmp_path, rgb):
     assert read_image(p).shape == (20, 30, 3)
 
 
-@pytest.mark.parametrize("content,why", [(b"", "empty file"), (b"not an image at all", "not a readable image"),
-                                         (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "not a readable image")])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"", "empty file"),
+        (b"not an image at all", "not a readable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "not a readable image"),
+    ],
+)
 def test_bad_files_name_the_file(tmp_path, content, why):
     p = tmp_path / "bad.png"
     p.write_bytes(content)

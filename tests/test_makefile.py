@@ -22,8 +22,9 @@ def test_help_lists_every_target():
     assert set(TARGETS.split()) <= listed
 
 
-@pytest.mark.parametrize("target", ["data", "demo-data", "check-data", "folds", "lr-find", "predict", "submit",
-                                    "upload", "scores", "bench"])
+@pytest.mark.parametrize(
+    "target", ["data", "demo-data", "check-data", "folds", "lr-find", "predict", "submit", "upload", "scores", "bench"]
+)
 def test_targets_call_known_stages(target):
     stages = set(build_parser()._subparsers._group_actions[0].choices)
     dry = make("-n", "-W", ".venv/.installed", target, "DATA=data/demo", "FOLD=0").stdout

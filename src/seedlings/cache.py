@@ -66,8 +66,9 @@ def load_cache(comp: Competition, split: str, size: int, skip_bad_images: bool =
     return ImageCache(images, files, [b["file"] for b in meta["bad"]])
 
 
-def build_cache(comp: Competition, split: str, size: int, skip_bad_images: bool, data_path: Path,
-                meta_path: Path) -> None:
+def build_cache(
+    comp: Competition, split: str, size: int, skip_bad_images: bool, data_path: Path, meta_path: Path
+) -> None:
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
     data_path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,53 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def dispatch_training(args: argparse.Namespace) -> int | None:
+    stage = args.stage
+    if stage in ("validate-submission", "grade", "upload", "scores", "bench"):
+        return dispatch_tools(args)
+    from seedlings.config import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    run = run_name(args)
+    if stage == "lr-find":
+        lr_find(recipe, args, run)
+    elif stage == "train":
+        from seedlings.train import train_fold
+
+        for fold in [args.fold] if args.fold is not None else range(args.n_folds):
+            final = train_fold(recipe, args.data, run, fold, args.n_folds, args.fold_seed)
+            print(f"fold {fold}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
+    elif stage == "predict":
+        from seedlings.predict import predict_run
+
+        predict_run(
+            recipe, args.data, run, args.n_folds, args.fold_seed, [args.fold] if args.fold is not None else None
+        )
+    elif stage == "submit":
+        from seedlings.submit import submit
+
+        submit(
+            recipe, args.data, run, args.n_folds, args.fold_seed, runs=args.runs, weights=args.weights, command=sys.argv
+        )
+    return 0
+
+
+def lr_find(recipe, args: argparse.Namespace, run: str) -> None:
+    from seedlings import paths
+    from seedlings.lr_find import lr_sweep, plot_sweep, suggestions
+    from seedlings.train import prepare_fold
+
+    fd = prepare_fold(recipe, args.data, run, args.fold or 0, args.n_folds, args.fold_seed)
+    df = lr_sweep(fd, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps)
+    out = paths.run_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "lr_find.csv", index=False)
+    sugg = suggestions(df)
+    plot_sweep(df, sugg, out / "lr_find.png")
+    print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
+    print(f"{out / 'lr_find.png'}, {out / 'lr_find.csv'}: {len(df)} steps")
+
+
+def dispatch_tools(args: argparse.Namespace) -> int | None:
     raise UserError(f"{args.stage}: not built yet")
 
 

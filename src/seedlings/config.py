@@ -6,13 +6,13 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from seedlings.errors import UserError
 
-LR = Union[float, list, dict]  # one number | one per group (earliest first) | {max, mult} like fast.ai's slice
+LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 
 
 @dataclass
@@ -24,8 +24,8 @@ class Stage:
     precompute: bool = False  # with freeze: compute pooled backbone features once, train the head on them
     lr: LR = 1.0e-3  # peak learning rate of each cycle (see LR above)
     n_cycles: int = 1  # cosine cycles with warm restarts
-    cycle_len: float = 1  # epochs in the first cycle
-    cycle_mult: float = 1  # each cycle is this many times longer than the one before
+    cycle_len: int = 1  # epochs in the first cycle
+    cycle_mult: int = 1  # each cycle is this many times longer than the one before
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Recipe:
     num_workers: int = -1  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
     skip_bad_images: bool = False  # true: unreadable images are listed and skipped; false: exit 2 naming the file
     snapshots: bool = True  # save weights at the end of every cycle for snapshot ensembles
     lr_find_start: float = 1.0e-7  # LR finder sweep start
@@ -108,7 +109,11 @@ def _coerce_lr(key: str, value: Any) -> LR:
         raise UserError(f"{key}: expected a learning rate, got {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         return [float(v) for v in value]
     if isinstance(value, dict) and set(value) == {"max", "mult"}:
         return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
@@ -258,4 +263,3 @@ def save_recipe(recipe: Recipe, path: Path, extra: dict | None = None) -> None:
     data = {**recipe_dict(recipe), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-

@@ -1,4 +1,4 @@
-"""Datasets over the decode-once cache, albumentations pipelines, and loaders whose randomness is (seed, fold, epoch)."""
+"""Datasets over the decode-once cache, albumentations pipelines, loaders whose randomness is (seed, fold, epoch)."""
 
 from __future__ import annotations
 
@@ -74,8 +74,25 @@ def default_workers(device: torch.device) -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def make_loader(ds: Dataset, batch_size: int, device: torch.device, sampler: Sampler | None = None,
-                num_workers: int = -1, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    device: torch.device,
+    sampler: Sampler | None = None,
+    num_workers: int = -1,
+    drop_last: bool = False,
+) -> DataLoader:
     workers = default_workers(device) if num_workers < 0 else num_workers
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last)
+    # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG at every epoch,
+    # which would shift dropout masks between otherwise identical runs (our randomness comes from EpochSampler)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -94,8 +94,17 @@ def draw_plant(rng: np.random.Generator, look: Look, w: int, h: int) -> np.ndarr
     thickness = max(1, side // 150)
     for i in range(n):
         angle = start + 2 * np.pi * i / n + rng.normal(0, 0.35)
-        hsv = np.uint8([[[np.clip(look.hue + rng.normal(0, 4), 0, 179), np.clip(look.sat + rng.normal(0, 20), 0, 255),
-                          np.clip(look.val + rng.normal(0, 20), 30, 255)]]])
+        hsv = np.uint8(
+            [
+                [
+                    [
+                        np.clip(look.hue + rng.normal(0, 4), 0, 179),
+                        np.clip(look.sat + rng.normal(0, 20), 0, 255),
+                        np.clip(look.val + rng.normal(0, 20), 30, 255),
+                    ]
+                ]
+            ]
+        )
         colour = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(float)
         poly = leaf_polygon(rng, look, radius, angle, centre)
         cv2.fillPoly(img, [poly], colour.tolist(), lineType=cv2.LINE_AA)

@@ -138,8 +138,12 @@ def find_root(folder: Path) -> Path:
 
 def write_manifest(root: Path, report, digests: dict[str, str]) -> None:
     files = {name: {"bytes": (root / name).stat().st_size, "sha256": d} for name, d in sorted(digests.items())}
-    manifest = {"competition": COMPETITION, "counts": {"train": sum(report.counts.values()), "test": report.n_test},
-                "species": report.counts, "files": files}
+    manifest = {
+        "competition": COMPETITION,
+        "counts": {"train": sum(report.counts.values()), "test": report.n_test},
+        "species": report.counts,
+        "files": files,
+    }
     (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -199,8 +203,11 @@ def fetch(data: str | Path, archive: str | Path | None = None, client: KaggleCli
     report, digests = check_competition(tmp, with_digests=True)
     n_train = sum(report.counts.values())
     if (n_train, report.n_test) != (REAL_COUNTS["train"], REAL_COUNTS["test"]):
-        print(f"warning: {n_train} train and {report.n_test} test images; the competition has "
-              f"{REAL_COUNTS['train']} and {REAL_COUNTS['test']}", file=sys.stderr)
+        print(
+            f"warning: {n_train} train and {report.n_test} test images; the competition has "
+            f"{REAL_COUNTS['train']} and {REAL_COUNTS['test']}",
+            file=sys.stderr,
+        )
     write_manifest(tmp, report, digests)
     tmp.rename(data)  # only a complete, verified folder gets the real name
     print(f"{data}: {n_train} train, {report.n_test} test images in {len(report.counts)} species; verified")

@@ -36,8 +36,9 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
     return fold
 
 
-def make_folds(data: str | Path, n_folds: int = 5, seed: int = 0, out: str | Path | None = None,
-               force: bool = False) -> Path:
+def make_folds(
+    data: str | Path, n_folds: int = 5, seed: int = 0, out: str | Path | None = None, force: bool = False
+) -> Path:
     """Write the folds CSV (and a .json of its parameters beside it); same parameters again: nothing to do."""
     if n_folds < 2:
         raise UserError(f"--n-folds: at least 2, got {n_folds}")
@@ -48,7 +49,8 @@ def make_folds(data: str | Path, n_folds: int = 5, seed: int = 0, out: str | Pat
     if out.exists() and not force:
         old = json.loads(meta.read_text()) if meta.exists() else {}
         same = {k: old.get(k) for k in ("dataset_key", "n_folds", "seed")} == {
-            k: params[k] for k in ("dataset_key", "n_folds", "seed")}
+            k: params[k] for k in ("dataset_key", "n_folds", "seed")
+        }
         if same:
             check_folds_match(pd.read_csv(out), comp, out)
             print(f"{out}: up to date")
@@ -73,8 +75,10 @@ def check_folds_match(df: pd.DataFrame, comp: Competition, where: Path) -> None:
         raise UserError(f"{where}: expected columns file,species,fold, got {','.join(map(str, df.columns))}")
     have, want = set(df.file), set(comp.train_files)
     if have != want:
-        raise UserError(f"{where}: does not match the dataset in {comp.root} ({len(have - want)} files not in it, "
-                        f"{len(want - have)} of its files missing); make folds again with --force or another --out")
+        raise UserError(
+            f"{where}: does not match the dataset in {comp.root} ({len(have - want)} files not in it, "
+            f"{len(want - have)} of its files missing); make folds again with --force or another --out"
+        )
 
 
 def load_folds(data: str | Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:

@@ -149,9 +149,11 @@ class DataReport:
         out += [f"  {c:<{width}}  {n:5d}" for c, n in self.counts.items()]
         if self.widths:
             w, h = np.array(self.widths), np.array(self.heights)
-            out.append(f"sizes (px): width min {w.min()} median {int(np.median(w))} max {w.max()}; "
-                       f"height min {h.min()} median {int(np.median(h))} max {h.max()}; "
-                       f"{int((w != h).sum())} not square")
+            out.append(
+                f"sizes (px): width min {w.min()} median {int(np.median(w))} max {w.max()}; "
+                f"height min {h.min()} median {int(np.median(h))} max {h.max()}; "
+                f"{int((w != h).sum())} not square"
+            )
         out.append(f"byte-identical duplicate groups: {len(self.duplicates)}")
         out += ["  " + " = ".join(g) for g in self.duplicates[:20]]
         if self.bad:
@@ -178,8 +180,14 @@ def check_competition(root: str | Path, skip_bad_images: bool = False, with_dige
     for label in comp.train_labels:
         counts[comp.classes[label]] += 1
     ok = [r for r in results if r[3] is None]
-    report = DataReport(counts, len(comp.test_files), [r[1] for r in ok], [r[2] for r in ok],
-                        [g for g in by_digest.values() if len(g) > 1], bad)
+    report = DataReport(
+        counts,
+        len(comp.test_files),
+        [r[1] for r in ok],
+        [r[2] for r in ok],
+        [g for g in by_digest.values() if len(g) > 1],
+        bad,
+    )
     if with_digests:
         digests = {n: r[0] for n, r in zip(names, results)}
         digests["sample_submission.csv"] = file_digest(comp.root / "sample_submission.csv")

@@ -1,0 +1,107 @@
+"""The LR range test (Smith 2015, fast.ai's lr_find): an exponential sweep at the first stage's settings."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from seedlings.model import make_optimizer
+from seedlings.train import Fold, autocast, plan_stage, to_device
+
+
+def sweep_lrs(start: float, end: float, steps: int) -> np.ndarray:
+    return start * (end / start) ** (np.arange(steps) / (steps - 1))
+
+
+def lr_sweep(
+    fd: Fold, start: float = 1e-7, end: float = 10.0, steps: int = 100, beta: float = 0.98, stop_factor: float = 4.0
+) -> pd.DataFrame:
+    """Loss at each learning rate of the sweep (every group at the same multiple of its stage ratio).
+
+    The model, optimizer state and RNG are restored afterwards: the sweep leaves no trace on training.
+    """
+    r = fd.recipe
+    saved_model = copy.deepcopy(fd.model.state_dict())
+    saved_rng = torch.get_rng_state()
+    plan = plan_stage(fd, 0)
+    optimizer = make_optimizer(r, plan.opt_groups)
+    peak = max(g["lr"] for g in optimizer.param_groups)
+    ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep
+    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+    lrs, rows = sweep_lrs(start, end, steps), []
+    avg, best, epoch = 0.0, float("inf"), 0
+    batches = plan.batches(epoch)
+    plan.set_modes()
+    for i, lr in enumerate(lrs):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            epoch += 1
+            batches = plan.batches(epoch)
+            x, y = next(batches)
+        for g, ratio in zip(optimizer.param_groups, ratios):
+            g["lr"] = lr * ratio
+        x, y = to_device(fd, x), y.to(fd.device)
+        with autocast(fd):
+            loss = criterion(plan.forward(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        avg = beta * avg + (1 - beta) * loss.item()
+        smoothed = avg / (1 - beta ** (i + 1))  # bias correction: early averages are not pulled towards 0
+        rows.append({"step": i, "lr": float(lr), "loss": loss.item(), "smoothed_loss": smoothed})
+        best = min(best, smoothed)
+        if not np.isfinite(smoothed) or smoothed > stop_factor * best:
+            break
+    fd.model.load_state_dict(saved_model)
+    torch.set_rng_state(saved_rng)
+    return pd.DataFrame(rows)
+
+
+def suggestions(df: pd.DataFrame) -> dict[str, float]:
+    """valley (2/3 down the longest descent: fast.ai's default), steepest (most negative slope), minimum / 10."""
+    lr, loss = df.lr.to_numpy(), df.smoothed_loss.to_numpy()
+    n = len(loss)
+    if n < 4:
+        return {"valley": float(lr[0]), "steepest": float(lr[0]), "minimum/10": float(lr[0])}
+    # longest strictly descending subsequence ending at each point (O(n^2), n is about 100)
+    run = np.ones(n, int)
+    prev = np.full(n, -1)
+    for i in range(1, n):
+        for j in range(i):
+            if loss[j] > loss[i] and run[j] + 1 > run[i]:
+                run[i], prev[i] = run[j] + 1, j
+    end = int(run.argmax())
+    start = end
+    while prev[start] >= 0:
+        start = prev[start]
+    valley = start + int((end - start) * 2 / 3)
+    slope = np.gradient(loss[: max(3, int(np.argmin(loss)) + 1)], np.log(lr[: max(3, int(np.argmin(loss)) + 1)]))
+    return {
+        "valley": float(lr[valley]),
+        "steepest": float(lr[int(np.argmin(slope))]),
+        "minimum/10": float(lr[int(np.argmin(loss))] / 10),
+    }
+
+
+def plot_sweep(df: pd.DataFrame, suggested: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(df.lr, df.smoothed_loss)
+    for (name, lr), colour in zip(suggested.items(), ("red", "orange", "green")):
+        y = np.interp(np.log(lr), np.log(df.lr), df.smoothed_loss)
+        ax.plot([lr], [y], "o", color=colour, label=f"{name}: {lr:.2e}")
+    ax.set(xscale="log", xlabel="learning rate (head group)", ylabel="smoothed loss", title="LR range test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

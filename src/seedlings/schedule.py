@@ -1,0 +1,43 @@
+"""SGDR: cosine annealing with warm restarts, per optimizer step, as pure functions and torch's scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cycle_lengths(n_cycles: int, cycle_len: int, cycle_mult: int) -> list[int]:
+    """Epochs of each cycle: cycle_len, cycle_len * mult, cycle_len * mult^2, ..."""
+    return [cycle_len * cycle_mult**i for i in range(n_cycles)]
+
+
+def stage_epochs(n_cycles: int, cycle_len: int, cycle_mult: int) -> int:
+    return sum(cycle_lengths(n_cycles, cycle_len, cycle_mult))
+
+
+def sgdr_lr(step: int, peak: float, steps_per_epoch: int, cycle_len: int, cycle_mult: int) -> float:
+    """Closed form: the learning rate at optimizer step `step` (0-based) of a stage; 0 at the end of each cycle."""
+    t, period = step, cycle_len * steps_per_epoch
+    while t >= period:
+        t -= period
+        period *= cycle_mult
+    return peak * (1 + math.cos(math.pi * t / period)) / 2
+
+
+def cycle_end_epochs(n_cycles: int, cycle_len: int, cycle_mult: int) -> list[int]:
+    """1-based epoch numbers (within the stage) after which a cycle ends and a snapshot is taken."""
+    ends, total = [], 0
+    for length in cycle_lengths(n_cycles, cycle_len, cycle_mult):
+        total += length
+        ends.append(total)
+    return ends
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, cycle_len: int, cycle_mult: int
+) -> torch.optim.lr_scheduler.CosineAnnealingWarmRestarts:
+    """torch's SGDR, stepped once per optimizer step; each param group anneals from its own lr to 0."""
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=cycle_len * steps_per_epoch, T_mult=cycle_mult, eta_min=0.0
+    )

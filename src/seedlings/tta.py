@@ -1,0 +1,55 @@
+"""Test-time augmentation: the 8 dihedral orientations (photos are taken from above) and an extra scale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+DIHEDRAL = range(8)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Member k of the dihedral group on NCHW images: rotate k % 4 quarter turns, then flip left-right if k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if k >= 4 else x
+
+
+def tta_views(name: str) -> list[tuple[int, float]]:
+    """(dihedral member, scale) pairs of a named TTA set."""
+    if name == "none":
+        return [(0, 1.0)]
+    if name == "flip":
+        return [(0, 1.0), (4, 1.0)]
+    if name == "d4":
+        return [(k, 1.0) for k in DIHEDRAL]
+    if name == "d4+scales":
+        return [(k, s) for s in (1.0, 1.15) for k in DIHEDRAL]
+    raise ValueError(f"unknown TTA set {name!r}")
+
+
+def view(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    if scale != 1.0:
+        size = int(round(x.shape[-1] * scale / 8)) * 8  # multiples of 8 suit every backbone's strides
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return dihedral(x, k)
+
+
+@torch.no_grad()
+def tta_predict(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str = "d4", mean: str = "arith"
+) -> torch.Tensor:
+    """Average softmax probabilities over the views of one batch; views of equal size run as one batch."""
+    views = tta_views(name)
+    probs = []
+    for scale in dict.fromkeys(s for _, s in views):
+        ks = [k for k, s in views if s == scale]
+        batch = torch.cat([view(x, k, scale) for k in ks])
+        p = forward(batch).float().softmax(-1)
+        probs.append(p.view(len(ks), x.shape[0], -1))
+    p = torch.cat(probs)
+    if mean == "geom":  # geometric mean, renormalised to sum to 1
+        g = torch.exp(torch.log(p.clamp_min(1e-12)).mean(0))
+        return g / g.sum(-1, keepdim=True)
+    return p.mean(0)

@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY
+from seedlings.cli import main
+from seedlings.config import load_recipe
+from seedlings.lr_find import lr_sweep, suggestions, sweep_lrs
+from seedlings.train import prepare_fold
+
+FIRST_STAGE_UNFROZEN = "stages=[{size: 32, freeze: false, lr: {max: 0.01, mult: 10}, n_cycles: 1, cycle_len: 1}]"
+
+
+@pytest.mark.parametrize("stage", [None, FIRST_STAGE_UNFROZEN])
+def test_sweep_restores_weights_bit_identical(demo_master, stage):
+    recipe = load_recipe(None, TINY + ([stage] if stage else []))
+    fd = prepare_fold(recipe, demo_master, "lrf", 0, n_folds=3)
+    before = {k: v.clone() for k, v in fd.model.state_dict().items()}
+    df = lr_sweep(fd, 1e-6, 10.0, 40)
+    after = fd.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running statistics included
+    assert list(df.columns) == ["step", "lr", "loss", "smoothed_loss"]
+    np.testing.assert_allclose(df.lr, sweep_lrs(1e-6, 10.0, 40)[: len(df)])
+    assert len(df) <= 40
+
+
+def test_sweep_stops_when_loss_explodes(demo_master):
+    recipe = load_recipe(None, TINY)
+    fd = prepare_fold(recipe, demo_master, "lrf", 0, n_folds=3)
+    df = lr_sweep(fd, 1e-4, 1e6, 100)
+    assert len(df) < 100
+    last = df.smoothed_loss.iloc[-1]
+    assert not np.isfinite(last) or last > 4 * df.smoothed_loss.iloc[:-1].min()
+
+
+def test_suggestions_on_a_known_curve():
+    lr = sweep_lrs(1e-6, 1.0, 61)
+    x = np.log10(lr)
+    loss = 2.5 - 2.0 / (1 + np.exp(-(x + 3) * 3)) + np.where(x > -1, (x + 1) ** 2 * 10, 0)  # drop around 1e-3
+    s = suggestions(pd.DataFrame({"lr": lr, "smoothed_loss": loss}))
+    assert 1e-4 < s["steepest"] < 1e-2
+    assert 1e-4 < s["valley"] < 1e-1
+    assert s["minimum/10"] == pytest.approx(lr[np.argmin(loss)] / 10)
+
+
+def test_cli_writes_plot_and_csv(demo_master, home, capsys):
+    overrides = TINY + ["lr_find_steps=30"]
+    assert main(["lr-find", "--data", str(demo_master), "--run", "lrf", "--n-folds", "3", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "suggested lr: " in out
+    lr = float(out.split("suggested lr: ")[1].split()[0])
+    assert 1e-7 <= lr <= 10
+    assert (home / "runs" / "lrf" / "lr_find.png").stat().st_size > 1000
+    assert len(pd.read_csv(home / "runs" / "lrf" / "lr_find.csv")) <= 30

@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from seedlings.errors import UserError
+from seedlings.train import load_checkpoint, plan_stage, prepare_fold, train_fold
+
+
+def test_fold_artifacts(trained_fold):
+    out = trained_fold["dir"]
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns) == [
+        "epoch",
+        "stage",
+        "size",
+        "train_loss",
+        "val_loss",
+        "val_f1",
+        "val_macro_f1",
+        "lr",
+        "seconds",
+        "images_per_s",
+    ]
+    assert m.epoch.tolist() == list(range(1, 1 + 1 + 3 + 2))
+    assert m["size"].tolist() == [32, 32, 32, 32, 40, 40]
+    assert m.val_f1.between(0, 1).all() and (m.images_per_s > 0).all()
+    snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snaps == ["stage0-cycle0.pt", "stage1-cycle0.pt", "stage1-cycle1.pt", "stage2-cycle0.pt", "stage2-cycle1.pt"]
+    assert (out / "final.pt").is_file() and (out / "loss.png").stat().st_size > 1000 and (out / "lr.png").is_file()
+    config = (trained_fold["home"] / "runs" / "tiny" / "config.yaml").read_text()
+    assert "git_commit:" in config and "test_efficientnet" in config
+    assert json.loads((out / "done.json").read_text())["val_f1"] == pytest.approx(m.val_f1.iloc[-1])
+    final = torch.load(out / "final.pt", weights_only=True)
+    last = torch.load(out / "snapshots" / "stage2-cycle1.pt", weights_only=True)
+    assert all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_finished_fold_is_skipped(trained_fold, monkeypatch, capsys):
+    monkeypatch.setenv("SEEDLINGS_HOME", str(trained_fold["home"]))
+    stamp = (trained_fold["dir"] / "final.pt").stat().st_mtime_ns
+    assert train_fold(trained_fold["recipe"], "unused", "tiny", 0, n_folds=3) == trained_fold["final"]
+    assert "nothing to do" in capsys.readouterr().out
+    assert (trained_fold["dir"] / "final.pt").stat().st_mtime_ns == stamp
+
+
+def test_resume_after_kill_matches_uninterrupted(demo_master, trained_fold, home):
+    recipe = tiny_recipe()
+    for stop in (1, 3):  # killed inside the precompute stage's neighbourhood, then inside an image stage
+        try:
+            train_fold(recipe, demo_master, "tiny", 0, n_folds=3, stop_after_epochs=stop)
+        except KeyboardInterrupt:
+            pass
+    ckpt = load_checkpoint(home / "runs" / "tiny" / "fold0" / "checkpoint.pt")
+    assert (ckpt["stage"], ckpt["epoch"]) == (2, 0)
+    resumed = train_fold(recipe, demo_master, "tiny", 0, n_folds=3)
+    for key in ("val_loss", "val_f1", "val_macro_f1"):
+        assert resumed[key] == pytest.approx(trained_fold["final"][key], abs=1e-4)
+    a = pd.read_csv(home / "runs" / "tiny" / "fold0" / "metrics.csv")
+    b = pd.read_csv(trained_fold["dir"] / "metrics.csv")
+    np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-4)
+    lr_a, lr_b = (pd.read_csv(d / "lrs.csv") for d in (home / "runs" / "tiny" / "fold0", trained_fold["dir"]))
+    pd.testing.assert_frame_equal(lr_a, lr_b)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "foreign"])
+def test_bad_checkpoint_names_the_file(demo_master, home, content):
+    path = home / "runs" / "tiny" / "fold0" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=str(path)):
+        train_fold(tiny_recipe(), demo_master, "tiny", 0, n_folds=3)
+
+
+def test_truncated_checkpoint(demo_master, trained_fold, home, tmp_path):
+    good = (trained_fold["dir"] / "snapshots" / "stage0-cycle0.pt").read_bytes()
+    path = home / "runs" / "tiny" / "fold0" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="checkpoint"):
+        train_fold(tiny_recipe(), demo_master, "tiny", 0, n_folds=3)
+
+
+def test_changed_recipe_for_an_existing_run_is_refused(demo_master, trained_fold, monkeypatch):
+    monkeypatch.setenv("SEEDLINGS_HOME", str(trained_fold["home"]))
+    with pytest.raises(UserError, match="another recipe"):
+        train_fold(tiny_recipe("seed=5"), demo_master, "tiny", 1, n_folds=3)
+
+
+def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeypatch):
+    """The head trained on precomputed features equals the head trained through the frozen net on the same images,
+    same order, same dropout masks, when nothing else moves (no augmentation, frozen norm layers)."""
+    import seedlings.train as T
+    from seedlings.data import eval_transform
+    from seedlings.model import make_optimizer
+    from seedlings.schedule import make_scheduler
+
+    stage = "{size: 32, freeze: true, precompute: %s, lr: 0.05, n_cycles: 2, cycle_len: 1, cycle_mult: 1}"
+    heads = []
+    for precompute in ("true", "false"):
+        recipe = tiny_recipe(f"stages=[{stage % precompute}]", "precompute_d4=false", "train_bn=false", "drop_rate=0.3")
+        monkeypatch.setattr(T, "train_transform", lambda size, mean, std, scale: eval_transform(size, mean, std))
+        fd = prepare_fold(recipe, demo_master, f"eq-{precompute}", 0, n_folds=3)
+        plan = plan_stage(fd, 0)
+        opt = make_optimizer(recipe, plan.opt_groups)
+        sched = make_scheduler(opt, plan.steps_per_epoch, 1, 1)
+        torch.manual_seed(123)
+        rows = []
+        for epoch in range(2):
+            T.train_epoch(fd, plan, opt, sched, 0, recipe.stages[0], epoch, rows)
+        heads.append({k: v.clone() for k, v in fd.model.get_classifier().state_dict().items()})
+        body = {k: v for k, v in fd.model.state_dict().items() if not k.startswith("classifier")}
+        if precompute == "false":
+            assert all(torch.equal(body[k], body_before[k]) for k in body)  # noqa: F821 - set in the first pass
+        body_before = {k: v.clone() for k, v in body.items()}  # noqa: F841
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-5)
+    assert heads[0]["weight"].abs().sum() > 0  # the head did learn something
