@@ -173,7 +173,29 @@ def lr_find(recipe, args: argparse.Namespace, run: str) -> None:
 
 
 def dispatch_tools(args: argparse.Namespace) -> int | None:
-    raise UserError(f"{args.stage}: not built yet")
+    stage = args.stage
+    if stage == "validate-submission":
+        from seedlings.submission import validate_submission
+
+        n = validate_submission(args.data, args.submission)
+        print(f"{args.submission}: valid ({n} rows)")
+    elif stage == "grade":
+        from seedlings.submission import grade
+
+        print(f"micro-F1: {grade(args.submission, args.answers):.4f}")
+    elif stage == "upload":
+        from seedlings.kaggle_io import upload
+
+        upload(args.run, args.message)
+    elif stage == "scores":
+        from seedlings.kaggle_io import scores
+
+        scores()
+    elif stage == "bench":
+        from seedlings.bench import bench
+
+        bench(quick=args.quick)
+    return 0
 
 
 if __name__ == "__main__":

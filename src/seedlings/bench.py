@@ -1,0 +1,137 @@
+"""`make bench`: throughput measured side by side in one run, reported as ratios (absolute numbers are this machine's).
+
+Loader rows: images/s of (a) a naive loader that decodes each PNG with PIL every time and applies torchvision
+transforms, against (b) the decode-once cache with the albumentations pipeline. Training row: images/s of a training
+step fed by the full pipeline, against the bare model's forward+backward on tensors already in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from seedlings import paths
+from seedlings.cache import load_cache
+from seedlings.config import load_recipe
+from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
+from seedlings.demo import make_demo
+from seedlings.images import scan_competition
+
+REAL = paths.REPO.parent / "shared" / "data" / "seedlings-150"
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+class NaivePNG(Dataset):
+    """What a first notebook does: open the PNG with PIL for every sample, every epoch."""
+
+    def __init__(self, files: list[Path], size: int):
+        from torchvision import transforms as T
+
+        self.files = files
+        self.tf = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.35, 1)),
+                T.RandomHorizontalFlip(),
+                T.RandomVerticalFlip(),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.tf(Image.open(self.files[i]).convert("RGB")), 0
+
+
+def images_per_s(loader, n_batches: int) -> float:
+    seen, start = 0, time.perf_counter()
+    for i, (x, _) in enumerate(loader):
+        seen += len(x)
+        if i + 1 >= n_batches:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
+    comp = scan_competition(data)
+    files = [comp.train_path(f) for f in comp.train_files][:n_images]
+    n_batches = max(1, len(files) // 32)
+    naive = DataLoader(NaivePNG(files, size), batch_size=32, shuffle=True, num_workers=0)
+    start = time.perf_counter()
+    cache = load_cache(comp, "train", int(size * 1.15))
+    build = time.perf_counter() - start
+    ds = CachedImages(cache.images, np.arange(len(files)), np.zeros(len(files), int), train_transform(size, MEAN, STD))
+    cached = make_loader(ds, 32, torch.device("cpu"), EpochSampler(len(ds), 0, 0), num_workers=0)
+    images_per_s(cached, 1)  # warm the page cache of the memmap like any later epoch
+    a, b = images_per_s(naive, n_batches), images_per_s(cached, n_batches)
+    return {
+        "data": name,
+        "median side": int(np.median([Image.open(f).size[0] for f in files])),
+        "naive": a,
+        "cached": b,
+        "ratio": b / a,
+        "cache build s": build,
+    }
+
+
+def training_row(data: Path, size: int, n_batches: int) -> dict:
+    from seedlings.train import plan_stage, prepare_fold, to_device
+
+    recipe = load_recipe(None, [f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]", "optimizer=adamw"])
+    fd = prepare_fold(recipe, data, "bench", 0)
+    plan = plan_stage(fd, 0)
+    opt = torch.optim.AdamW([p for p in fd.model.parameters() if p.requires_grad], lr=1e-4)
+    crit = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        loss = crit(fd.model(to_device(fd, x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    plan.set_modes()
+    batches = list(zip(range(n_batches + 1), plan.batches(0)))
+    x0, y0 = batches[0][1]
+    step(x0, y0)  # warm-up
+    bare_start = time.perf_counter()
+    for _ in range(n_batches):
+        step(x0, y0)
+    bare = n_batches * len(x0) / (time.perf_counter() - bare_start)
+    full_start, seen = time.perf_counter(), 0
+    for i, (x, y) in enumerate(plan.batches(1)):
+        step(x, y)
+        seen += len(x)
+        if i + 1 >= n_batches:
+            break
+    full = seen / (time.perf_counter() - full_start)
+    return {"size": size, "bare model": bare, "full pipeline": full, "ratio": full / bare}
+
+
+def bench(quick: bool = False) -> None:
+    torch.manual_seed(0)
+    rows = []
+    if REAL.is_dir():
+        rows.append(loader_row("seedlings-150 (real)", REAL, 128, 128 if quick else 640))
+    large = paths.root() / "data" / "bench-large"
+    if not large.exists():
+        make_demo(large, per_class=2 if quick else 4, seed=1, min_size=1000, max_size=1600)
+    rows.append(loader_row("demo, large images", large, 128, 64 if quick else 192))
+    print("\nloader images/s at 128 px, batch 32, 1 process (same machine, same run)")
+    print(f"{'data':<22} {'median px':>9} {'(a) naive PIL':>14} {'(b) cached':>11} {'b/a':>6} {'cache build s':>14}")
+    for r in rows:
+        print(
+            f"{r['data']:<22} {r['median side']:>9} {r['naive']:>14.1f} {r['cached']:>11.1f} {r['ratio']:>6.1f} "
+            f"{r['cache build s']:>14.1f}"
+        )
+    data = REAL if REAL.is_dir() else large
+    t = training_row(data, 128, 3 if quick else 12)
+    print(f"\ntraining images/s, tf_efficientnet_lite0 at {t['size']} px, batch 32, {torch.get_num_threads()} threads")
+    print(f"{'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
+    print(f"{t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")

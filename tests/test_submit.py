@@ -1,0 +1,83 @@
+"""The one-command chain on a tiny demo: a valid CSV, a second run that does nothing, and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import TINY
+from seedlings.submission import validate_submission
+
+FAST = [*TINY, "precompute_d4=false"]
+
+
+def submit_cmd(data, run="tiny"):
+    return [sys.executable, "-m", "seedlings.cli", "submit", "--data", str(data), "--run", run, "--n-folds", "3", *FAST]
+
+
+def test_submit_writes_valid_csv_then_skips_everything(demo_master, home):
+    env = {**os.environ, "SEEDLINGS_HOME": str(home)}
+    first = subprocess.run(submit_cmd(demo_master), env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    csv = home / "submissions" / "tiny.csv"
+    assert validate_submission(demo_master, csv) == len(pd.read_csv(demo_master / "sample_submission.csv"))
+    prov = json.loads(csv.with_suffix(".json").read_text())
+    assert prov["run"] == "tiny" and prov["recipe"]["model"] == "test_efficientnet" and "blend" in prov["members"]
+    assert set(prov["seconds"]) == {"folds", "train", "predict", "blend"} and prov["command"]
+    assert (home / "runs" / "tiny" / "report" / "report.md").exists()
+    assert (home / "runs" / "tiny" / "probs" / "fold2-stage2-cycle1.test.csv").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny").rglob("*.pt")}
+    stamps.update({p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny" / "probs").glob("*.npy")})
+    second = subprocess.run(submit_cmd(demo_master), env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0
+    assert second.stdout.count("nothing to do") == 3
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # no model trained or predicted again
+    assert csv.read_bytes() == csv.read_bytes()
+
+
+def test_killed_submit_resumes(demo_master, home):
+    env = {**os.environ, "SEEDLINGS_HOME": str(home)}
+    proc = subprocess.Popen(
+        submit_cmd(demo_master, "killed"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = home / "runs" / "killed" / "fold1" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-way through fold 1
+    proc.wait()
+    assert ckpt.exists() and not (home / "runs" / "killed" / "fold1" / "done.json").exists()
+    again = subprocess.run(submit_cmd(demo_master, "killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "fold0: finished, nothing to do" in again.stdout.replace(str(home / "runs" / "killed") + "/", "")
+    assert "resuming at stage" in again.stdout
+    assert validate_submission(demo_master, home / "submissions" / "killed.csv") > 0
+
+
+@pytest.mark.slow
+def test_make_demo_from_scratch(tmp_path):
+    """`make demo` as the README says, in a copy of the repo (about 5 minutes on 2 cores)."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dst = tmp_path / "repo"
+    shutil.copytree(repo, dst, ignore=shutil.ignore_patterns(".venv", "data", "runs", "submissions", ".git"))
+    (dst / ".venv").symlink_to(repo / ".venv")
+    (dst / "submissions").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "SEEDLINGS_HOME"}
+    env["SEEDLINGS_HOME"] = str(dst)
+    r = subprocess.run(
+        ["make", "-W", ".venv/.installed", "demo"], cwd=dst, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert validate_submission(dst / "data" / "demo", dst / "submissions" / "demo.csv") > 0
