@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def linear_probe(
 ) -> dict:
     """Micro-F1 on the fold's validation images of a logistic regression on pooled features at `size` px."""
     start = time.perf_counter()
+    # the cache must hold at least size x 1.15 px, like any training size
+    recipe = dataclasses.replace(recipe, cache_margin=max(recipe.cache_margin, size * 1.15 / recipe.max_size))
     fd = prepare_fold(recipe, data, "probe", fold, n_folds, fold_seed)
     feats = pooled_features(fd, size, np.arange(len(fd.labels)), d4=False)[:, 0].numpy()
     scaler = StandardScaler().fit(feats[fd.train_idx])

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("scores", help="list your Kaggle submissions and scores")
 
+    p = sub.add_parser("probe", help="baseline: logistic regression on frozen pooled features, one fold")
+    _run_args(p)
+    p.add_argument("--size", type=int, default=224, help="px, image size for the features")
+
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     return parser
@@ -147,6 +151,12 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         predict_run(
             recipe, args.data, run, args.n_folds, args.fold_seed, [args.fold] if args.fold is not None else None
         )
+    elif stage == "probe":
+        from seedlings.baseline import linear_probe
+
+        res = linear_probe(recipe, args.data, args.fold or 0, args.size, args.n_folds, args.fold_seed)
+        print(f"linear probe, {recipe.model} features at {res['size']} px, fold {args.fold or 0}: "
+              f"val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)")
     elif stage == "submit":
         from seedlings.submit import submit
 

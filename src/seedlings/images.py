@@ -12,6 +12,9 @@ import numpy as np
 
 from seedlings.errors import UserError
 
+# Unreadable files are reported once, by us, naming the file; OpenCV's own warnings would only repeat it.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 STRAY_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -113,11 +116,11 @@ def parallel_imap(fn, items: list, desc: str, workers: int | None = None):
 
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(items) < 64:  # a pool costs more than it saves on a handful of files
-        yield from (fn(x) for x in tqdm(items, desc=desc, leave=False, disable=len(items) < 64))
+        yield from (fn(x) for x in tqdm(items, desc=desc, leave=False, disable=True if len(items) < 64 else None))
         return
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     with ctx.Pool(workers) as pool:
-        yield from tqdm(pool.imap(fn, items, chunksize=8), total=len(items), desc=desc, leave=False)
+        yield from tqdm(pool.imap(fn, items, chunksize=8), total=len(items), desc=desc, leave=False, disable=None)
 
 
 def parallel_map(fn, items: list, desc: str, workers: int | None = None) -> list:

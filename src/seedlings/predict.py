@@ -60,7 +60,7 @@ class Member:
 def tta_probs(fd: Fold, images: np.ndarray | None, index: np.ndarray, size: int, tta: str) -> np.ndarray:
     model = fd.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(fd, size, index, images), desc=f"predict {tta}", leave=False):
+    for x, _ in tqdm(eval_loader(fd, size, index, images), desc=f"predict {tta}", leave=False, disable=None):
         with autocast(fd):
             out.append(tta_predict(model, to_device(fd, x), tta, fd.recipe.tta_mean).float().cpu())
     return torch.cat(out).numpy()

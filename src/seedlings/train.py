@@ -149,7 +149,7 @@ def pooled_features(fd: Fold, size: int, index: np.ndarray, d4: bool) -> torch.T
     """Frozen backbone's pooled features, (N, 8 or 1, F): fast.ai's precompute, optionally on all 8 orientations."""
     fd.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(fd, size, index), desc=f"features {size}px", leave=False):
+    for x, _ in tqdm(eval_loader(fd, size, index), desc=f"features {size}px", leave=False, disable=None):
         x = to_device(fd, x)
         views = []
         for k in range(8 if d4 else 1):
@@ -429,7 +429,13 @@ def train_epoch(
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     plan.set_modes()
     start, seen, total_loss = time.perf_counter(), 0, 0.0
-    bar = tqdm(plan.batches(epoch), total=plan.steps_per_epoch, desc=f"fold {fd.fold} epoch {epoch + 1}", leave=False)
+    bar = tqdm(
+        plan.batches(epoch),
+        total=plan.steps_per_epoch,
+        desc=f"fold {fd.fold} epoch {epoch + 1}",
+        leave=False,
+        disable=None,
+    )
     for x, y in bar:
         lrs = {g["layer_group"]: g["lr"] for g in reversed(optimizer.param_groups) if g["params"]}
         lr_rows.append(

@@ -1,0 +1,129 @@
+"""The CLI as users type it: the foundation's acceptance commands, bad input as one line and exit 2, Kaggle I/O."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from seedlings import kaggle_io
+from seedlings.cli import main
+from seedlings.ensemble import assemble
+from seedlings.errors import UserError
+from seedlings.predict import Member, save_probs
+
+
+def seedlings(*args, home):
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "seedlings.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SEEDLINGS_HOME": str(home)},
+        timeout=300,
+    )
+
+
+def test_foundation_acceptance_commands(tmp_path, home):
+    d, f = tmp_path / "D", tmp_path / "F.csv"
+    assert seedlings("demo-data", "--out", str(d), "--per-class", "6", "--seed", "7", home=home).returncode == 0
+    assert (
+        seedlings("folds", "--data", str(d), "--n-folds", "3", "--seed", "0", "--out", str(f), home=home).returncode
+        == 0
+    )
+    assert f.read_text().startswith("file,species,fold\n")
+    ok = seedlings("check-data", "--data", str(d), home=home)
+    assert ok.returncode == 0 and "train:" in ok.stdout
+    victim = sorted((d / "train" / "Fat Hen").iterdir())[2]
+    victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
+    bad = seedlings("check-data", "--data", str(d), home=home)
+    assert bad.returncode == 2 and str(victim) in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    (tmp_path / "skip.yaml").write_text("skip_bad_images: true\n")
+    skipped = seedlings("check-data", "--data", str(d), "--config", str(tmp_path / "skip.yaml"), home=home)
+    assert skipped.returncode == 0 and "skipped 1 unreadable" in skipped.stdout and str(victim) in skipped.stdout
+
+
+@pytest.mark.parametrize("args,key", [
+    (["train", "--data", "nowhere", "--config", "configs/cpu.yaml"], "nowhere"),
+    (["train", "--config", "configs/cpu.yaml", "bogus_key=1"], "bogus_key"),
+    (["check-data", "--data", "nowhere"], "nowhere"),
+])  # fmt: skip
+def test_bad_input_exits_2_naming_it(args, key, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert key in err and err.count("\n") == 1
+
+
+class FakeKaggle:
+    def __init__(self):
+        self.sent = []
+
+    def submit(self, csv, message):
+        self.sent.append((csv, message))
+
+    def submissions(self):
+        return [
+            {
+                "date": "2026-11-26 10:00:00",
+                "description": "x",
+                "status": "complete",
+                "public_score": "0.97",
+                "private_score": "0.96",
+            }
+        ]
+
+
+def test_upload_message_from_provenance(home, capsys):
+    sub = home / "submissions"
+    sub.mkdir()
+    (sub / "r.csv").write_text("file,species\n")
+    (sub / "r.json").write_text(
+        json.dumps({"members": {"a": {}, "blend": {"micro_f1": 0.91234}}, "git_commit": "0123456789abcdef"})
+    )
+    fake = FakeKaggle()
+    kaggle_io.upload("r", client=fake)
+    assert fake.sent == [(sub / "r.csv", "r: OOF micro-F1 0.9123, 1 members, commit 0123456789")]
+    assert kaggle_io.scores(client=fake)[0]["public_score"] == "0.97"
+    assert "public 0.97" in capsys.readouterr().out
+    with pytest.raises(UserError, match="make submit"):
+        kaggle_io.upload("missing", client=fake)
+
+
+def test_upload_without_credentials(home, monkeypatch, tmp_path):
+    for k in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
+    (home / "submissions").mkdir()
+    (home / "submissions" / "r.csv").write_text("file,species\n")
+    (home / "submissions" / "r.json").write_text(
+        json.dumps({"members": {"blend": {"micro_f1": 0.5}}, "git_commit": "abc"})
+    )
+    with pytest.raises(UserError, match="kaggle.json"):
+        kaggle_io.upload("r")
+    assert main(["scores"]) == 2
+
+
+def test_blending_two_runs_uses_both(home):
+    """Runs that share folds blend member by member; a snapshot some folds lack is left out."""
+    classes = ["a", "b", "c"]
+    rng = np.random.default_rng(0)
+    fold_files = {0: ["x1", "x2"], 1: ["x3", "x4"]}
+    members = []
+    for run in ("r1", "r2"):
+        for fold, files in fold_files.items():
+            for name in ("stage1-cycle0", "stage1-cycle1"):
+                if run == "r2" and fold == 1 and name == "stage1-cycle0":
+                    continue
+                m = Member(run, fold, name)
+                save_probs(m.stem, "oof", rng.dirichlet(np.ones(3), len(files)), files, classes)
+                save_probs(m.stem, "test", rng.dirichlet(np.ones(3), 5), [f"t{i}" for i in range(5)], classes)
+                members.append(m)
+    files, parts = assemble(members)
+    assert files == ["x1", "x2", "x3", "x4"]
+    assert [p.name for p in parts] == ["r1/stage1-cycle0", "r1/stage1-cycle1", "r2/stage1-cycle1"]
+    expect = (Member("r1", 0, "stage1-cycle1").load("test") + Member("r1", 1, "stage1-cycle1").load("test")) / 2
+    np.testing.assert_allclose(parts[1].test, expect)
+    np.testing.assert_allclose(parts[2].oof[2:], Member("r2", 1, "stage1-cycle1").load("oof"))

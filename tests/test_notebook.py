@@ -1,0 +1,24 @@
+"""The exploration notebook runs top to bottom on a finished run (slow: it needs a trained demo run)."""
+
+import os
+
+import pytest
+
+from conftest import TINY
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_demo_run(demo_master, home, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from seedlings.config import load_recipe
+    from seedlings.submit import submit
+
+    submit(load_recipe(None, [*TINY, "precompute_d4=false"]), demo_master, "demo", n_folds=3)
+    monkeypatch.setenv("SEEDLINGS_RUN", "demo")
+    monkeypatch.setenv("SEEDLINGS_DATA", str(demo_master))
+    nb = nbformat.read(os.path.join(os.path.dirname(__file__), "..", "notebooks", "explore.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "out-of-fold micro-F1" in outputs
