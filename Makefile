@@ -9,6 +9,7 @@ FOLD_SEED ?= 0# seed of the fold split (separate from the recipe's training seed
 FOLD     ?=# one fold only (train, predict, lr-find)
 RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
+GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 
 PY        := .venv/bin/python
 SEEDLINGS := .venv/bin/seedlings
@@ -52,6 +53,7 @@ lr-find: $(STAMP) ## LR range test at the first stage's settings: runs/RUN/lr_fi
 train: $(addprefix train-fold-,$(FOLDS)) ## train every fold in turn (FOLD=k: one; make -j N train: N at once)
 
 train-fold-%: $(STAMP) folds
+	$(if $(GPUS),CUDA_VISIBLE_DEVICES=$(word $(shell echo $$(( $* % $(words $(GPUS)) + 1 ))),$(GPUS))) \
 	$(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
 
 predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test}_*

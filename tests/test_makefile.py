@@ -37,3 +37,8 @@ def test_train_without_fold_trains_every_fold():
     dry = make("-n", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3").stdout
     assert sorted(re.findall(r"seedlings train .*--fold (\d)", dry)) == ["0", "1", "2"]
     assert "--n-folds 3" in dry
+
+
+def test_parallel_folds_pinned_to_gpus():
+    dry = make("-n", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3", 'GPUS=0 1').stdout
+    assert re.findall(r"CUDA_VISIBLE_DEVICES=(\d)", dry) == ["0", "1", "0"]

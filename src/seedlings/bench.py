@@ -114,6 +114,28 @@ def training_row(data: Path, size: int, n_batches: int) -> dict:
     return {"size": size, "bare model": bare, "full pipeline": full, "ratio": full / bare}
 
 
+def memory_format_row(size: int, n_batches: int) -> dict:
+    """Bare tf_efficientnet_lite0 training steps, NCHW against channels_last, same batch."""
+    import timm
+
+    out = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = timm.create_model("tf_efficientnet_lite0", num_classes=12).to(memory_format=fmt).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(32, 3, size, size).contiguous(memory_format=fmt)
+        y = torch.randint(0, 12, (32,))
+        for i in range(n_batches + 1):
+            if i == 1:
+                start = time.perf_counter()  # the first step warms up
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out["channels_last" if fmt == torch.channels_last else "NCHW"] = n_batches * 32 / (time.perf_counter() - start)
+    return out
+
+
 def bench(quick: bool = False) -> None:
     torch.manual_seed(0)
     rows = []
@@ -135,3 +157,7 @@ def bench(quick: bool = False) -> None:
     print(f"\ntraining images/s, tf_efficientnet_lite0 at {t['size']} px, batch 32, {torch.get_num_threads()} threads")
     print(f"{'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
     print(f"{t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")
+    m = memory_format_row(128, 2 if quick else 6)
+    print("\nbare training images/s at 128 px, batch 32: memory format")
+    print(f"{'NCHW':>10} {'channels_last':>14} {'ratio':>6}")
+    print(f"{m['NCHW']:>10.1f} {m['channels_last']:>14.1f} {m['channels_last'] / m['NCHW']:>6.2f}")
