@@ -127,3 +127,27 @@ def test_blending_two_runs_uses_both(home):
     expect = (Member("r1", 0, "stage1-cycle1").load("test") + Member("r1", 1, "stage1-cycle1").load("test")) / 2
     np.testing.assert_allclose(parts[1].test, expect)
     np.testing.assert_allclose(parts[2].oof[2:], Member("r2", 1, "stage1-cycle1").load("oof"))
+
+
+def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
+    import pandas as pd
+
+    from seedlings.demo import make_holdout
+    from seedlings.ensemble import grade_members
+    from seedlings.images import scan_competition
+
+    out = make_holdout(demo_master, tmp_path / "ho", fraction=0.25, seed=0)
+    src, comp = scan_competition(demo_master), scan_competition(out)
+    answers = pd.read_csv(out / "answers.csv")
+    assert len(comp.train_files) + len(comp.test_files) == len(src.train_files)
+    assert sorted(answers.file) == comp.test_files and set(answers.species) <= set(src.classes)
+    assert all((out / "test" / f).is_symlink() for f in comp.test_files)  # nothing copied
+    classes = comp.classes
+    y = np.array([classes.index(s) for s in answers.species])
+    right = np.eye(len(classes))[y]
+    wrong = np.eye(len(classes))[(y + 1) % len(classes)]
+    for fold, probs in ((0, right), (1, wrong * 0.6 + right * 0.4)):
+        save_probs(Member("h", fold, "final").stem, "test", probs, answers.file.tolist(), classes)
+    graded = grade_members("h", str(out / "answers.csv"))
+    assert graded["fold0-final"] == 1.0 and graded["fold1-final"] == 0.0
+    assert graded["all folds, final"] == 1.0 and graded["all folds x snapshots"] == 1.0

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=50, help="px, smallest image side")
     p.add_argument("--max-size", type=int, default=600, help="px, largest image side")
 
+    p = sub.add_parser("holdout", help="a competition whose test set is held-out labelled images (answers.csv)")
+    p.add_argument("--data", required=True, help="competition folder to take the labelled images from")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("check-data", help="check layout, decode every image, report counts, sizes, duplicates")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--config", default=None, help="recipe (for skip_bad_images)")
@@ -63,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--submission", required=True)
 
-    p = sub.add_parser("grade", help="micro-F1 of a submission against held-out labels")
-    p.add_argument("--submission", required=True)
+    p = sub.add_parser("grade", help="micro-F1 of a submission (or of every member of --run) against held-out labels")
+    p.add_argument("--submission", default=None)
+    p.add_argument("--run", default=None, help="grade each fold, snapshot and fold blend of this run instead")
     p.add_argument("--answers", required=True, help="CSV file,species with the true labels")
 
     p = sub.add_parser("upload", help="submit submissions/<run>.csv to Kaggle")
@@ -113,6 +120,11 @@ def dispatch(args: argparse.Namespace) -> int | None:
             return 0
         make_demo(out, args.per_class, args.seed, args.min_size, args.max_size)
         print(f"{out}: demo competition written")
+    elif stage == "holdout":
+        from seedlings.demo import make_holdout
+
+        out = make_holdout(args.data, args.out, args.fraction, args.seed)
+        print(f"{out}: test set of held-out labelled images, labels in {out / 'answers.csv'}")
     elif stage == "check-data":
         from seedlings.config import load_recipe
         from seedlings.images import check_competition
@@ -155,8 +167,10 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         from seedlings.baseline import linear_probe
 
         res = linear_probe(recipe, args.data, args.fold or 0, args.size, args.n_folds, args.fold_seed)
-        print(f"linear probe, {recipe.model} features at {res['size']} px, fold {args.fold or 0}: "
-              f"val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)")
+        print(
+            f"linear probe, {recipe.model} features at {res['size']} px, fold {args.fold or 0}: "
+            f"val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
+        )
     elif stage == "submit":
         from seedlings.submit import submit
 
@@ -190,9 +204,16 @@ def dispatch_tools(args: argparse.Namespace) -> int | None:
         n = validate_submission(args.data, args.submission)
         print(f"{args.submission}: valid ({n} rows)")
     elif stage == "grade":
+        from seedlings.ensemble import grade_members
         from seedlings.submission import grade
 
-        print(f"micro-F1: {grade(args.submission, args.answers):.4f}")
+        if args.run:
+            for name, f1 in grade_members(args.run, args.answers).items():
+                print(f"{name:<36} held-out micro-F1 {f1:.4f}")
+        if args.submission:
+            print(f"{args.submission}: held-out micro-F1 {grade(args.submission, args.answers):.4f}")
+        if not (args.run or args.submission):
+            raise UserError("grade: give --submission FILE or --run NAME")
     elif stage == "upload":
         from seedlings.kaggle_io import upload
 

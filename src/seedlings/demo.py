@@ -172,3 +172,36 @@ def make_demo(out: str | Path, per_class: int = 10, seed: int = 0, min_size: int
     (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{f},{s}\n" for f, s in answers))
     tmp.rename(out)
     return out
+
+
+def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: int = 0) -> Path:
+    """A competition folder whose test set is a stratified share of src's labelled images (answers.csv holds their
+    labels, for `seedlings grade`), as MLE-bench does. Images are symbolic links: nothing is copied."""
+    from sklearn.model_selection import train_test_split
+
+    from seedlings.images import scan_competition
+
+    src, out = Path(src).resolve(), Path(out)
+    if out.exists():
+        raise UserError(f"{out}: already exists (remove it first)")
+    comp = scan_competition(src, need_test=False)
+    keep, held = train_test_split(
+        range(len(comp.train_files)), test_size=fraction, random_state=seed, stratify=comp.train_labels
+    )
+    names = [Path(comp.train_files[i]).name for i in held]
+    if len(set(names)) != len(names):
+        raise UserError(f"{src}: file names repeat across species; cannot flatten them into test/")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "test").mkdir(parents=True)
+    for i in sorted(keep):
+        link = tmp / "train" / comp.train_files[i]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(comp.train_path(comp.train_files[i]))
+    answers = sorted((Path(comp.train_files[i]).name, comp.classes[comp.train_labels[i]], i) for i in held)
+    for name, _, i in answers:
+        (tmp / "test" / name).symlink_to(comp.train_path(comp.train_files[i]))
+    (tmp / "sample_submission.csv").write_text("file,species\n" + "".join(f"{n},Sugar beet\n" for n, _, _ in answers))
+    (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{n},{s}\n" for n, s, _ in answers))
+    tmp.rename(out)
+    return out

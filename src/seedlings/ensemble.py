@@ -107,3 +107,28 @@ def format_table(table: dict) -> str:
         f"{k:<{width}}  {v['micro_f1']:12.4f}  {v['log_loss']:12.4f}  {v['weight']:6.3f}" for k, v in table.items()
     ]
     return "\n".join(lines)
+
+
+def grade_members(run: str, answers: str) -> dict[str, float]:
+    """Held-out micro-F1 of every saved test prediction of a run: each fold's snapshots, each snapshot averaged over
+    the folds, and everything averaged (for competitions made by `seedlings holdout`, whose answers are known)."""
+    import re
+
+    from seedlings.predict import probs_dir
+
+    truth = pd.read_csv(answers).set_index("file").species
+    found = sorted(probs_dir(run).glob("fold*-*.test.npy"))
+    if not found:
+        raise UserError(f"{probs_dir(run)}: no test probabilities (make predict RUN={run})")
+    classes = pd.read_csv(str(found[0]).replace(".npy", ".csv"), nrows=0).columns[1:].tolist()
+    files = pd.read_csv(str(found[0]).replace(".npy", ".csv"), usecols=["file"]).file
+    y = np.array([classes.index(s) for s in truth.loc[files]])
+    probs = {re.sub(r"\.test\.npy$", "", p.name): np.load(p) for p in found}
+    out = {name: float(np.mean(p.argmax(1) == y)) for name, p in probs.items()}
+    snapshots = sorted({n.split("-", 1)[1] for n in probs})
+    for snap in snapshots:
+        out[f"all folds, {snap}"] = float(
+            np.mean(np.mean([p for n, p in probs.items() if n.endswith(snap)], 0).argmax(1) == y)
+        )
+    out["all folds x snapshots"] = float(np.mean(np.mean(list(probs.values()), 0).argmax(1) == y))
+    return out
