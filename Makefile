@@ -20,7 +20,7 @@ FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit upload scores demo test test-all \
+PHONY: help setup data demo-data check-data folds lr-find train predict submit evaluate upload scores demo test test-all \
 	bench lint clean
 
 help: ## list the targets
@@ -61,6 +61,9 @@ predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test
 
 submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, predict, blend: submissions/RUN.csv
 	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
+
+evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with and without TTA, folds, snapshot blend
+	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)
 
 upload: $(STAMP) ## send submissions/RUN.csv to Kaggle with a message from its provenance
 	$(SEEDLINGS) upload --run "$(RUN)"

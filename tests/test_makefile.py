@@ -40,5 +40,5 @@ def test_train_without_fold_trains_every_fold():
 
 
 def test_parallel_folds_pinned_to_gpus():
-    dry = make("-n", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3", 'GPUS=0 1').stdout
+    dry = make("-n", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3", "GPUS=0 1").stdout
     assert re.findall(r"CUDA_VISIBLE_DEVICES=(\d)", dry) == ["0", "1", "0"]

@@ -31,6 +31,15 @@ def test_submit_writes_valid_csv_then_skips_everything(demo_master, home):
     assert set(prov["seconds"]) == {"folds", "train", "predict", "blend"} and prov["command"]
     assert (home / "runs" / "tiny" / "report" / "report.md").exists()
     assert (home / "runs" / "tiny" / "probs" / "fold2-stage2-cycle1.test.csv").exists()
+    evaluated = subprocess.run(
+        [*submit_cmd(demo_master)[:3], "evaluate", *submit_cmd(demo_master)[4:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "fold2-stage2-cycle1 (no TTA)" in evaluated.stdout and "equal blend" in evaluated.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny").rglob("*.pt")}
     stamps.update({p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny" / "probs").glob("*.npy")})
     second = subprocess.run(submit_cmd(demo_master), env=env, capture_output=True, text=True, timeout=600)

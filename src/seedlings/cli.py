@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="*", default=None, help="blend these runs (default: --run)")
     p.add_argument("--weights", choices=["equal", "fit"], default="fit", help="blend weights")
 
+    p = sub.add_parser("evaluate", help="out-of-fold scores of a predicted run: TTA, folds, snapshot blend")
+    _run_args(p, fold=False)
+
     p = sub.add_parser("validate-submission", help="check a submission CSV against a competition folder")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--submission", required=True)
@@ -163,6 +166,17 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         predict_run(
             recipe, args.data, run, args.n_folds, args.fold_seed, [args.fold] if args.fold is not None else None
         )
+    elif stage == "evaluate":
+        from seedlings.ensemble import oof_summary
+        from seedlings.folds import load_folds
+        from seedlings.images import scan_competition
+
+        classes = scan_competition(args.data, need_test=False).classes
+        rows = oof_summary(run, load_folds(args.data, args.n_folds, args.fold_seed), classes)
+        width = max(len(r[0]) for r in rows)
+        print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
+        for what, f1, loss in rows:
+            print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")
     elif stage == "probe":
         from seedlings.baseline import linear_probe
 

