@@ -20,7 +20,7 @@ FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-PHONY: help setup data demo-data check-data folds lr-find train predict submit evaluate upload scores demo test test-all \
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit evaluate upload scores demo test test-all \
 	bench lint clean
 
 help: ## list the targets
