@@ -69,8 +69,8 @@ def fit_weights(oofs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
     res = minimize(
         loss,
         np.zeros(len(oofs)),
-        method="Nelder-Mead" if len(oofs) < 3 else "Powell",
-        options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000},
+        method="Powell",  # derivative-free; the softmax keeps the weights non-negative and summing to 1
+        options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000},
     )
     w = np.exp(res.x - res.x.max())
     return w / w.sum()
