@@ -72,3 +72,15 @@ def test_save_and_reload(tmp_path):
     assert data.pop("git_commit") == "abc"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert load_recipe(tmp_path / "r.yaml") == r
+
+
+def test_a_runs_saved_recipe_reloads(home):
+    from seedlings import paths
+    from seedlings.submit import run_recipe
+
+    r = load_recipe(CONFIGS / "cpu.yaml", ["seed=4"])
+    save_recipe(r, paths.run_dir("other") / "config.yaml", {"git_commit": "abc"})
+    assert run_recipe("other") == r
+    assert sorted(p.name for p in paths.run_dir("other").iterdir()) == ["config.yaml"]  # nothing written beside it
+    with pytest.raises(UserError, match="not found"):
+        run_recipe("missing")

@@ -250,6 +250,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise UserError(f"{item}: an override is key=value")
         key, text = item.split("=", 1)
         apply_override(values, key.strip(), parse_value(text))
+    return recipe_from_dict(values)
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
     recipe = _build(Recipe, values)
     _validate(recipe)
     return recipe

@@ -81,11 +81,13 @@ def suggestions(df: pd.DataFrame) -> dict[str, float]:
     while prev[start] >= 0:
         start = prev[start]
     valley = start + int((end - start) * 2 / 3)
-    slope = np.gradient(loss[: max(3, int(np.argmin(loss)) + 1)], np.log(lr[: max(3, int(np.argmin(loss)) + 1)]))
+    lowest = int(np.argmin(loss))
+    down = max(3, lowest + 1)  # the steepest descent is looked for before the minimum
+    slope = np.gradient(loss[:down], np.log(lr[:down]))
     return {
         "valley": float(lr[valley]),
         "steepest": float(lr[int(np.argmin(slope))]),
-        "minimum/10": float(lr[int(np.argmin(loss))] / 10),
+        "minimum/10": float(lr[lowest] / 10),
     }
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from seedlings import paths
-from seedlings.config import Recipe, load_recipe, recipe_dict
+from seedlings.config import Recipe, recipe_dict, recipe_from_dict
 from seedlings.ensemble import assemble, blend, format_table
 from seedlings.errors import UserError
 from seedlings.folds import load_folds
@@ -29,9 +29,7 @@ def run_recipe(run: str) -> Recipe:
         raise UserError(f"{path}: run {run!r} not found (train it first)")
     data = yaml.safe_load(path.read_text())
     data.pop("git_commit", None)
-    tmp = path.with_name("config.resolved.yaml")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    return load_recipe(tmp)
+    return recipe_from_dict(data)
 
 
 def submit(
