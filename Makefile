@@ -7,8 +7,10 @@ RUN      ?= $(basename $(notdir $(CONFIG)))# run name: runs/$(RUN)/, submissions
 N_FOLDS  ?= 5# folds for cross-validation
 FOLD_SEED ?= 0# seed of the fold split (separate from the recipe's training seed)
 FOLD     ?=# one fold only (train, predict, lr-find)
+STAGE    ?=# lr-find: the stage to sweep (default: the first SGDR stage), from the weights it starts with
 RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
+ABLATIONS ?=# compare: 1 also runs the chain once per technique switched off (README's ablation table)
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 
 PY        := .venv/bin/python
@@ -20,7 +22,7 @@ FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit evaluate upload scores demo test test-all \
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload scores demo test test-all \
 	bench lint clean
 
 help: ## list the targets
@@ -47,8 +49,8 @@ check-data: $(STAMP) ## check layout, decode every image, report counts, sizes, 
 folds: $(STAMP) ## write the stratified, duplicate-grouped folds file for DATA, N_FOLDS, FOLD_SEED
 	$(SEEDLINGS) folds --data "$(DATA)" --n-folds $(N_FOLDS) --seed $(FOLD_SEED)
 
-lr-find: $(STAMP) ## LR range test at the first stage's settings: runs/RUN/lr_find.{png,csv}
-	$(SEEDLINGS) lr-find $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
+lr-find: $(STAMP) ## LR range test at stage STAGE from the weights it starts with: runs/RUN/lr_find-stageK.{png,csv}
+	$(SEEDLINGS) lr-find $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(if $(STAGE),--stage $(STAGE)) $(ARGS)
 
 train: $(addprefix train-fold-,$(FOLDS)) ## train every fold in turn (FOLD=k: one; make -j N train: N at once)
 
@@ -61,6 +63,9 @@ predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test
 
 submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, predict, blend: submissions/RUN.csv
 	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
+
+compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
+	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations) $(ARGS)
 
 evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with and without TTA, folds, snapshot blend
 	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)

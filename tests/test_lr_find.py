@@ -51,5 +51,23 @@ def test_cli_writes_plot_and_csv(demo_master, home, capsys):
     assert "suggested lr: " in out
     lr = float(out.split("suggested lr: ")[1].split()[0])
     assert 1e-7 <= lr <= 10
-    assert (home / "runs" / "lrf" / "lr_find.png").stat().st_size > 1000
-    assert len(pd.read_csv(home / "runs" / "lrf" / "lr_find.csv")) <= 30
+    assert (home / "runs" / "lrf" / "lr_find-stage0.png").stat().st_size > 1000
+    assert len(pd.read_csv(home / "runs" / "lrf" / "lr_find-stage0.csv")) <= 30
+
+
+def test_later_stage_sweeps_from_the_weights_it_starts_with(demo_master, home, capsys):
+    """--stage 1 first trains stage 0 as `make train` would (checkpointed at the stage boundary), then sweeps stage 1
+    from those weights: its first losses differ from a sweep of stage 1 from the untrained head."""
+    from seedlings.train import load_checkpoint
+
+    overrides = [*TINY, "lr_find_steps=8", "lr_find_end=1e-6"]  # tiny steps: the losses show the starting weights
+    args = ["lr-find", "--data", str(demo_master), "--n-folds", "3", *overrides]
+    assert main([*args, "--run", "later", "--stage", "1"]) == 0
+    assert "stage 1, fold 0" in capsys.readouterr().out
+    ckpt = load_checkpoint(home / "runs" / "later" / "fold0" / "checkpoint.pt")
+    assert (ckpt["stage"], ckpt["epoch"]) == (1, 0) and len(ckpt["metrics"]) == 1
+    fresh = prepare_fold(load_recipe(None, overrides), demo_master, "fresh", 0, n_folds=3)
+    untrained = lr_sweep(fresh, 1e-7, 1e-6, 8, stage=1)
+    trained = pd.read_csv(home / "runs" / "later" / "lr_find-stage1.csv")
+    assert abs(trained.loss.iloc[0] - untrained.loss.iloc[0]) > 1e-3
+    assert untrained.loss.iloc[0] == pytest.approx(np.log(12), abs=0.05)  # the zero-initialised head: uniform

@@ -31,6 +31,29 @@ def test_torch_scheduler_matches_closed_form(cycle_len, cycle_mult, n_cycles, st
         sched.step()
 
 
+def test_warmup_then_cosine():
+    """4 warm-up steps of a 20-step first cycle: a linear rise to the peak, then the cosine over the 16 steps left;
+    the next cycle restarts at the peak with no warm-up."""
+    lr = [sgdr_lr(step, 1.0, 10, 2, 1, warmup=4) for step in range(40)]
+    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr[4] == pytest.approx(1.0)  # the cosine starts at the peak
+    assert lr[12] == pytest.approx(0.5)  # half way through the 16 cosine steps
+    assert lr[20] == pytest.approx(1.0)  # warm restart
+    assert lr[30] == pytest.approx(0.5)
+    assert max(lr[5:20]) < 1.0 and all(a > b for a, b in zip(lr[4:19], lr[5:20]))
+
+
+def test_scheduler_with_warmup_matches_closed_form():
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 1e-3}])
+    sched = make_scheduler(opt, 7, 2, 2, warmup=5)
+    for step in range(stage_epochs(2, 2, 2) * 7):
+        for g, peak in zip(opt.param_groups, (1e-4, 1e-3)):
+            assert g["lr"] == pytest.approx(sgdr_lr(step, peak, 7, 2, 2, warmup=5), abs=1e-15)
+        opt.step()
+        sched.step()
+
+
 def test_cycle_ends():
     assert cycle_end_epochs(3, 1, 2) == [1, 3, 7]
     assert cycle_end_epochs(3, 2, 1) == [2, 4, 6]

@@ -122,3 +122,52 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-5)
     assert heads[0]["weight"].abs().sum() > 0  # the head did learn something
+
+
+def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home):
+    """At the stage change the head must see the features it was fitted on: with a vanishing learning rate, the
+    first unfrozen epoch leaves validation where the head stage ended. Batch norms in training mode would replace
+    their running statistics (pretrained, here those of a fresh net) by the fold's batch statistics and break this."""
+    stages = (
+        "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+        " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"
+    )
+    train_fold(tiny_recipe(stages, "precompute_d4=false"), demo_master, "transition", 0, n_folds=3)
+    m = pd.read_csv(home / "runs" / "transition" / "fold0" / "metrics.csv")
+    head_end, unfrozen = m[m.stage == 0].iloc[-1], m[m.stage == 1].iloc[0]
+    assert head_end.train_loss < 1.0  # a confident head, which a feature shift would move (uniform: ln 12 = 2.48)
+    assert unfrozen.val_loss == pytest.approx(head_end.val_loss, abs=1e-3)
+    assert unfrozen.val_f1 == pytest.approx(head_end.val_f1)
+
+
+def test_batch_norm_statistics_move_when_asked(demo_master, home):
+    """bn_stats=batch is torch's default: the running statistics follow the fold's batches (the check above can fail)."""
+    stages = (
+        "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+        " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"
+    )
+    train_fold(tiny_recipe(stages, "precompute_d4=false", "bn_stats=batch"), demo_master, "bn", 0, n_folds=3)
+    m = pd.read_csv(home / "runs" / "bn" / "fold0" / "metrics.csv")
+    assert abs(m.val_loss.iloc[1] - m.val_loss.iloc[0]) > 1e-2
+
+
+def test_logistic_head_is_the_converged_probe(demo_master, home):
+    """fit: logistic puts the cross-validated logistic regression into the classifier: its validation loss is far
+    below what a few SGD epochs reach, and its predictions are the probe's."""
+    from seedlings.baseline import fit_logistic
+    from seedlings.train import features_for
+
+    recipe = tiny_recipe(
+        "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "precompute_d4=false", "pretrained=none"
+    )
+    train_fold(recipe, demo_master, "lbfgs", 0, n_folds=3)
+    fd = prepare_fold(recipe, demo_master, "lbfgs", 0, n_folds=3)
+    fd.model.load_state_dict(torch.load(home / "runs" / "lbfgs" / "fold0" / "final.pt", weights_only=True))
+    feats = features_for(fd, 0)[:, 0].numpy()
+    fit = fit_logistic(feats[fd.train_idx], fd.labels[fd.train_idx], len(fd.comp.classes))
+    head = fd.model.get_classifier()
+    with torch.no_grad():
+        logits = head(torch.from_numpy(feats[fd.val_idx])).numpy()
+    np.testing.assert_allclose(logits, fit.logits(feats[fd.val_idx]), rtol=1e-4, atol=1e-4)
+    m = pd.read_csv(home / "runs" / "lbfgs" / "fold0" / "metrics.csv")
+    assert len(m) == 1 and m.train_loss.iloc[0] < 1.0  # converged on its training features (chance: ln 12 = 2.5)

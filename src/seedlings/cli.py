@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="CSV path (default: data/folds/<dataset>-<hash>-k<K>-s<S>.csv)")
     p.add_argument("--force", action="store_true", help="overwrite a folds file made with other parameters")
 
-    _run_args(sub.add_parser("lr-find", help="LR range test at the first stage's settings"))
+    p = sub.add_parser("lr-find", help="LR range test at one stage's settings, from the weights it starts with")
+    _run_args(p)
+    p.add_argument("--stage", type=int, default=None, dest="sweep_stage", help="stage to sweep (default: the first SGDR stage)")
     _run_args(sub.add_parser("train", help="train folds (all, or --fold K)"))
     _run_args(sub.add_parser("predict", help="TTA probabilities per fold and snapshot"))
     p = sub.add_parser("submit", help="folds, train, predict, blend: submissions/<run>.csv")
@@ -86,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="baseline: logistic regression on frozen pooled features, one fold")
     _run_args(p)
     p.add_argument("--size", type=int, default=224, help="px, image size for the features")
+
+    p = sub.add_parser("compare", help="accuracy benchmark: probes, one fold, the whole chain on one held-out split")
+    _run_args(p, fold=False)
+    p.add_argument("--fraction", type=float, default=0.2, help="share of the labelled images held out")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--ablations", action="store_true", help="also the chain with each technique switched off")
+    p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
 
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
@@ -157,7 +166,10 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
     elif stage == "train":
         from seedlings.train import train_fold
 
-        for fold in [args.fold] if args.fold is not None else range(args.n_folds):
+        for fold in [args.fold] if args.fold is not None else recipe.folds(args.n_folds):
+            if fold not in recipe.folds(args.n_folds) and 0 <= fold < args.n_folds:
+                print(f"fold {fold}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
+                continue
             final = train_fold(recipe, args.data, run, fold, args.n_folds, args.fold_seed)
             print(f"fold {fold}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
     elif stage == "predict":
@@ -182,9 +194,16 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
 
         res = linear_probe(recipe, args.data, args.fold or 0, args.size, args.n_folds, args.fold_seed)
         print(
-            f"linear probe, {recipe.model} features at {res['size']} px, fold {args.fold or 0}: "
-            f"val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
+            f"linear probe, {recipe.model} features at {res['size']} px (image + mirror, C={res['c']:g} by CV), "
+            f"fold {args.fold or 0}: val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
         )
+    elif stage == "compare":
+        from seedlings.compare import compare
+
+        compare(
+            recipe, args.data, run, args.n_folds, args.fold_seed, args.fraction, args.holdout_seed, args.ablations,
+            tuple(int(s) for s in args.sizes.split(",") if s),
+        )  # fmt: skip
     elif stage == "submit":
         from seedlings.submit import submit
 
@@ -196,18 +215,24 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
 
 def lr_find(recipe, args: argparse.Namespace, run: str) -> None:
     from seedlings import paths
-    from seedlings.lr_find import lr_sweep, plot_sweep, suggestions
+    from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
     from seedlings.train import prepare_fold
 
-    fd = prepare_fold(recipe, args.data, run, args.fold or 0, args.n_folds, args.fold_seed)
-    df = lr_sweep(fd, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps)
+    stage = default_stage(recipe) if args.sweep_stage is None else args.sweep_stage
+    fold = args.fold or 0
+    weights = weights_before_stage(recipe, args.data, run, fold, args.n_folds, args.fold_seed, stage)
+    fd = prepare_fold(recipe, args.data, run, fold, args.n_folds, args.fold_seed)
+    if weights is not None:
+        fd.model.load_state_dict(weights)
+    df = lr_sweep(fd, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)
     out = paths.run_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "lr_find.csv", index=False)
+    df.to_csv(out / f"lr_find-stage{stage}.csv", index=False)
     sugg = suggestions(df)
-    plot_sweep(df, sugg, out / "lr_find.png")
+    plot_sweep(df, sugg, out / f"lr_find-stage{stage}.png")
+    print(f"stage {stage}, fold {fold}, from the weights that stage starts with")
     print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
-    print(f"{out / 'lr_find.png'}, {out / 'lr_find.csv'}: {len(df)} steps")
+    print(f"{out / f'lr_find-stage{stage}.png'}, {out / f'lr_find-stage{stage}.csv'}: {len(df)} steps")
 
 
 def dispatch_tools(args: argparse.Namespace) -> int | None:

@@ -26,6 +26,9 @@ class Stage:
     n_cycles: int = 1  # cosine cycles with warm restarts
     cycle_len: int = 1  # epochs in the first cycle
     cycle_mult: int = 1  # each cycle is this many times longer than the one before
+    warmup: float = 0.0  # epochs of linear warm-up at the stage's start (the first cycle's cosine follows it)
+    fit: str = "sgdr"  # sgdr: epochs of SGDR | logistic: (precompute only) the head solved to convergence on the
+    #   features by multinomial logistic regression, L2 strength chosen by cross-validation (seconds, no epochs)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Recipe:
     seed: int = 0  # training seed: weights init, shuffling, augmentation
     tta: str = "d4"  # used by predict: none | flip | d4 | d4+scales
     tta_mean: str = "arith"  # arith | geom: how TTA copies' probabilities are averaged
+    predict_size: int = 0  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
+    #   so a model often scores best a little above its training size (FixRes)
+    train_folds: int = 0  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     crop_scale: float = 0.35  # RandomResizedCrop's smallest area fraction
     cache_margin: float = 1.15  # cached side = largest stage size x this, so crops keep detail
@@ -52,6 +58,9 @@ class Recipe:
     compile: bool = False  # torch.compile the model (CUDA)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
+    bn_stats: str = "frozen"  # frozen: batch norms keep their pretrained running statistics in every stage (eval
+    #   mode), so the features the head was fitted on do not shift when the body starts training | batch: torch's
+    #   default, normalise by batch statistics and update the running ones
     skip_bad_images: bool = False  # true: unreadable images are listed and skipped; false: exit 2 naming the file
     snapshots: bool = True  # save weights at the end of every cycle for snapshot ensembles
     lr_find_start: float = 1.0e-7  # LR finder sweep start
@@ -60,7 +69,16 @@ class Recipe:
 
     @property
     def max_size(self) -> int:
-        return max(s.size for s in self.stages)
+        return max([s.size for s in self.stages] + [self.predict_size])
+
+    @property
+    def eval_size(self) -> int:
+        """px at which predict runs: predict_size, or the last stage's size."""
+        return self.predict_size or self.stages[-1].size
+
+    def folds(self, n_folds: int) -> list[int]:
+        """The folds this recipe trains, predicts and blends."""
+        return list(range(min(self.train_folds, n_folds) if self.train_folds else n_folds))
 
     @property
     def cache_size(self) -> int:
@@ -154,6 +172,12 @@ def _validate(r: Recipe) -> None:
         bad("crop_scale", f"must be in (0, 1], got {r.crop_scale}")
     if r.cache_margin < 1:
         bad("cache_margin", f"must be at least 1, got {r.cache_margin}")
+    if r.predict_size < 0 or 0 < r.predict_size < 16:
+        bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {r.predict_size}")
+    if r.train_folds < 0:
+        bad("train_folds", f"must be 0 (every fold) or a number of folds, got {r.train_folds}")
+    if r.bn_stats not in ("frozen", "batch"):
+        bad("bn_stats", f"expected frozen or batch, got {r.bn_stats!r}")
     if not r.stages:
         bad("stages", "at least one stage is needed")
     for i, s in enumerate(r.stages):
@@ -166,6 +190,12 @@ def _validate(r: Recipe) -> None:
             bad(f"{key}.cycle_len", f"must be positive, got {s.cycle_len}")
         if s.cycle_mult < 1:
             bad(f"{key}.cycle_mult", f"must be at least 1, got {s.cycle_mult}")
+        if not 0 <= s.warmup < s.cycle_len:
+            bad(f"{key}.warmup", f"must be in [0, cycle_len) epochs, got {s.warmup}")
+        if s.fit not in ("sgdr", "logistic"):
+            bad(f"{key}.fit", f"expected sgdr or logistic, got {s.fit!r}")
+        if s.fit == "logistic" and not s.precompute:
+            bad(f"{key}.fit", "logistic needs precompute: true (it solves the head on precomputed features)")
         if s.precompute and not s.freeze:
             bad(f"{key}.precompute", "needs freeze: true (features of a changing backbone cannot be precomputed)")
         if isinstance(s.lr, list) and len(s.lr) != r.layer_groups:

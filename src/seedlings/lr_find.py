@@ -10,25 +10,63 @@ import pandas as pd
 import torch
 from torch import nn
 
+from seedlings import paths
+from seedlings.config import Recipe
+from seedlings.errors import UserError
 from seedlings.model import make_optimizer
-from seedlings.train import Fold, autocast, plan_stage, to_device
+from seedlings.train import Fold, autocast, load_checkpoint, plan_stage, to_device, train_fold
 
 
 def sweep_lrs(start: float, end: float, steps: int) -> np.ndarray:
     return start * (end / start) ** (np.arange(steps) / (steps - 1))
 
 
+def default_stage(recipe: Recipe) -> int:
+    """The first stage trained by SGDR (a solved head has no learning rate to find)."""
+    return next((i for i, s in enumerate(recipe.stages) if s.fit == "sgdr"), 0)
+
+
+def weights_before_stage(recipe: Recipe, data, run: str, fold: int, n_folds: int, fold_seed: int, stage: int):
+    """The fold's weights at the start of `stage` (None for stage 0): the end of stage - 1, from its snapshot, or
+    trained now up to there exactly as `make train` would (checkpointed, so training later continues from it)."""
+    if not 0 <= stage < len(recipe.stages):
+        raise UserError(f"--stage: {stage} is not in 0..{len(recipe.stages) - 1}")
+    if recipe.stages[stage].fit != "sgdr":
+        raise UserError(f"--stage: stage {stage} is solved (fit: {recipe.stages[stage].fit}), it has no learning rate")
+    if stage == 0:
+        return None
+    prev = recipe.stages[stage - 1]
+    n_cycles = 1 if prev.fit != "sgdr" else prev.n_cycles
+    out = paths.fold_dir(run, fold)
+    snap = out / "snapshots" / f"stage{stage - 1}-cycle{n_cycles - 1}.pt"
+    if not snap.exists():
+        train_fold(recipe, data, run, fold, n_folds, fold_seed, until_stage=stage)
+    if snap.exists():
+        return torch.load(snap, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    if ckpt["stage"] != stage or ckpt["epoch"] != 0:
+        raise UserError(f"{out}: trained past stage {stage} without snapshots; set snapshots: true or a new RUN")
+    return ckpt["model"]
+
+
 def lr_sweep(
-    fd: Fold, start: float = 1e-7, end: float = 10.0, steps: int = 100, beta: float = 0.98, stop_factor: float = 4.0
+    fd: Fold,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 100,
+    beta: float = 0.98,
+    stop_factor: float = 4.0,
+    stage: int = 0,
 ) -> pd.DataFrame:
-    """Loss at each learning rate of the sweep (every group at the same multiple of its stage ratio).
+    """Loss at each learning rate of the sweep at `stage`'s settings (every group at the same multiple of its
+    stage ratio), from the model's current weights.
 
     The model, optimizer state and RNG are restored afterwards: the sweep leaves no trace on training.
     """
     r = fd.recipe
     saved_model = copy.deepcopy(fd.model.state_dict())
     saved_rng = torch.get_rng_state()
-    plan = plan_stage(fd, 0)
+    plan = plan_stage(fd, stage)
     optimizer = make_optimizer(r, plan.opt_groups)
     peak = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep

@@ -81,7 +81,7 @@ def save_probs(stem: Path, split: str, probs: np.ndarray, files: list[str], clas
 def predict_fold(recipe: Recipe, data: str | Path, run: str, fold: int, n_folds: int, fold_seed: int) -> list[Member]:
     """Probabilities of each member of one fold; members whose outputs are newer than their weights are skipped."""
     members = fold_members(run, fold, recipe)
-    size = recipe.stages[-1].size
+    size = recipe.eval_size
     todo = []
     for name, weights in members:
         m = Member(run, fold, name)
@@ -130,6 +130,6 @@ def predict_run(
     recipe: Recipe, data: str | Path, run: str, n_folds: int = 5, fold_seed: int = 0, folds: list[int] | None = None
 ) -> list[Member]:
     members = []
-    for fold in folds if folds is not None else range(n_folds):
+    for fold in folds if folds is not None else recipe.folds(n_folds):
         members += predict_fold(recipe, data, run, fold, n_folds, fold_seed)
     return members

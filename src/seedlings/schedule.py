@@ -16,12 +16,20 @@ def stage_epochs(n_cycles: int, cycle_len: int, cycle_mult: int) -> int:
     return sum(cycle_lengths(n_cycles, cycle_len, cycle_mult))
 
 
-def sgdr_lr(step: int, peak: float, steps_per_epoch: int, cycle_len: int, cycle_mult: int) -> float:
-    """Closed form: the learning rate at optimizer step `step` (0-based) of a stage; 0 at the end of each cycle."""
+def sgdr_lr(step: int, peak: float, steps_per_epoch: int, cycle_len: int, cycle_mult: int, warmup: int = 0) -> float:
+    """The learning rate at optimizer step `step` (0-based) of a stage; 0 at the end of each cycle.
+
+    warmup: steps of linear rise from peak/warmup to peak at the start of the stage; the first cycle's cosine then
+    spans the rest of that cycle (later cycles restart at the peak without warm-up).
+    """
     t, period = step, cycle_len * steps_per_epoch
     while t >= period:
         t -= period
         period *= cycle_mult
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step < cycle_len * steps_per_epoch and warmup:  # the first cycle, after its warm-up
+        t, period = t - warmup, period - warmup
     return peak * (1 + math.cos(math.pi * t / period)) / 2
 
 
@@ -35,9 +43,11 @@ def cycle_end_epochs(n_cycles: int, cycle_len: int, cycle_mult: int) -> list[int
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, steps_per_epoch: int, cycle_len: int, cycle_mult: int
-) -> torch.optim.lr_scheduler.CosineAnnealingWarmRestarts:
-    """torch's SGDR, stepped once per optimizer step; each param group anneals from its own lr to 0."""
-    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=cycle_len * steps_per_epoch, T_mult=cycle_mult, eta_min=0.0
-    )
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, cycle_len: int, cycle_mult: int, warmup: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """SGDR stepped once per optimizer step; each param group follows sgdr_lr from its own peak (its initial lr)."""
+
+    def factor(step: int) -> float:
+        return sgdr_lr(step, 1.0, steps_per_epoch, cycle_len, cycle_mult, warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -49,7 +49,7 @@ def submit(
     folds = load_folds(data, n_folds, fold_seed)
     timings["folds"] = time.perf_counter() - start
     start = time.perf_counter()
-    for fold in range(n_folds):
+    for fold in recipe.folds(n_folds):
         train_fold(recipe, data, run, fold, n_folds, fold_seed)
     timings["train"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from seedlings.errors import UserError
 from seedlings.folds import load_folds
 from seedlings.images import Competition, scan_competition
 from seedlings.model import create_model, is_norm_param, layer_groups, make_optimizer, model_mean_std, param_groups
-from seedlings.schedule import cycle_end_epochs, make_scheduler, stage_epochs
+from seedlings.schedule import cycle_end_epochs, make_scheduler
 from seedlings.tta import dihedral
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
@@ -145,17 +145,19 @@ def eval_loader(fd: Fold, size: int, index: np.ndarray, images: np.ndarray | Non
 
 # ------------------------------------------------------------------------------------------------------ precompute
 @torch.no_grad()
-def pooled_features(fd: Fold, size: int, index: np.ndarray, d4: bool) -> torch.Tensor:
-    """Frozen backbone's pooled features, (N, 8 or 1, F): fast.ai's precompute, optionally on all 8 orientations."""
+def pooled_features(
+    fd: Fold, size: int, index: np.ndarray, views: tuple[int, ...] = (0,), images: np.ndarray | None = None
+) -> torch.Tensor:
+    """Frozen backbone's pooled features, (N, len(views), F): fast.ai's precompute; views are dihedral members."""
     fd.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(fd, size, index), desc=f"features {size}px", leave=False, disable=None):
+    for x, _ in tqdm(eval_loader(fd, size, index, images), desc=f"features {size}px", leave=False, disable=None):
         x = to_device(fd, x)
-        views = []
-        for k in range(8 if d4 else 1):
+        feats = []
+        for k in views:
             with autocast(fd):
-                views.append(fd.model.forward_head(fd.model.forward_features(dihedral(x, k)), pre_logits=True).float())
-        out.append(torch.stack(views, 1).cpu())
+                feats.append(fd.model.forward_head(fd.model.forward_features(dihedral(x, k)), pre_logits=True).float())
+        out.append(torch.stack(feats, 1).cpu())
     return torch.cat(out)
 
 
@@ -168,7 +170,7 @@ def features_for(fd: Fold, stage_i: int) -> torch.Tensor:
     path = where / key
     if path.exists():
         return torch.load(path, weights_only=True)
-    feats = pooled_features(fd, stage.size, np.arange(len(fd.labels)), r.precompute_d4)
+    feats = pooled_features(fd, stage.size, np.arange(len(fd.labels)), tuple(range(8)) if r.precompute_d4 else (0,))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(feats, tmp)
@@ -216,7 +218,11 @@ def plan_stage(fd: Fold, stage_i: int) -> StagePlan:
 
     def set_modes() -> None:
         fd.model.train()
-        if stage.freeze and not r.train_bn:  # frozen norm layers keep their running statistics too
+        if r.bn_stats == "frozen":  # the features the head was fitted on stay the features it sees
+            for m in fd.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        elif stage.freeze and not r.train_bn:  # frozen norm layers keep their running statistics too
             for m in frozen_norm_modules(fd):
                 m.eval()
 
@@ -349,9 +355,11 @@ def train_fold(
     n_folds: int = 5,
     fold_seed: int = 0,
     stop_after_epochs: int | None = None,
+    until_stage: int | None = None,
 ) -> dict:
     """Train (or resume, or skip when finished) one fold; returns the final validation scores.
 
+    until_stage: stop (checkpointed, resumable) before that stage starts; the LR finder sweeps a later stage so.
     stop_after_epochs: end the process after that many epochs in this call, as if it were killed (tests of resume).
     """
     out = paths.fold_dir(run, fold)
@@ -363,62 +371,111 @@ def train_fold(
     fd = prepare_fold(recipe, data, run, fold, n_folds, fold_seed)
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    metrics, lr_rows = (ckpt["metrics"], ckpt["lrs"]) if ckpt else ([], [])
+    log = Progress(fd, out, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
     if ckpt:
         fd.model.load_state_dict(ckpt["model"])
         set_rng_state(ckpt["rng"])
         print(f"{out}: resuming at stage {ckpt['stage']}, epoch {ckpt['epoch']} of that stage")
-    epochs_this_call = 0
-    global_epoch = len(metrics)
     for stage_i, stage in enumerate(recipe.stages):
-        first_epoch = 0
+        if until_stage is not None and stage_i >= until_stage:
+            return {}
         if ckpt and stage_i < ckpt["stage"]:
+            continue
+        if stage.fit == "logistic":
+            log.epoch_done(fit_head(fd, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
+            ckpt = None
             continue
         plan = plan_stage(fd, stage_i)
         optimizer = make_optimizer(recipe, plan.opt_groups)
-        scheduler = make_scheduler(optimizer, plan.steps_per_epoch, stage.cycle_len, stage.cycle_mult)
+        warmup = round(stage.warmup * plan.steps_per_epoch)
+        scheduler = make_scheduler(optimizer, plan.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
+        first_epoch = 0
         if ckpt and stage_i == ckpt["stage"] and ckpt["epoch"] > 0:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             first_epoch = ckpt["epoch"]
         ends = cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)
-        for epoch in range(first_epoch, stage_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)):
-            row = train_epoch(fd, plan, optimizer, scheduler, stage_i, stage, global_epoch, lr_rows)
-            metrics.append(row)
-            global_epoch += 1
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            if recipe.snapshots and epoch + 1 in ends:
-                save_atomic(
-                    fd.model.state_dict(), out / "snapshots" / f"stage{stage_i}-cycle{ends.index(epoch + 1)}.pt"
-                )
-            at_stage_end = epoch + 1 == ends[-1]
-            # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
-            save_atomic(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "model": fd.model.state_dict(),
-                    "optimizer": None if at_stage_end else optimizer.state_dict(),
-                    "scheduler": None if at_stage_end else scheduler.state_dict(),
-                    "stage": stage_i + 1 if at_stage_end else stage_i,
-                    "epoch": 0 if at_stage_end else epoch + 1,
-                    "rng": rng_state(),
-                    "metrics": metrics,
-                    "lrs": lr_rows,
-                },
-                ckpt_path,
-            )
-            write_csv(metrics, out / "metrics.csv")
-            write_csv(lr_rows, out / "lrs.csv")
-            epochs_this_call += 1
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+        for epoch in range(first_epoch, ends[-1]):
+            row = train_epoch(fd, plan, optimizer, scheduler, stage_i, stage, len(log.metrics), log.lrs)
+            log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler)
+            if stop_after_epochs is not None and log.epochs_this_call >= stop_after_epochs:
                 raise KeyboardInterrupt  # what a kill between two epochs looks like
         ckpt = None
     save_atomic(fd.model.state_dict(), out / "final.pt")
     plot_fold(out)
-    final = {k: metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
-    final["seconds"] = float(sum(m["seconds"] for m in metrics))
+    final = {k: log.metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
+    final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     done.write_text(json.dumps(final, indent=1))
     return final
+
+
+@dataclass
+class Progress:
+    """A fold's metrics and LR rows, and what is written after every epoch: snapshot, checkpoint, CSVs."""
+
+    fd: Fold
+    out: Path
+    metrics: list[dict]
+    lrs: list[dict]
+    epochs_this_call: int = 0
+
+    def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler) -> None:
+        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based)."""
+        self.metrics.append(row)
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        state = self.fd.model.state_dict()
+        if self.fd.recipe.snapshots and epoch + 1 in ends:
+            save_atomic(state, self.out / "snapshots" / f"stage{stage_i}-cycle{ends.index(epoch + 1)}.pt")
+        at_stage_end = epoch + 1 == ends[-1]
+        # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": state,
+                "optimizer": None if at_stage_end else optimizer.state_dict(),
+                "scheduler": None if at_stage_end else scheduler.state_dict(),
+                "stage": stage_i + 1 if at_stage_end else stage_i,
+                "epoch": 0 if at_stage_end else epoch + 1,
+                "rng": rng_state(),
+                "metrics": self.metrics,
+                "lrs": self.lrs,
+            },
+            self.out / "checkpoint.pt",
+        )
+        write_csv(self.metrics, self.out / "metrics.csv")
+        if self.lrs:
+            write_csv(self.lrs, self.out / "lrs.csv")
+        self.epochs_this_call += 1
+
+
+@torch.no_grad()
+def fit_head(fd: Fold, stage_i: int, epoch: int) -> dict:
+    """A `fit: logistic` stage: the classifier solved on the precomputed features (the linear probe, converged, with
+    its L2 strength cross-validated on the fold's training images); one row of metrics.csv."""
+    from seedlings.baseline import fit_logistic
+
+    start = time.perf_counter()
+    stage, head = fd.recipe.stages[stage_i], fd.model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"stages.{stage_i}.fit: logistic needs a linear classifier, {fd.recipe.model} has {head}")
+    feats = features_for(fd, stage_i)
+    x_train, y_train = feats[fd.train_idx].mean(1).numpy(), fd.labels[fd.train_idx]  # views averaged
+    fit = fit_logistic(x_train, y_train, len(fd.comp.classes), seed=fd.recipe.seed)
+    head.weight.copy_(torch.from_numpy(fit.weight))
+    head.bias.copy_(torch.from_numpy(fit.bias))
+    train_probs = torch.from_numpy(fit.logits(x_train)).softmax(-1).numpy()
+    val_probs = torch.from_numpy(fit.logits(feats[fd.val_idx, 0].numpy())).softmax(-1).numpy()
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch + 1,
+        "stage": stage_i,
+        "size": stage.size,
+        "train_loss": scores(train_probs, y_train)["val_loss"],
+        **scores(val_probs, fd.labels[fd.val_idx]),
+        "lr": 0.0,
+        "seconds": seconds,
+        "images_per_s": len(y_train) / seconds,
+    }
 
 
 def train_epoch(
@@ -494,6 +551,8 @@ def plot_fold(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=90)
     plt.close(fig)
+    if not (out / "lrs.csv").exists():  # only solved stages: no learning rates to show
+        return
     lr = pd.read_csv(out / "lrs.csv")
     fig, ax = plt.subplots(figsize=(7, 3))
     for c in [c for c in lr.columns if c.startswith("lr_g")]:
