@@ -141,7 +141,7 @@ def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home):
 
 
 def test_batch_norm_statistics_move_when_asked(demo_master, home):
-    """bn_stats=batch is torch's default: the running statistics follow the fold's batches (the check above can fail)."""
+    """bn_stats=batch (torch's default): the running statistics follow the fold's batches; the check above can fail."""
     stages = (
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
         " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"

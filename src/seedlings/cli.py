@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lr-find", help="LR range test at one stage's settings, from the weights it starts with")
     _run_args(p)
-    p.add_argument("--stage", type=int, default=None, dest="sweep_stage", help="stage to sweep (default: the first SGDR stage)")
+    p.add_argument("--stage", type=int, default=None, dest="sweep_stage", help="stage to sweep (default: first SGDR)")
     _run_args(sub.add_parser("train", help="train folds (all, or --fold K)"))
     _run_args(sub.add_parser("predict", help="TTA probabilities per fold and snapshot"))
     p = sub.add_parser("submit", help="folds, train, predict, blend: submissions/<run>.csv")

@@ -15,7 +15,6 @@ from sklearn.metrics import f1_score
 
 from seedlings import paths
 from seedlings.config import Recipe, apply_override, parse_value, recipe_dict, recipe_from_dict
-from seedlings.errors import UserError
 
 # The ablations of the README: each switches one technique of the recipe off (overrides on top of the recipe).
 ABLATIONS: dict[str, list[str]] = {
@@ -148,8 +147,8 @@ def compare(
     ablations: bool = False,
     sizes: tuple[int, ...] = (),
 ) -> pd.DataFrame:
-    """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the recipe,
-    the whole chain, and with `ablations` the chain once per technique switched off."""
+    """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the
+    recipe, the whole chain, and with `ablations` the chain once per technique switched off."""
     holdout = ensure_holdout(data, fraction, seed)
     run = f"{run}-holdout"  # never the run trained on all of DATA: other images, other models
     sizes = sizes or (own_size(holdout), 224)
