@@ -34,12 +34,37 @@ def test_ablation_variants_switch_one_thing_off():
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2")
     one_lr = variant(recipe, ABLATIONS["one learning rate for all layer groups"])
     assert one_lr.stages[1].lr == 0.01 and one_lr.stages[2].lr == 0.01 and one_lr.stages[0] == recipe.stages[0]
-    flat = variant(recipe, ABLATIONS["no restarts (one cosine cycle per stage)"])
+    flat = variant(recipe, ["@restarts"])
     assert (flat.stages[1].n_cycles, flat.stages[1].cycle_len) == (1, 2)
-    assert [s.size for s in variant(recipe, ABLATIONS["one size (no progressive resizing)"]).stages] == [40, 40, 40]
-    assert variant(recipe, ABLATIONS["one fold"]).folds(3) == [0]
-    no_pre = variant(recipe, ABLATIONS["no precompute (head trained by SGDR through the frozen net)"])
-    assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr"
+    assert variant(flat, ["@restarts"]).stages[1] == recipe.stages[1]  # and back: two cycles of half the length
+    assert [s.size for s in variant(recipe, ["@sizes"]).stages] == [40, 40, 40]
+    grown = variant(
+        tiny_recipe("stages=[{size: 64, freeze: false, lr: {max: 0.01, mult: 3}, cycle_len: 6}]"), ["@sizes"]
+    )
+    assert [(s.size, s.cycle_len, s.lr) for s in grown.stages] == [
+        (64, 4, {"max": 0.01, "mult": 3.0}),
+        (96, 2, {"max": 0.0025, "mult": 3.0}),
+    ]
+    no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
+    assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2
     assert variant(recipe, ["tta=none"]).tta == "none"
     with pytest.raises(Exception, match="nope"):
         variant(recipe, ["nope=1"])
+
+
+def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
+    """A training switch trains fold 0 anew under its own run; a prediction switch (TTA) reuses the recipe's fold 0."""
+    import seedlings.compare as C
+
+    monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["bn_stats=batch"], "same": ["seed=0"]})
+    recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=1")
+    table = C.compare(recipe, demo_master, "abl", n_folds=3, ablations=True, sizes=(32,))
+    assert table.what.tolist()[-3:] == [
+        "ablation: no TTA: fold 0 alone",
+        "ablation: bn: fold 0 alone",
+        "ablation: same",
+    ]
+    assert table.how.iloc[-1] == "same as the recipe here: not run"
+    runs = sorted(p.name for p in (home / "runs").iterdir())
+    assert runs == ["abl-holdout", "abl-holdout-ablation1", "probe"]  # no run was trained for the TTA switch
+    assert table.micro_f1.iloc[-3:-1].between(0, 1).all()

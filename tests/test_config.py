@@ -24,6 +24,14 @@ def test_overrides_dotted_and_typed():
     assert r.cache_size == round(160 * r.cache_margin)
 
 
+def test_folds_predict_size_and_cache():
+    r = load_recipe(CONFIGS / "cpu.yaml", ["train_folds=2", "predict_size=192"])
+    assert r.folds(5) == [0, 1] and r.folds(1) == [0]
+    assert load_recipe(CONFIGS / "cpu.yaml", ["train_folds=0"]).folds(5) == [0, 1, 2, 3, 4]
+    assert r.eval_size == 192 and r.cache_size == round(192 * r.cache_margin)  # the cache serves prediction too
+    assert load_recipe(CONFIGS / "cpu.yaml", ["predict_size=0"]).eval_size == r.stages[-1].size
+
+
 def test_lr_forms():
     assert lrs_of(0.1, 3) == [0.1, 0.1, 0.1]
     assert lrs_of([1.0, 2.0, 3.0], 3) == [1.0, 2.0, 3.0]
@@ -45,6 +53,14 @@ def test_lr_forms():
     ("stages.1.precompute=true", "stages.1.precompute"),
     ("tta=d8", "tta"),
     ("pretrained=weights.bin", "pretrained"),
+    ("bn_stats=running", "bn_stats"),
+    ("stages.0.fit=adam", "stages.0.fit"),
+    ("stages.1.fit=logistic", "stages.1.fit"),
+    ("stages.1.warmup=8", "stages.1.warmup"),
+    ("stages.1.warmup=-1", "stages.1.warmup"),
+    ("train_folds=-1", "train_folds"),
+    ("predict_size=8", "predict_size"),
+    ("head_c=-1", "head_c"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError) as e:

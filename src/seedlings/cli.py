@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, fold=False)
     p.add_argument("--fraction", type=float, default=0.2, help="share of the labelled images held out")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--ablations", action="store_true", help="also the chain with each technique switched off")
+    p.add_argument("--ablations", action="store_true", help="also fold 0 with each technique switched")
+    p.add_argument("--probes-only", action="store_true", help="only the linear probes (no training)")
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
 
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
@@ -202,7 +203,7 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
 
         compare(
             recipe, args.data, run, args.n_folds, args.fold_seed, args.fraction, args.holdout_seed, args.ablations,
-            tuple(int(s) for s in args.sizes.split(",") if s),
+            tuple(int(s) for s in args.sizes.split(",") if s), args.probes_only,
         )  # fmt: skip
     elif stage == "submit":
         from seedlings.submit import submit

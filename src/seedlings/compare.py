@@ -16,18 +16,22 @@ from sklearn.metrics import f1_score
 from seedlings import paths
 from seedlings.config import Recipe, apply_override, parse_value, recipe_dict, recipe_from_dict
 
-# The ablations of the README: each switches one technique of the recipe off (overrides on top of the recipe).
+# The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
+# the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
+# `seedlings grade --run`.
 ABLATIONS: dict[str, list[str]] = {
-    "no precompute (head trained by SGDR through the frozen net)": ["stages.0.precompute=false", "stages.0.fit=sgdr"],
-    "head by SGDR epochs on the features, not solved": ["stages.0.fit=sgdr"],
+    "no precompute: head by 2 SGDR epochs through the frozen net": [
+        "stages.0.precompute=false", "stages.0.fit=sgdr", "stages.0.lr=3e-3", "stages.0.cycle_len=2",
+    ],
+    "head by 8 SGDR epochs on the features, not solved": [
+        "stages.0.fit=sgdr", "stages.0.lr=3e-3", "stages.0.cycle_len=8",
+    ],
     "batch-norm statistics follow the batches": ["bn_stats=batch"],
     "one learning rate for all layer groups": ["@one_lr"],
-    "no restarts (one cosine cycle per stage)": ["@no_restarts"],
-    "one size (no progressive resizing)": ["@one_size"],
+    "restarts switched (one cycle <-> two of half the length)": ["@restarts"],
+    "sizes switched (one size <-> last 2 epochs at 1.25x)": ["@sizes"],
     "no TTA": ["tta=none"],
-    "no snapshot blend (last model only)": ["snapshots=false"],
-    "one fold": ["train_folds=1"],
-}
+}  # fmt: skip
 
 
 def holdout_dir(data: str | Path, fraction: float, seed: int) -> Path:
@@ -76,54 +80,94 @@ def probe_row(recipe: Recipe, holdout: Path, size: int, n_folds: int, fold_seed:
     )  # fmt: skip
 
 
-def recipe_rows(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> list[dict]:
-    """One fold of the recipe (trained, predicted with TTA, graded alone), then the whole chain (make submit)."""
+def fold_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+    """Fold 0 of the recipe: trained, predicted with its TTA, and its last model graded alone on the held-out images."""
     from seedlings.images import scan_competition
     from seedlings.predict import predict_fold
-    from seedlings.submit import submit
     from seedlings.train import train_fold
+
+    start = time.perf_counter()
+    train_fold(recipe, holdout, run, 0, n_folds, fold_seed)
+    last = predict_fold(recipe, holdout, run, 0, n_folds, fold_seed)[-1]
+    files = last.load_files("test")
+    y = answers_of(holdout, files, scan_competition(holdout).classes)
+    return row(f"{label}: fold 0 alone", y, last.load("test").argmax(1), time.perf_counter() - start, last.name)
+
+
+PREDICTION_KEYS = {"tta", "tta_mean", "predict_size"}  # recipe keys that change prediction only, not training
+
+
+def predict_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+    """Fold 0's trained model of `run`, predicted on the held-out images with the recipe's (other) TTA settings."""
+    import torch
+
+    from seedlings.cache import load_cache
+    from seedlings.predict import fold_members, tta_probs
+    from seedlings.train import prepare_fold
+
+    start = time.perf_counter()
+    fd = prepare_fold(recipe, holdout, run, 0, n_folds, fold_seed)
+    name, weights = fold_members(run, 0, recipe)[-1]
+    fd.model.load_state_dict(torch.load(weights, map_location=fd.device, weights_only=True))
+    test = load_cache(fd.comp, "test", recipe.cache_size)
+    probs = tta_probs(fd, test.images, np.arange(len(test.files)), recipe.eval_size, recipe.tta)
+    y = answers_of(holdout, test.files, fd.comp.classes)
+    seconds = time.perf_counter() - start + json_seconds(paths.fold_dir(run, 0) / "done.json")
+    return row(f"{label}: fold 0 alone", y, probs.argmax(1), seconds, f"{name}, {recipe.tta}, fold 0 of the recipe")
+
+
+def json_seconds(path: Path) -> float:
+    import json
+
+    return float(json.loads(path.read_text())["seconds"])
+
+
+def chain_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+    """The whole chain (make submit) on the split: every fold the recipe trains, predicted, blended, written."""
+    from seedlings.images import scan_competition
+    from seedlings.submit import submit
 
     classes = scan_competition(holdout).classes
     start = time.perf_counter()
-    train_fold(recipe, holdout, run, 0, n_folds, fold_seed)
-    members = predict_fold(recipe, holdout, run, 0, n_folds, fold_seed)
-    fold_seconds = time.perf_counter() - start
-    last = members[-1]
-    files = last.load_files("test")
-    y = answers_of(holdout, files, classes)
-    rows = [row(f"{label}: fold 0 alone", y, last.load("test").argmax(1), fold_seconds, f"{last.name}, {recipe.tta}")]
-    start = time.perf_counter()
     csv = submit(recipe, holdout, run, n_folds, fold_seed)
-    sub = pd.read_csv(csv).set_index("file").species.loc[files]
-    n_models = len(recipe.folds(n_folds))
-    rows.append(
-        row(
-            f"{label}: whole chain (make submit)",
-            y,
-            np.array([classes.index(s) for s in sub]),
-            fold_seconds + time.perf_counter() - start,
-            f"{n_models} fold model(s), blended",
-        )
-    )
-    return rows
+    seconds = time.perf_counter() - start
+    sub = pd.read_csv(csv)
+    y = answers_of(holdout, sub.file.tolist(), classes)
+    pred = np.array([classes.index(s) for s in sub.species])
+    models = len(recipe.folds(n_folds))
+    return row(f"{label}: whole chain (make submit)", y, pred, seconds, f"{models} fold model(s) of {n_folds}, blended")
 
 
 def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
     """The recipe with overrides; @names are the ablations that depend on the recipe's own stages."""
     values = recipe_dict(recipe)
-    unfrozen = [s for s in values["stages"] if not s["freeze"]]
+    stages = values["stages"]
+    unfrozen = [s for s in stages if not s["freeze"]]
     for item in overrides:
         if item == "@one_lr":
             for s in unfrozen:
                 s["lr"] = max(_lrs(s["lr"]))
-        elif item == "@no_restarts":
+        elif item == "@restarts":
             for s in unfrozen:
                 total = sum(s["cycle_len"] * s["cycle_mult"] ** i for i in range(s["n_cycles"]))
-                s.update(n_cycles=1, cycle_len=total, cycle_mult=1)
-        elif item == "@one_size":
-            last = values["stages"][-1]["size"]
-            for s in values["stages"]:
-                s["size"] = last
+                if s["n_cycles"] > 1:
+                    s.update(n_cycles=1, cycle_len=total, cycle_mult=1)
+                elif total % 2 == 0:
+                    s.update(n_cycles=2, cycle_len=total // 2, cycle_mult=1, warmup=min(s["warmup"], total // 2 - 1))
+        elif item == "@sizes":
+            if len({s["size"] for s in unfrozen}) > 1:
+                for s in stages:
+                    s["size"] = stages[-1]["size"]
+            elif unfrozen and unfrozen[-1]["n_cycles"] == 1 and unfrozen[-1]["cycle_len"] > 2:
+                last = unfrozen[-1]
+                last["cycle_len"] -= 2
+                grown = round(last["size"] * 1.25 / 32) * 32
+                lr = (
+                    {"max": max(_lrs(last["lr"])) / 4, "mult": last["lr"]["mult"]}
+                    if isinstance(last["lr"], dict)
+                    else last["lr"]
+                )
+                stages.append({**last, "size": grown, "lr": lr, "cycle_len": 2, "warmup": 0.0})
         else:
             key, text = item.split("=", 1)
             apply_override(values, key, parse_value(text))
@@ -146,6 +190,7 @@ def compare(
     seed: int = 0,
     ablations: bool = False,
     sizes: tuple[int, ...] = (),
+    probes_only: bool = False,
 ) -> pd.DataFrame:
     """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the
     recipe, the whole chain, and with `ablations` the chain once per technique switched off."""
@@ -153,14 +198,29 @@ def compare(
     run = f"{run}-holdout"  # never the run trained on all of DATA: other images, other models
     sizes = sizes or (own_size(holdout), 224)
     rows = [probe_row(recipe, holdout, s, n_folds, fold_seed) for s in dict.fromkeys(sizes)]
-    rows += recipe_rows(recipe, holdout, run, "recipe", n_folds, fold_seed)
-    if ablations:
+    if probes_only:
+        return finish(rows, run, holdout)
+    # the chain first: its fold 0 is then already trained and predicted, and the fold row only grades it (its
+    # seconds are the chain's fold-0 training and prediction, read back from the run)
+    chain_start = time.perf_counter()
+    chain = chain_row(recipe, holdout, run, "recipe", n_folds, fold_seed)
+    chain["seconds"] = round(time.perf_counter() - chain_start, 1)
+    fold = fold_row(recipe, holdout, run, "recipe", n_folds, fold_seed)
+    fold["seconds"] = round(fold_seconds(run, 0), 1)
+    rows += [fold, chain]
+    if ablations:  # fold 0 alone for each: the chain's cost would be the folds' count times this
         for i, (name, overrides) in enumerate(ABLATIONS.items()):
             changed = variant(recipe, overrides)
-            if changed == recipe or (overrides == ["train_folds=1"] and len(recipe.folds(n_folds)) == 1):
-                rows.append({"what": f"ablation: {name}", "how": "same as the recipe: not run"})
-                continue
-            rows += recipe_rows(changed, holdout, f"{run}-ablation{i}", f"ablation: {name}", n_folds, fold_seed)[1:]
+            if changed == recipe:
+                rows.append({"what": f"ablation: {name}", "how": "same as the recipe here: not run"})
+            elif {k for k, v in recipe_dict(changed).items() if recipe_dict(recipe)[k] != v} <= PREDICTION_KEYS:
+                rows.append(predict_row(changed, holdout, run, f"ablation: {name}", n_folds, fold_seed))
+            else:
+                rows.append(fold_row(changed, holdout, f"{run}-ablation{i}", f"ablation: {name}", n_folds, fold_seed))
+    return finish(rows, run, holdout)
+
+
+def finish(rows: list[dict], run: str, holdout: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     out = paths.run_dir(run) / "compare.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +228,17 @@ def compare(
     print(format_compare(table, holdout))
     print(f"{out}")
     return table
+
+
+def fold_seconds(run: str, fold: int) -> float:
+    """Training (done.json) plus prediction (probs/*.json) seconds of one fold of a run."""
+    import json
+
+    from seedlings.predict import probs_dir
+
+    train = json_seconds(paths.fold_dir(run, fold) / "done.json")
+    predict = sum(json.loads(p.read_text())["seconds"] for p in probs_dir(run).glob(f"fold{fold}-*.json"))
+    return train + predict
 
 
 def own_size(holdout: Path) -> int:

@@ -58,6 +58,8 @@ class Recipe:
     compile: bool = False  # torch.compile the model (CUDA)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
+    head_c: float = 0.0  # fit: logistic stages: inverse L2 strength on standardised features; 0: chosen by
+    #   cross-validated log loss (a calibrated head, README: transition)
     bn_stats: str = "frozen"  # frozen: batch norms keep their pretrained running statistics in every stage (eval
     #   mode), so the features the head was fitted on do not shift when the body starts training | batch: torch's
     #   default, normalise by batch statistics and update the running ones
@@ -176,6 +178,8 @@ def _validate(r: Recipe) -> None:
         bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {r.predict_size}")
     if r.train_folds < 0:
         bad("train_folds", f"must be 0 (every fold) or a number of folds, got {r.train_folds}")
+    if r.head_c < 0:
+        bad("head_c", f"must be 0 (cross-validated) or positive, got {r.head_c}")
     if r.bn_stats not in ("frozen", "batch"):
         bad("bn_stats", f"expected frozen or batch, got {r.bn_stats!r}")
     if not r.stages:

@@ -450,8 +450,8 @@ class Progress:
 
 @torch.no_grad()
 def fit_head(fd: Fold, stage_i: int, epoch: int) -> dict:
-    """A `fit: logistic` stage: the classifier solved on the precomputed features (the linear probe, converged, with
-    its L2 strength cross-validated on the fold's training images); one row of metrics.csv."""
+    """A `fit: logistic` stage: the classifier solved on the precomputed features (the linear probe, converged, its L2
+    strength chosen by cross-validated log loss on the fold's training images); one row of metrics.csv."""
     from seedlings.baseline import fit_logistic
 
     start = time.perf_counter()
@@ -460,7 +460,8 @@ def fit_head(fd: Fold, stage_i: int, epoch: int) -> dict:
         raise UserError(f"stages.{stage_i}.fit: logistic needs a linear classifier, {fd.recipe.model} has {head}")
     feats = features_for(fd, stage_i)
     x_train, y_train = feats[fd.train_idx].mean(1).numpy(), fd.labels[fd.train_idx]  # views averaged
-    fit = fit_logistic(x_train, y_train, len(fd.comp.classes), seed=fd.recipe.seed)
+    c = fd.recipe.head_c or None
+    fit = fit_logistic(x_train, y_train, len(fd.comp.classes), c, fd.recipe.seed, scoring="neg_log_loss")
     head.weight.copy_(torch.from_numpy(fit.weight))
     head.bias.copy_(torch.from_numpy(fit.bias))
     train_probs = torch.from_numpy(fit.logits(x_train)).softmax(-1).numpy()
@@ -475,6 +476,7 @@ def fit_head(fd: Fold, stage_i: int, epoch: int) -> dict:
         "lr": 0.0,
         "seconds": seconds,
         "images_per_s": len(y_train) / seconds,
+        "head_c": fit.c,
     }
 
 
