@@ -43,7 +43,7 @@ def test_ablation_variants_switch_one_thing_off():
     )
     assert [(s.size, s.cycle_len, s.lr) for s in grown.stages] == [
         (64, 4, {"max": 0.01, "mult": 3.0}),
-        (96, 2, {"max": 0.0025, "mult": 3.0}),
+        (80, 2, {"max": 0.0025, "mult": 3.0}),
     ]
     no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
     assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2
@@ -56,7 +56,7 @@ def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
     """A training switch trains fold 0 anew under its own run; a prediction switch (TTA) reuses the recipe's fold 0."""
     import seedlings.compare as C
 
-    monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["bn_stats=batch"], "same": ["seed=0"]})
+    monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["crop_scale=0.9"], "same": ["seed=0"]})
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=1")
     table = C.compare(recipe, demo_master, "abl", n_folds=3, ablations=True, sizes=(32,))
     assert table.what.tolist()[-3:] == [
@@ -65,6 +65,6 @@ def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
         "ablation: same",
     ]
     assert table.how.iloc[-1] == "same as the recipe here: not run"
-    runs = sorted(p.name for p in (home / "runs").iterdir())
-    assert runs == ["abl-holdout", "abl-holdout-ablation1", "probe"]  # no run was trained for the TTA switch
+    runs = {p.name for p in (home / "runs").iterdir()}
+    assert "abl-holdout-ablation1" in runs and "abl-holdout-ablation0" not in runs  # no training for the TTA switch
     assert table.micro_f1.iloc[-3:-1].between(0, 1).all()

@@ -124,7 +124,16 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
     assert heads[0]["weight"].abs().sum() > 0  # the head did learn something
 
 
-def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home):
+def pretrained_file(folder):
+    """The tiny net's initial weights as a weights file: 'pretrained' statistics that bn_stats: frozen keeps."""
+    from seedlings.model import create_model
+
+    path = folder / "tiny-init.pth"
+    torch.save(create_model(tiny_recipe(), 12).state_dict(), path)
+    return path
+
+
+def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home, tmp_path):
     """At the stage change the head must see the features it was fitted on: with a vanishing learning rate, the
     first unfrozen epoch leaves validation where the head stage ended. Batch norms in training mode would replace
     their running statistics (pretrained, here those of a fresh net) by the fold's batch statistics and break this."""
@@ -132,10 +141,13 @@ def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home):
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
         " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"
     )
-    train_fold(tiny_recipe(stages, "precompute_d4=false"), demo_master, "transition", 0, n_folds=3)
+    weights = pretrained_file(tmp_path)
+    # head_c 1: a confident head, which any shift of its features would move (uniform: ln 12 = 2.48)
+    recipe = tiny_recipe(stages, "precompute_d4=false", f"pretrained={weights}", "bn_stats=frozen", "head_c=1.0")
+    train_fold(recipe, demo_master, "transition", 0, n_folds=3)
     m = pd.read_csv(home / "runs" / "transition" / "fold0" / "metrics.csv")
     head_end, unfrozen = m[m.stage == 0].iloc[-1], m[m.stage == 1].iloc[0]
-    assert head_end.train_loss < 1.0  # a confident head, which a feature shift would move (uniform: ln 12 = 2.48)
+    assert head_end.train_loss < 1.0
     assert unfrozen.val_loss == pytest.approx(head_end.val_loss, abs=1e-3)
     assert unfrozen.val_f1 == pytest.approx(head_end.val_f1)
 
@@ -146,7 +158,8 @@ def test_batch_norm_statistics_move_when_asked(demo_master, home):
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
         " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"
     )
-    train_fold(tiny_recipe(stages, "precompute_d4=false", "bn_stats=batch"), demo_master, "bn", 0, n_folds=3)
+    recipe = tiny_recipe(stages, "precompute_d4=false", "bn_stats=batch", "head_c=1.0")
+    train_fold(recipe, demo_master, "bn", 0, n_folds=3)
     m = pd.read_csv(home / "runs" / "bn" / "fold0" / "metrics.csv")
     assert abs(m.val_loss.iloc[1] - m.val_loss.iloc[0]) > 1e-2
 
@@ -170,7 +183,7 @@ def test_logistic_head_is_the_converged_probe(demo_master, home):
         logits = head(torch.from_numpy(feats[fd.val_idx])).numpy()
     np.testing.assert_allclose(logits, fit.logits(feats[fd.val_idx]), rtol=1e-4, atol=1e-4)
     m = pd.read_csv(home / "runs" / "lbfgs" / "fold0" / "metrics.csv")
-    assert len(m) == 1 and m.train_loss.iloc[0] < 1.0  # converged on its training features (chance: ln 12 = 2.5)
+    assert len(m) == 1 and m.train_loss.iloc[0] < 2.0  # fitted its training features (chance: ln 12 = 2.48)
 
 
 @pytest.mark.slow

@@ -153,7 +153,8 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
                 if s["n_cycles"] > 1:
                     s.update(n_cycles=1, cycle_len=total, cycle_mult=1)
                 elif total % 2 == 0:
-                    s.update(n_cycles=2, cycle_len=total // 2, cycle_mult=1, warmup=min(s["warmup"], total // 2 - 1))
+                    warmup = s["warmup"] if s["warmup"] < total // 2 else 0.0
+                    s.update(n_cycles=2, cycle_len=total // 2, cycle_mult=1, warmup=warmup)
         elif item == "@sizes":
             if len({s["size"] for s in unfrozen}) > 1:
                 for s in stages:
@@ -161,7 +162,7 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
             elif unfrozen and unfrozen[-1]["n_cycles"] == 1 and unfrozen[-1]["cycle_len"] > 2:
                 last = unfrozen[-1]
                 last["cycle_len"] -= 2
-                grown = round(last["size"] * 1.25 / 32) * 32
+                grown = round(last["size"] * 1.25 / 16) * 16
                 lr = (
                     {"max": max(_lrs(last["lr"])) / 4, "mult": last["lr"]["mult"]}
                     if isinstance(last["lr"], dict)

@@ -182,6 +182,8 @@ def _validate(r: Recipe) -> None:
         bad("head_c", f"must be 0 (cross-validated) or positive, got {r.head_c}")
     if r.bn_stats not in ("frozen", "batch"):
         bad("bn_stats", f"expected frozen or batch, got {r.bn_stats!r}")
+    if r.bn_stats == "frozen" and r.pretrained == "none":
+        bad("bn_stats", "frozen keeps pretrained statistics, and pretrained: none has none; use bn_stats: batch")
     if not r.stages:
         bad("stages", "at least one stage is needed")
     for i, s in enumerate(r.stages):
