@@ -6,6 +6,7 @@ micro-F1, macro-F1 and the wall seconds it took on this machine.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pandas as pd
 from sklearn.metrics import f1_score
 
 from seedlings import paths
-from seedlings.config import Recipe, apply_override, parse_value, recipe_dict, recipe_from_dict
+from seedlings.config import Recipe, apply_override, lrs_of, parse_value, recipe_dict, recipe_from_dict
 
 # The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
 # the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
@@ -117,8 +118,6 @@ def predict_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: in
 
 
 def json_seconds(path: Path) -> float:
-    import json
-
     return float(json.loads(path.read_text())["seconds"])
 
 
@@ -146,7 +145,7 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
     for item in overrides:
         if item == "@one_lr":
             for s in unfrozen:
-                s["lr"] = max(_lrs(s["lr"]))
+                s["lr"] = max(lrs_of(s["lr"], values["layer_groups"]))
         elif item == "@restarts":
             for s in unfrozen:
                 total = sum(s["cycle_len"] * s["cycle_mult"] ** i for i in range(s["n_cycles"]))
@@ -164,7 +163,7 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
                 last["cycle_len"] -= 2
                 grown = round(last["size"] * 1.25 / 16) * 16
                 lr = (
-                    {"max": max(_lrs(last["lr"])) / 4, "mult": last["lr"]["mult"]}
+                    {"max": max(lrs_of(last["lr"], values["layer_groups"])) / 4, "mult": last["lr"]["mult"]}
                     if isinstance(last["lr"], dict)
                     else last["lr"]
                 )
@@ -173,12 +172,6 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
             key, text = item.split("=", 1)
             apply_override(values, key, parse_value(text))
     return recipe_from_dict(values)
-
-
-def _lrs(lr) -> list[float]:
-    if isinstance(lr, dict):
-        return [lr["max"]]
-    return lr if isinstance(lr, list) else [lr]
 
 
 def compare(
@@ -233,8 +226,6 @@ def finish(rows: list[dict], run: str, holdout: Path) -> pd.DataFrame:
 
 def fold_seconds(run: str, fold: int) -> float:
     """Training (done.json) plus prediction (probs/*.json) seconds of one fold of a run."""
-    import json
-
     from seedlings.predict import probs_dir
 
     train = json_seconds(paths.fold_dir(run, fold) / "done.json")
