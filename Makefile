@@ -22,7 +22,7 @@ FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload scores demo test test-all \
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload leaderboard demo test test-all \
 	bench lint clean
 
 help: ## list the targets
@@ -47,7 +47,7 @@ check-data: $(STAMP) ## check layout, decode every image, report counts, sizes, 
 	$(SEEDLINGS) check-data --data "$(DATA)" --config "$(CONFIG)"
 
 folds: $(STAMP) ## write the stratified, duplicate-grouped folds file for DATA, N_FOLDS, FOLD_SEED
-	$(SEEDLINGS) folds --data "$(DATA)" --n-folds $(N_FOLDS) --seed $(FOLD_SEED)
+	$(SEEDLINGS) folds --data "$(DATA)" --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED)
 
 lr-find: $(STAMP) ## LR range test at stage STAGE from the weights it starts with: runs/RUN/lr_find-stageK.{png,csv}
 	$(SEEDLINGS) lr-find $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(if $(STAGE),--stage $(STAGE)) $(ARGS)
@@ -73,8 +73,8 @@ evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with an
 upload: $(STAMP) ## send submissions/RUN.csv to Kaggle with a message from its provenance
 	$(SEEDLINGS) upload --run "$(RUN)"
 
-scores: $(STAMP) ## list your Kaggle submissions and their scores
-	$(SEEDLINGS) scores
+leaderboard: $(STAMP) ## list your Kaggle submissions and their public and private scores
+	$(SEEDLINGS) leaderboard
 
 demo: $(STAMP) ## the whole chain on a generated competition: submissions/demo.csv
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
@@ -86,8 +86,8 @@ test: $(STAMP) ## the fast tests (CPU, a few minutes)
 test-all: $(STAMP) ## every test, slow end-to-end runs included
 	$(PY) -m pytest -q
 
-bench: $(STAMP) ## loader and training throughput, measured side by side (ratios)
-	$(SEEDLINGS) bench
+bench: $(STAMP) ## loader and training throughput side by side (ratios); DATA's real images too when it exists
+	$(SEEDLINGS) bench $(if $(wildcard $(DATA)/train),--data "$(DATA)")
 
 lint: $(STAMP) ## ruff check and format check
 	$(PY) -m ruff check src tests

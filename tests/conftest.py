@@ -37,6 +37,7 @@ def demo(demo_master, tmp_path) -> Path:
 
 @pytest.fixture
 def real() -> Path:
+    """The shared folder of real seedling photos (never copied into the repo); tests that need it skip without it."""
     if not REAL.is_dir():
         pytest.skip("../shared/data/seedlings-150 is not here")
     return REAL
@@ -58,10 +59,20 @@ TINY = [
 ]
 
 
+DEFAULTS = str(Path(__file__).with_name("defaults.yaml"))  # --config for the CLI: the recipe defaults
+
+
 def tiny_recipe(*extra):
     from seedlings.config import load_recipe
 
     return load_recipe(None, [*TINY, *extra])
+
+
+def tiny_run(data, name: str = "tiny", *extra: str, n_folds: int = 3):
+    """A run of the tiny recipe (with `extra` overrides) on `data`, opened as the CLI opens one."""
+    from seedlings.run import open_run
+
+    return open_run(name, data, tiny_recipe(*extra), n_folds)
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +90,9 @@ def trained_fold(demo_master, tmp_path_factory):
     try:
         from seedlings.train import train_fold
 
-        recipe = tiny_recipe()
-        final = train_fold(recipe, demo_master, "tiny", 0, n_folds=3)
+        run = tiny_run(demo_master)
+        recipe = run.recipe
+        final = train_fold(run, 0)
         n_train = int((load_folds(demo_master, 3, 0).fold != 0).sum())
     finally:
         if old is None:
@@ -91,6 +103,7 @@ def trained_fold(demo_master, tmp_path_factory):
     assert n_train % recipe.batch_size != 0  # the test wants a short last batch
     return {
         "recipe": recipe,
+        "run": run,
         "final": final,
         "home": home,
         "dir": home / "runs" / "tiny" / "fold0",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from seedlings import kaggle_io
 from seedlings.cli import main
 from seedlings.ensemble import assemble
 from seedlings.errors import UserError
-from seedlings.predict import Member, save_probs
+from seedlings.run import Member, Probs, load_probs, save_probs
 
 
 def seedlings(*args, home):
@@ -30,7 +31,9 @@ def test_foundation_acceptance_commands(tmp_path, home):
     d, f = tmp_path / "D", tmp_path / "F.csv"
     assert seedlings("demo-data", "--out", str(d), "--per-class", "6", "--seed", "7", home=home).returncode == 0
     assert (
-        seedlings("folds", "--data", str(d), "--n-folds", "3", "--seed", "0", "--out", str(f), home=home).returncode
+        seedlings(
+            "folds", "--data", str(d), "--n-folds", "3", "--fold-seed", "0", "--out", str(f), home=home
+        ).returncode
         == 0
     )
     assert f.read_text().startswith("file,species,fold\n")
@@ -86,7 +89,7 @@ def test_upload_message_from_provenance(home, capsys):
     fake = FakeKaggle()
     kaggle_io.upload("r", client=fake)
     assert fake.sent == [(sub / "r.csv", "r: OOF micro-F1 0.9123, 1 members, commit 0123456789")]
-    assert kaggle_io.scores(client=fake)[0]["public_score"] == "0.97"
+    assert kaggle_io.leaderboard(client=fake)[0]["public_score"] == "0.97"
     assert "public 0.97" in capsys.readouterr().out
     with pytest.raises(UserError, match="make submit"):
         kaggle_io.upload("missing", client=fake)
@@ -103,7 +106,7 @@ def test_upload_without_credentials(home, monkeypatch, tmp_path):
     )
     with pytest.raises(UserError, match="kaggle.json"):
         kaggle_io.upload("r")
-    assert main(["scores"]) == 2
+    assert main(["leaderboard"]) == 2
 
 
 def test_blending_two_runs_uses_both(home):
@@ -117,24 +120,39 @@ def test_blending_two_runs_uses_both(home):
             for name in ("stage1-cycle0", "stage1-cycle1"):
                 if run == "r2" and fold == 1 and name == "stage1-cycle0":
                     continue
-                m = Member(run, fold, name)
-                save_probs(m.stem, "oof", rng.dirichlet(np.ones(3), len(files)), files, classes)
-                save_probs(m.stem, "test", rng.dirichlet(np.ones(3), 5), [f"t{i}" for i in range(5)], classes)
+                m = Member(run, fold, name, Path("unused.pt"))
+                m.save("oof", Probs(rng.dirichlet(np.ones(3), len(files)), files, classes))
+                m.save("test", Probs(rng.dirichlet(np.ones(3), 5), [f"t{i}" for i in range(5)], classes))
                 members.append(m)
     files, parts = assemble(members)
     assert files == ["x1", "x2", "x3", "x4"]
     assert [p.name for p in parts] == ["r1/stage1-cycle0", "r1/stage1-cycle1", "r2/stage1-cycle1"]
-    expect = (Member("r1", 0, "stage1-cycle1").load("test") + Member("r1", 1, "stage1-cycle1").load("test")) / 2
-    np.testing.assert_allclose(parts[1].test, expect)
-    np.testing.assert_allclose(parts[2].oof[2:], Member("r2", 1, "stage1-cycle1").load("oof"))
+    r1 = [m for m in members if (m.run, m.name) == ("r1", "stage1-cycle1")]
+    np.testing.assert_allclose(parts[1].test, (r1[0].load("test").values + r1[1].load("test").values) / 2)
+    r2 = next(m for m in members if (m.run, m.fold) == ("r2", 1))
+    np.testing.assert_allclose(parts[2].oof[2:], r2.load("oof").values)
+
+
+def test_probabilities_round_trip_exactly(home):
+    """One format for every member's probabilities: a CSV with file names and classes that gives back every float32
+    bit for bit (the blend, hence the submission, does not depend on whether probabilities were reloaded)."""
+    values = np.random.default_rng(1).dirichlet(np.ones(12) * 0.05, 500).astype(np.float32)
+    values[0, :2] = [1e-30, 1 - 1e-7]
+    path = home / "p.csv"
+    save_probs(path, Probs(values, [f"f{i}.png" for i in range(500)], [f"class {c}" for c in "abcdefghijkl"]))
+    back = load_probs(path)
+    assert back.values.dtype == np.float32 and np.array_equal(back.values, values)
+    assert back.files[3] == "f3.png" and back.classes[0] == "class a"
 
 
 def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     import pandas as pd
 
+    from conftest import tiny_recipe
     from seedlings.demo import make_holdout
     from seedlings.ensemble import grade_members
     from seedlings.images import scan_competition
+    from seedlings.run import Run
 
     out = make_holdout(demo_master, tmp_path / "ho", fraction=0.25, seed=0)
     src, comp = scan_competition(demo_master), scan_competition(out)
@@ -146,8 +164,12 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     y = np.array([classes.index(s) for s in answers.species])
     right = np.eye(len(classes))[y]
     wrong = np.eye(len(classes))[(y + 1) % len(classes)]
+    run = Run("h", out, tiny_recipe("snapshots=false"), n_folds=2)
     for fold, probs in ((0, right), (1, wrong * 0.6 + right * 0.4)):
-        save_probs(Member("h", fold, "final").stem, "test", probs, answers.file.tolist(), classes)
-    graded = grade_members("h", str(out / "answers.csv"))
+        (run.fold_dir(fold) / "done.json").parent.mkdir(parents=True)
+        (run.fold_dir(fold) / "done.json").write_text("{}")
+        (member,) = run.members(fold)
+        member.save("test", Probs(probs, answers.file.tolist(), classes))
+    graded = grade_members(run, out / "answers.csv")
     assert graded["fold0-final"] == 1.0 and graded["fold1-final"] == 0.0
     assert graded["all folds, final"] == 1.0 and graded["all folds x snapshots"] == 1.0

@@ -4,6 +4,7 @@ import pytest
 from conftest import tiny_recipe
 from seedlings.cli import main
 from seedlings.compare import ABLATIONS, variant
+from seedlings.run import Run
 
 HEAD_THEN_BODY = (
     "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
@@ -58,7 +59,7 @@ def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
 
     monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["crop_scale=0.9"], "same": ["seed=0"]})
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=1")
-    table = C.compare(recipe, demo_master, "abl", n_folds=3, ablations=True, sizes=(32,))
+    table = C.compare(Run("abl", demo_master, recipe, 3), ablations=True, sizes=(32,))
     assert table.what.tolist()[-3:] == [
         "ablation: no TTA: fold 0 alone",
         "ablation: bn: fold 0 alone",

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seedlings.config import Recipe, Stage, load_recipe, lrs_of, save_recipe
+from seedlings.config import Recipe, Stage, load_recipe, lrs_of
 from seedlings.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,24 +79,23 @@ def test_bad_files(tmp_path):
         load_recipe(tmp_path / "list.yaml")
 
 
-def test_save_and_reload(tmp_path):
-    r = load_recipe(CONFIGS / "cpu.yaml", ["seed=3"])
-    save_recipe(r, tmp_path / "c.yaml", {"git_commit": "abc"})
+def test_a_runs_recorded_recipe_reloads(home, tmp_path):
+    """runs/<run>/config.yaml is the resolved recipe plus the split and provenance; the recipe part loads back as a
+    recipe file (to reproduce a run) and as the run (to blend or grade it)."""
     import yaml
 
-    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert data.pop("git_commit") == "abc"
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    assert load_recipe(tmp_path / "r.yaml") == r
-
-
-def test_a_runs_saved_recipe_reloads(home):
-    from seedlings import paths
-    from seedlings.submit import run_recipe
+    from seedlings.run import Run, saved_run
 
     r = load_recipe(CONFIGS / "cpu.yaml", ["seed=4"])
-    save_recipe(r, paths.run_dir("other") / "config.yaml", {"git_commit": "abc"})
-    assert run_recipe("other") == r
-    assert sorted(p.name for p in paths.run_dir("other").iterdir()) == ["config.yaml"]  # nothing written beside it
+    run = Run("other", tmp_path / "data", r, n_folds=4, fold_seed=2)
+    run.record()
+    saved = yaml.safe_load(run.config_path.read_text())
+    assert saved["git_commit"] and saved["data"] == str(tmp_path / "data") and saved["n_folds"] == 4
+    recipe_only = {k: v for k, v in saved.items() if k not in ("git_commit", "data", "n_folds", "fold_seed")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_only))
+    assert load_recipe(tmp_path / "r.yaml") == r
+    back = saved_run("other")
+    assert (back.recipe, back.n_folds, back.fold_seed, back.data) == (r, 4, 2, tmp_path / "data")
+    assert sorted(p.name for p in run.dir.iterdir()) == ["config.yaml"]  # nothing written beside it
     with pytest.raises(UserError, match="not found"):
-        run_recipe("missing")
+        saved_run("missing")

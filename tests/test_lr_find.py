@@ -3,22 +3,20 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, tiny_run
 from seedlings.cli import main
-from seedlings.config import load_recipe
+from seedlings.context import prepare_fold
 from seedlings.lr_find import lr_sweep, suggestions, sweep_lrs
-from seedlings.train import prepare_fold
 
 FIRST_STAGE_UNFROZEN = "stages=[{size: 32, freeze: false, lr: {max: 0.01, mult: 10}, n_cycles: 1, cycle_len: 1}]"
 
 
 @pytest.mark.parametrize("stage", [None, FIRST_STAGE_UNFROZEN])
 def test_sweep_restores_weights_bit_identical(demo_master, stage):
-    recipe = load_recipe(None, TINY + ([stage] if stage else []))
-    fd = prepare_fold(recipe, demo_master, "lrf", 0, n_folds=3)
-    before = {k: v.clone() for k, v in fd.model.state_dict().items()}
-    df = lr_sweep(fd, 1e-6, 10.0, 40)
-    after = fd.model.state_dict()
+    ctx = prepare_fold(tiny_run(demo_master, "lrf", *([stage] if stage else [])), 0)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    df = lr_sweep(ctx, 1e-6, 10.0, 40)
+    after = ctx.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running statistics included
     assert list(df.columns) == ["step", "lr", "loss", "smoothed_loss"]
     np.testing.assert_allclose(df.lr, sweep_lrs(1e-6, 10.0, 40)[: len(df)])
@@ -26,9 +24,8 @@ def test_sweep_restores_weights_bit_identical(demo_master, stage):
 
 
 def test_sweep_stops_when_loss_explodes(demo_master):
-    recipe = load_recipe(None, TINY)
-    fd = prepare_fold(recipe, demo_master, "lrf", 0, n_folds=3)
-    df = lr_sweep(fd, 1e-4, 1e6, 100)
+    ctx = prepare_fold(tiny_run(demo_master, "lrf"), 0)
+    df = lr_sweep(ctx, 1e-4, 1e6, 100)
     assert len(df) < 100
     last = df.smoothed_loss.iloc[-1]
     assert not np.isfinite(last) or last > 4 * df.smoothed_loss.iloc[:-1].min()
@@ -66,7 +63,7 @@ def test_later_stage_sweeps_from_the_weights_it_starts_with(demo_master, home, c
     assert "stage 1, fold 0" in capsys.readouterr().out
     ckpt = load_checkpoint(home / "runs" / "later" / "fold0" / "checkpoint.pt")
     assert (ckpt["stage"], ckpt["epoch"]) == (1, 0) and len(ckpt["metrics"]) == 1
-    fresh = prepare_fold(load_recipe(None, overrides), demo_master, "fresh", 0, n_folds=3)
+    fresh = prepare_fold(tiny_run(demo_master, "fresh", *overrides[len(TINY) :]), 0)
     untrained = lr_sweep(fresh, 1e-7, 1e-6, 8, stage=1)
     trained = pd.read_csv(home / "runs" / "later" / "lr_find-stage1.csv")
     assert abs(trained.loss.iloc[0] - untrained.loss.iloc[0]) > 1e-3

@@ -10,7 +10,7 @@ from seedlings.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = (
-    "setup data demo-data check-data folds lr-find train predict submit compare upload scores demo test bench lint"
+    "setup data demo-data check-data folds lr-find train predict submit compare upload leaderboard demo test bench lint"
     " clean"
 )
 
@@ -37,7 +37,7 @@ def test_help_lists_every_target():
         "submit",
         "compare",
         "upload",
-        "scores",
+        "leaderboard",
         "bench",
     ],
 )

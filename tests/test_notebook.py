@@ -4,18 +4,16 @@ import os
 
 import pytest
 
-from conftest import TINY
-
 
 @pytest.mark.slow
 def test_notebook_runs_on_a_demo_run(demo_master, home, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    from seedlings.config import load_recipe
+    from conftest import tiny_run
     from seedlings.submit import submit
 
-    submit(load_recipe(None, [*TINY, "precompute_d4=false"]), demo_master, "demo", n_folds=3)
+    submit(tiny_run(demo_master, "demo", "precompute_d4=false"))
     monkeypatch.setenv("SEEDLINGS_RUN", "demo")
     monkeypatch.setenv("SEEDLINGS_DATA", str(demo_master))
     nb = nbformat.read(os.path.join(os.path.dirname(__file__), "..", "notebooks", "explore.ipynb"), as_version=4)

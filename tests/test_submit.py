@@ -41,12 +41,15 @@ def test_submit_writes_valid_csv_then_skips_everything(demo_master, home):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "fold2-stage2-cycle1 (no TTA)" in evaluated.stdout and "equal blend" in evaluated.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny").rglob("*.pt")}
-    stamps.update({p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny" / "probs").glob("*.npy")})
+    stamps.update({p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny" / "probs").glob("fold*.csv")})
+    assert len(stamps) > 20
+    before = csv.read_bytes()
+    csv.with_suffix(".json").unlink()  # the second run writes it again
     second = subprocess.run(submit_cmd(demo_master), env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
     assert second.stdout.count("nothing to do") == 3
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # no model trained or predicted again
-    assert csv.read_bytes() == csv.read_bytes()
+    assert csv.read_bytes() == before and csv.with_suffix(".json").exists()
 
 
 def test_killed_submit_resumes(demo_master, home):

@@ -1,13 +1,21 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, tiny_run
+from seedlings.cli import main
+from seedlings.context import prepare_fold
 from seedlings.errors import UserError
-from seedlings.train import load_checkpoint, plan_stage, prepare_fold, train_fold
+from seedlings.run import open_run
+from seedlings.train import load_checkpoint, plan_stage, train_fold
 
 
 def test_fold_artifacts(trained_fold):
@@ -42,28 +50,36 @@ def test_fold_artifacts(trained_fold):
 def test_finished_fold_is_skipped(trained_fold, monkeypatch, capsys):
     monkeypatch.setenv("SEEDLINGS_HOME", str(trained_fold["home"]))
     stamp = (trained_fold["dir"] / "final.pt").stat().st_mtime_ns
-    assert train_fold(trained_fold["recipe"], "unused", "tiny", 0, n_folds=3) == trained_fold["final"]
+    assert train_fold(trained_fold["run"], 0) == trained_fold["final"]
     assert "nothing to do" in capsys.readouterr().out
     assert (trained_fold["dir"] / "final.pt").stat().st_mtime_ns == stamp
 
 
 def test_resume_after_kill_matches_uninterrupted(demo_master, trained_fold, home):
-    recipe = tiny_recipe()
-    for stop in (1, 3):  # killed inside the precompute stage's neighbourhood, then inside an image stage
-        try:
-            train_fold(recipe, demo_master, "tiny", 0, n_folds=3, stop_after_epochs=stop)
-        except KeyboardInterrupt:
-            pass
-    ckpt = load_checkpoint(home / "runs" / "tiny" / "fold0" / "checkpoint.pt")
-    assert (ckpt["stage"], ckpt["epoch"]) == (2, 0)
-    resumed = train_fold(recipe, demo_master, "tiny", 0, n_folds=3)
+    """`seedlings train` killed (SIGKILL) in the middle of the fold, then run again: the same metrics, LRs and final
+    scores as the fold trained in one go."""
+    from conftest import DEFAULTS, TINY
+
+    cmd = [sys.executable, "-m", "seedlings.cli", "train", "--data", str(demo_master), "--run", "tiny"]
+    cmd += ["--config", DEFAULTS, "--n-folds", "3", "--fold", "0", *TINY]
+    out = home / "runs" / "tiny" / "fold0"
+    proc = subprocess.Popen(cmd, env={**os.environ, "SEEDLINGS_HOME": str(home)}, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # killed once the second stage has run an epoch
+        if (out / "metrics.csv").exists() and len(pd.read_csv(out / "metrics.csv")) >= 3:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "done.json").exists(), "the fold finished before the kill"
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert (ckpt["stage"], ckpt["epoch"]) >= (1, 1)
+    resumed = train_fold(tiny_run(demo_master), 0)
     for key in ("val_loss", "val_f1", "val_macro_f1"):
         assert resumed[key] == pytest.approx(trained_fold["final"][key], abs=1e-4)
-    a = pd.read_csv(home / "runs" / "tiny" / "fold0" / "metrics.csv")
-    b = pd.read_csv(trained_fold["dir"] / "metrics.csv")
+    a, b = pd.read_csv(out / "metrics.csv"), pd.read_csv(trained_fold["dir"] / "metrics.csv")
     np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-4)
-    lr_a, lr_b = (pd.read_csv(d / "lrs.csv") for d in (home / "runs" / "tiny" / "fold0", trained_fold["dir"]))
-    pd.testing.assert_frame_equal(lr_a, lr_b)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lrs.csv"), pd.read_csv(trained_fold["dir"] / "lrs.csv"))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "foreign"])
@@ -75,7 +91,7 @@ def test_bad_checkpoint_names_the_file(demo_master, home, content):
     else:
         path.write_bytes(content)
     with pytest.raises(UserError, match=str(path)):
-        train_fold(tiny_recipe(), demo_master, "tiny", 0, n_folds=3)
+        train_fold(tiny_run(demo_master), 0)
 
 
 def test_truncated_checkpoint(demo_master, trained_fold, home, tmp_path):
@@ -84,13 +100,41 @@ def test_truncated_checkpoint(demo_master, trained_fold, home, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(UserError, match="checkpoint"):
-        train_fold(tiny_recipe(), demo_master, "tiny", 0, n_folds=3)
+        train_fold(tiny_run(demo_master), 0)
 
 
 def test_changed_recipe_for_an_existing_run_is_refused(demo_master, trained_fold, monkeypatch):
     monkeypatch.setenv("SEEDLINGS_HOME", str(trained_fold["home"]))
-    with pytest.raises(UserError, match="another recipe"):
-        train_fold(tiny_recipe("seed=5"), demo_master, "tiny", 1, n_folds=3)
+    with pytest.raises(UserError, match="seed: 0 \\(given 5\\)"):
+        train_fold(tiny_run(demo_master, "tiny", "seed=5"), 1)
+
+
+@pytest.mark.parametrize("stage", ["train", "predict", "submit", "evaluate", "lr-find"])
+def test_a_trained_run_refuses_a_changed_recipe_in_every_stage(stage, demo_master, trained_fold, home, capsys):
+    """After training, every stage that opens the run compares its recipe with runs/<run>/config.yaml and exits 2
+    naming the key (the models were trained at 40 px; predicting them at 48 px under their name would be a lie)."""
+    from conftest import DEFAULTS, TINY
+
+    shutil.copytree(trained_fold["home"] / "runs", home / "runs")
+    args = [stage, "--data", str(demo_master), "--run", "tiny", "--config", DEFAULTS, "--n-folds", "3", *TINY]
+    assert main([*args, "stages.2.size=48"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with stages.2.size: 40 (given 48); use" in err and "config.yaml" in err
+    assert main([*args, "--n-folds", "4"]) == 2
+    assert "--n-folds 3 (given 4)" in capsys.readouterr().err
+    assert not (home / "runs" / "tiny" / "probs").exists() and not (home / "submissions").exists()
+
+
+def test_prediction_keys_may_change_and_are_recorded_per_prediction(demo_master, trained_fold, home):
+    """tta, tta_mean and predict_size change predictions, not models: allowed, each prediction says what it used."""
+    from conftest import DEFAULTS, TINY
+
+    shutil.copytree(trained_fold["home"] / "runs", home / "runs")
+    args = ["predict", "--data", str(demo_master), "--run", "tiny", "--config", DEFAULTS, "--n-folds", "3"]
+    args += ["--fold", "0", *TINY]
+    assert main([*args, "tta=none", "predict_size=48"]) == 0
+    meta = json.loads((home / "runs" / "tiny" / "probs" / "fold0-stage2-cycle1.json").read_text())
+    assert meta["inputs"]["tta"] == "none" and meta["inputs"]["size"] == 48 and meta["views"] == 1
 
 
 def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeypatch):
@@ -106,16 +150,16 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
     for precompute in ("true", "false"):
         recipe = tiny_recipe(f"stages=[{stage % precompute}]", "precompute_d4=false", "train_bn=false", "drop_rate=0.3")
         monkeypatch.setattr(T, "train_transform", lambda size, mean, std, scale: eval_transform(size, mean, std))
-        fd = prepare_fold(recipe, demo_master, f"eq-{precompute}", 0, n_folds=3)
-        plan = plan_stage(fd, 0)
+        ctx = prepare_fold(open_run(f"eq-{precompute}", demo_master, recipe, 3), 0)
+        plan = plan_stage(ctx, 0)
         opt = make_optimizer(recipe, plan.opt_groups)
         sched = make_scheduler(opt, plan.steps_per_epoch, 1, 1)
         torch.manual_seed(123)
         rows = []
         for epoch in range(2):
-            T.train_epoch(fd, plan, opt, sched, 0, recipe.stages[0], epoch, rows)
-        heads.append({k: v.clone() for k, v in fd.model.get_classifier().state_dict().items()})
-        body = {k: v for k, v in fd.model.state_dict().items() if not k.startswith("classifier")}
+            T.train_epoch(ctx, plan, opt, sched, 0, epoch, rows)
+        heads.append({k: v.clone() for k, v in ctx.model.get_classifier().state_dict().items()})
+        body = {k: v for k, v in ctx.model.state_dict().items() if not k.startswith("classifier")}
         if precompute == "false":
             assert all(torch.equal(body[k], body_before[k]) for k in body)  # noqa: F821 - set in the first pass
         body_before = {k: v.clone() for k, v in body.items()}  # noqa: F841
@@ -144,7 +188,7 @@ def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home, tmp_path
     weights = pretrained_file(tmp_path)
     # head_c 1: a confident head, which any shift of its features would move (uniform: ln 12 = 2.48)
     recipe = tiny_recipe(stages, "precompute_d4=false", f"pretrained={weights}", "bn_stats=frozen", "head_c=1.0")
-    train_fold(recipe, demo_master, "transition", 0, n_folds=3)
+    train_fold(open_run("transition", demo_master, recipe, 3), 0)
     m = pd.read_csv(home / "runs" / "transition" / "fold0" / "metrics.csv")
     head_end, unfrozen = m[m.stage == 0].iloc[-1], m[m.stage == 1].iloc[0]
     assert head_end.train_loss < 1.0
@@ -159,7 +203,7 @@ def test_batch_norm_statistics_move_when_asked(demo_master, home):
         " {size: 32, freeze: false, lr: 1.0e-12, n_cycles: 1, cycle_len: 1}]"
     )
     recipe = tiny_recipe(stages, "precompute_d4=false", "bn_stats=batch", "head_c=1.0")
-    train_fold(recipe, demo_master, "bn", 0, n_folds=3)
+    train_fold(open_run("bn", demo_master, recipe, 3), 0)
     m = pd.read_csv(home / "runs" / "bn" / "fold0" / "metrics.csv")
     assert abs(m.val_loss.iloc[1] - m.val_loss.iloc[0]) > 1e-2
 
@@ -173,15 +217,15 @@ def test_logistic_head_is_the_converged_probe(demo_master, home):
     recipe = tiny_recipe(
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "precompute_d4=false", "pretrained=none"
     )
-    train_fold(recipe, demo_master, "lbfgs", 0, n_folds=3)
-    fd = prepare_fold(recipe, demo_master, "lbfgs", 0, n_folds=3)
-    fd.model.load_state_dict(torch.load(home / "runs" / "lbfgs" / "fold0" / "final.pt", weights_only=True))
-    feats = features_for(fd, 0)[:, 0].numpy()
-    fit = fit_logistic(feats[fd.train_idx], fd.labels[fd.train_idx], len(fd.comp.classes), scoring="neg_log_loss")
-    head = fd.model.get_classifier()
+    train_fold(open_run("lbfgs", demo_master, recipe, 3), 0)
+    ctx = prepare_fold(open_run("lbfgs", demo_master, recipe, 3), 0)
+    ctx.model.load_state_dict(torch.load(home / "runs" / "lbfgs" / "fold0" / "final.pt", weights_only=True))
+    feats = features_for(ctx, 0)[:, 0].numpy()
+    fit = fit_logistic(feats[ctx.train_idx], ctx.labels[ctx.train_idx], len(ctx.comp.classes), scoring="neg_log_loss")
+    head = ctx.model.get_classifier()
     with torch.no_grad():
-        logits = head(torch.from_numpy(feats[fd.val_idx])).numpy()
-    np.testing.assert_allclose(logits, fit.logits(feats[fd.val_idx]), rtol=1e-4, atol=1e-4)
+        logits = head(torch.from_numpy(feats[ctx.val_idx])).numpy()
+    np.testing.assert_allclose(logits, fit.logits(feats[ctx.val_idx]), rtol=1e-4, atol=1e-4)
     m = pd.read_csv(home / "runs" / "lbfgs" / "fold0" / "metrics.csv")
     assert len(m) == 1 and m.train_loss.iloc[0] < 2.0  # fitted its training features (chance: ln 12 = 2.48)
 
@@ -194,7 +238,7 @@ def test_real_images_no_drop_at_stage_changes(real, home):
     from seedlings.config import load_recipe
     from seedlings.paths import REPO
 
-    train_fold(load_recipe(REPO / "configs" / "cpu.yaml"), real, "cpu", 0)
+    train_fold(open_run("cpu", real, load_recipe(REPO / "configs" / "cpu.yaml")), 0)
     m = pd.read_csv(home / "runs" / "cpu" / "fold0" / "metrics.csv")
     changes = np.flatnonzero(np.diff(m.stage.to_numpy())) + 1
     assert len(changes) >= 1

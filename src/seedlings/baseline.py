@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.preprocessing import StandardScaler
 
-from seedlings.config import Recipe
-from seedlings.train import pooled_features, prepare_fold
+from seedlings.config import CACHE_MARGIN
+from seedlings.context import FoldContext, prepare_fold
+from seedlings.metrics import micro_f1
+from seedlings.run import Run
+from seedlings.train import pooled_features
 
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
 CV_FOLDS = 3
@@ -80,29 +82,30 @@ def fit_logistic(
 
 
 @torch.no_grad()
-def mirror_features(fd, size: int, index: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+def mirror_features(ctx: FoldContext, size: int, index: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
     """Pooled features averaged over the image and its mirror image (the probe's strongest cheap form)."""
-    feats = pooled_features(fd, size, index, views=(0, 4), images=images)
+    feats = pooled_features(ctx, size, index, views=(0, 4), images=images)
     return feats.mean(1).numpy()
 
 
-def linear_probe(recipe: Recipe, data: str | Path, fold: int, size: int, n_folds: int = 5, fold_seed: int = 0) -> dict:
+def linear_probe(run: Run, fold: int, size: int) -> dict:
     """Micro-F1 on the fold's validation images of the probe on mirror-averaged pooled features at `size` px."""
-    from sklearn.metrics import f1_score
-
     start = time.perf_counter()
-    fd = prepare_fold(probe_recipe(recipe, size), data, "probe", fold, n_folds, fold_seed)
-    feats = mirror_features(fd, size, np.arange(len(fd.labels)))
-    head = fit_logistic(feats[fd.train_idx], fd.labels[fd.train_idx], len(fd.comp.classes), seed=recipe.seed)
-    pred = head.logits(feats[fd.val_idx]).argmax(1)
+    ctx = prepare_fold(probe_run(run, size), fold)
+    feats = mirror_features(ctx, size, np.arange(len(ctx.labels)))
+    head = fit_logistic(feats[ctx.train_idx], ctx.labels[ctx.train_idx], len(ctx.comp.classes), seed=run.recipe.seed)
+    pred = head.logits(feats[ctx.val_idx]).argmax(1)
     return {
         "size": size,
         "c": head.c,
-        "val_f1": float(f1_score(fd.labels[fd.val_idx], pred, average="micro")),
+        "val_f1": micro_f1(ctx.labels[ctx.val_idx], pred),
         "seconds": time.perf_counter() - start,
     }
 
 
-def probe_recipe(recipe: Recipe, size: int) -> Recipe:
-    """The recipe with a cache large enough for `size` px features (like any training size)."""
-    return dataclasses.replace(recipe, cache_margin=max(recipe.cache_margin, size * 1.15 / recipe.max_size))
+def probe_run(run: Run, size: int) -> Run:
+    """The run's data and folds with a recipe whose cache is large enough for `size` px features (like any training
+    size); it trains nothing and writes nothing under runs/."""
+    recipe = run.recipe
+    margin = max(recipe.cache_margin, size * CACHE_MARGIN / recipe.max_size)
+    return dataclasses.replace(run, name=f"{run.name}-probe", recipe=dataclasses.replace(recipe, cache_margin=margin))

@@ -17,12 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from seedlings import paths
 from seedlings.cache import load_cache
-from seedlings.config import load_recipe
+from seedlings.config import CACHE_MARGIN, load_recipe
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.demo import make_demo
 from seedlings.images import scan_competition
 
-REAL = paths.REPO.parent / "shared" / "data" / "seedlings-150"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -65,7 +64,7 @@ def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
     n_batches = max(1, len(files) // 32)
     naive = DataLoader(NaivePNG(files, size), batch_size=32, shuffle=True, num_workers=0)
     start = time.perf_counter()
-    cache = load_cache(comp, "train", int(size * 1.15))
+    cache = load_cache(comp, "train", int(size * CACHE_MARGIN))
     build = time.perf_counter() - start
     ds = CachedImages(cache.images, np.arange(len(files)), np.zeros(len(files), int), train_transform(size, MEAN, STD))
     cached = make_loader(ds, 32, torch.device("cpu"), EpochSampler(len(ds), 0, 0), num_workers=0)
@@ -82,23 +81,24 @@ def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
 
 
 def training_row(data: Path, size: int, n_batches: int) -> dict:
-    from seedlings.train import plan_stage, prepare_fold, to_device
+    """The recipe's training step (train_step) fed by the full pipeline, against the same step repeated on one batch
+    already in memory."""
+    from seedlings.context import prepare_fold, train_step
+    from seedlings.model import make_optimizer
+    from seedlings.run import Run
+    from seedlings.train import plan_stage
 
     recipe = load_recipe(None, [f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]", "optimizer=adamw"])
-    fd = prepare_fold(recipe, data, "bench", 0)
-    plan = plan_stage(fd, 0)
-    opt = torch.optim.AdamW([p for p in fd.model.parameters() if p.requires_grad], lr=1e-4)
-    crit = torch.nn.CrossEntropyLoss()
+    ctx = prepare_fold(Run("bench", data, recipe), 0)
+    plan = plan_stage(ctx, 0)
+    optimizer = make_optimizer(recipe, plan.opt_groups)
+    criterion = torch.nn.CrossEntropyLoss()
 
-    def step(x, y):
-        loss = crit(fd.model(to_device(fd, x)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def step(x, y) -> None:
+        train_step(ctx, plan.forward, optimizer, criterion, x, y).item()  # .item(): wait for the step to finish
 
     plan.set_modes()
-    batches = list(zip(range(n_batches + 1), plan.batches(0)))
-    x0, y0 = batches[0][1]
+    x0, y0 = next(iter(plan.batches(0)))
     step(x0, y0)  # warm-up
     bare_start = time.perf_counter()
     for _ in range(n_batches):
@@ -136,11 +136,13 @@ def memory_format_row(size: int, n_batches: int) -> dict:
     return out
 
 
-def bench(quick: bool = False) -> None:
+def bench(data: Path | None = None, quick: bool = False) -> None:
+    """data: a competition folder of real images (the README's figures use ../shared/data/seedlings-150); without
+    it only generated large images are measured."""
     torch.manual_seed(0)
     rows = []
-    if REAL.is_dir():
-        rows.append(loader_row("seedlings-150 (real)", REAL, 128, 128 if quick else 640))
+    if data is not None:
+        rows.append(loader_row(f"{Path(data).name} (real)", Path(data), 128, 128 if quick else 640))
     large = paths.root() / "data" / "bench-large"
     if not large.exists():
         make_demo(large, per_class=2 if quick else 4, seed=1, min_size=1000, max_size=1600)
@@ -152,8 +154,7 @@ def bench(quick: bool = False) -> None:
             f"{r['data']:<22} {r['median side']:>9} {r['naive']:>14.1f} {r['cached']:>11.1f} {r['ratio']:>6.1f} "
             f"{r['cache build s']:>14.1f}"
         )
-    data = REAL if REAL.is_dir() else large
-    t = training_row(data, 128, 3 if quick else 12)
+    t = training_row(Path(data) if data is not None else large, 128, 3 if quick else 12)
     print(f"\ntraining images/s, tf_efficientnet_lite0 at {t['size']} px, batch 32, {torch.get_num_threads()} threads")
     print(f"{'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
     print(f"{t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")

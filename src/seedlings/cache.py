@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from seedlings import paths
 from seedlings.errors import UserError
+from seedlings.files import atomic_path, write_json
 from seedlings.images import Competition, listing_hash, parallel_imap, read_image
 
 CACHE_VERSION = 1  # bump when the stored pixels would change for the same inputs
@@ -39,10 +39,6 @@ class ImageCache:
     images: np.ndarray
     files: list[str]
     bad: list[str]  # files that could not be decoded (skip_bad_images: true); their pixels are zeros
-
-    @property
-    def size(self) -> int:
-        return self.images.shape[1]
 
 
 def cache_paths(comp: Competition, split: str, size: int) -> tuple[Path, Path]:
@@ -71,11 +67,9 @@ def build_cache(
 ) -> None:
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
-    arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
     bad = []
-    try:
+    with atomic_path(data_path) as tmp:
+        arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
         loader = partial(_load, size=size)
         for i, (img, err) in enumerate(parallel_imap(loader, [where(f) for f in files], desc=f"cache {split}")):
             if err is not None:
@@ -87,9 +81,4 @@ def build_cache(
                 arr[i] = img
         arr.flush()
         del arr
-        tmp.replace(data_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    meta = {"files": len(files), "size": size, "split": split, "data": str(comp.root), "bad": bad}
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json(meta_path, {"files": len(files), "size": size, "split": split, "data": str(comp.root), "bad": bad})

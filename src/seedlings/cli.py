@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folds", help="write the stratified, duplicate-grouped folds CSV")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--n-folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0, help="fold seed")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split")
     p.add_argument("--out", default=None, help="CSV path (default: data/folds/<dataset>-<hash>-k<K>-s<S>.csv)")
     p.add_argument("--force", action="store_true", help="overwrite a folds file made with other parameters")
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--message", default=None)
 
-    sub.add_parser("scores", help="list your Kaggle submissions and scores")
+    sub.add_parser("leaderboard", help="list your Kaggle submissions and their public and private scores")
 
     p = sub.add_parser("probe", help="baseline: logistic regression on frozen pooled features, one fold")
     _run_args(p)
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
 
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
+    p.add_argument("--data", default=None, help="a competition folder of real images to measure too")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     return parser
 
@@ -148,7 +149,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     elif stage == "folds":
         from seedlings.folds import make_folds
 
-        make_folds(args.data, args.n_folds, args.seed, args.out, args.force)
+        make_folds(args.data, args.n_folds, args.fold_seed, args.out, args.force)
     else:
         return dispatch_training(args)
     return 0
@@ -156,84 +157,87 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 def dispatch_training(args: argparse.Namespace) -> int | None:
     stage = args.stage
-    if stage in ("validate-submission", "grade", "upload", "scores", "bench"):
+    if stage in ("validate-submission", "grade", "upload", "leaderboard", "bench"):
         return dispatch_tools(args)
     from seedlings.config import load_recipe
+    from seedlings.run import Run, open_run
 
     recipe = load_recipe(args.config, args.overrides)
-    run = run_name(args)
+    fold = getattr(args, "fold", None)
+    if stage in ("probe", "compare"):  # baselines and the held-out split: they never open the run trained on DATA
+        run = Run(run_name(args), Path(args.data), recipe, args.n_folds, args.fold_seed)
+    else:
+        run = open_run(run_name(args), args.data, recipe, args.n_folds, args.fold_seed, fold)
     if stage == "lr-find":
-        lr_find(recipe, args, run)
+        lr_find(run, fold or 0, args.sweep_stage)
     elif stage == "train":
         from seedlings.train import train_fold
 
-        for fold in [args.fold] if args.fold is not None else recipe.folds(args.n_folds):
-            if fold not in recipe.folds(args.n_folds) and 0 <= fold < args.n_folds:
-                print(f"fold {fold}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
+        for k in [fold] if fold is not None else run.folds():
+            if k not in run.folds():
+                print(f"fold {k}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
                 continue
-            final = train_fold(recipe, args.data, run, fold, args.n_folds, args.fold_seed)
-            print(f"fold {fold}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
+            final = train_fold(run, k)
+            print(f"fold {k}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
     elif stage == "predict":
         from seedlings.predict import predict_run
 
-        predict_run(
-            recipe, args.data, run, args.n_folds, args.fold_seed, [args.fold] if args.fold is not None else None
-        )
+        predict_run(run, [fold] if fold is not None else None)
     elif stage == "evaluate":
-        from seedlings.ensemble import oof_summary
-        from seedlings.folds import load_folds
-        from seedlings.images import scan_competition
-
-        classes = scan_competition(args.data, need_test=False).classes
-        rows = oof_summary(run, load_folds(args.data, args.n_folds, args.fold_seed), classes)
-        width = max(len(r[0]) for r in rows)
-        print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
-        for what, f1, loss in rows:
-            print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")
+        evaluate(run)
     elif stage == "probe":
         from seedlings.baseline import linear_probe
 
-        res = linear_probe(recipe, args.data, args.fold or 0, args.size, args.n_folds, args.fold_seed)
+        res = linear_probe(run, fold or 0, args.size)
         print(
             f"linear probe, {recipe.model} features at {res['size']} px (image + mirror, C={res['c']:g} by CV), "
-            f"fold {args.fold or 0}: val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
+            f"fold {fold or 0}: val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
         )
     elif stage == "compare":
         from seedlings.compare import compare
 
-        compare(
-            recipe, args.data, run, args.n_folds, args.fold_seed, args.fraction, args.holdout_seed, args.ablations,
-            tuple(int(s) for s in args.sizes.split(",") if s), args.probes_only,
-        )  # fmt: skip
+        sizes = tuple(int(s) for s in args.sizes.split(",") if s)
+        compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only)
     elif stage == "submit":
+        from seedlings.run import saved_run
         from seedlings.submit import submit
 
-        submit(
-            recipe, args.data, run, args.n_folds, args.fold_seed, runs=args.runs, weights=args.weights, command=sys.argv
-        )
+        names = [r for r in dict.fromkeys(args.runs or []) if r != run.name]
+        others = [saved_run(r, args.data, args.n_folds, args.fold_seed) for r in names]
+        submit(run, others, weights=args.weights, command=sys.argv)
     return 0
 
 
-def lr_find(recipe, args: argparse.Namespace, run: str) -> None:
-    from seedlings import paths
-    from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
-    from seedlings.train import prepare_fold
+def evaluate(run) -> None:
+    from seedlings.ensemble import oof_summary
+    from seedlings.folds import load_folds
 
-    stage = default_stage(recipe) if args.sweep_stage is None else args.sweep_stage
-    fold = args.fold or 0
-    weights = weights_before_stage(recipe, args.data, run, fold, args.n_folds, args.fold_seed, stage)
-    fd = prepare_fold(recipe, args.data, run, fold, args.n_folds, args.fold_seed)
+    rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
+    for what, f1, loss in rows:
+        print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")
+
+
+def lr_find(run, fold: int, sweep_stage: int | None) -> None:
+    from seedlings.context import prepare_fold
+    from seedlings.files import write_csv
+    from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
+
+    recipe = run.recipe
+    stage = default_stage(recipe) if sweep_stage is None else sweep_stage
+    weights = weights_before_stage(run, fold, stage)
+    ctx = prepare_fold(run, fold)
     if weights is not None:
-        fd.model.load_state_dict(weights)
-    df = lr_sweep(fd, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)
-    out = paths.run_dir(run)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"lr_find-stage{stage}.csv", index=False)
+        ctx.model.load_state_dict(weights)
+    df = lr_sweep(ctx, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)
+    csv, png = run.dir / f"lr_find-stage{stage}.csv", run.dir / f"lr_find-stage{stage}.png"
+    write_csv(csv, df)
     sugg = suggestions(df)
-    plot_sweep(df, sugg, out / f"lr_find-stage{stage}.png")
+    plot_sweep(df, sugg, png)
     print(f"stage {stage}, fold {fold}, from the weights that stage starts with")
     print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
-    print(f"{out / f'lr_find-stage{stage}.png'}, {out / f'lr_find-stage{stage}.csv'}: {len(df)} steps")
+    print(f"{png}, {csv}: {len(df)} steps")
 
 
 def dispatch_tools(args: argparse.Namespace) -> int | None:
@@ -245,10 +249,11 @@ def dispatch_tools(args: argparse.Namespace) -> int | None:
         print(f"{args.submission}: valid ({n} rows)")
     elif stage == "grade":
         from seedlings.ensemble import grade_members
+        from seedlings.run import saved_run
         from seedlings.submission import grade
 
         if args.run:
-            for name, f1 in grade_members(args.run, args.answers).items():
+            for name, f1 in grade_members(saved_run(args.run), args.answers).items():
                 print(f"{name:<36} held-out micro-F1 {f1:.4f}")
         if args.submission:
             print(f"{args.submission}: held-out micro-F1 {grade(args.submission, args.answers):.4f}")
@@ -258,14 +263,14 @@ def dispatch_tools(args: argparse.Namespace) -> int | None:
         from seedlings.kaggle_io import upload
 
         upload(args.run, args.message)
-    elif stage == "scores":
-        from seedlings.kaggle_io import scores
+    elif stage == "leaderboard":
+        from seedlings.kaggle_io import leaderboard
 
-        scores()
+        leaderboard()
     elif stage == "bench":
         from seedlings.bench import bench
 
-        bench(quick=args.quick)
+        bench(Path(args.data) if args.data else None, quick=args.quick)
     return 0
 
 

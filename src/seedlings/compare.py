@@ -6,16 +6,20 @@ micro-F1, macro-F1 and the wall seconds it took on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from seedlings import paths
-from seedlings.config import Recipe, apply_override, lrs_of, parse_value, recipe_dict, recipe_from_dict
+from seedlings.config import PREDICTION_KEYS, Recipe, apply_override, lrs_of, parse_value, recipe_dict, recipe_from_dict
+from seedlings.context import prepare_fold
+from seedlings.files import write_csv
+from seedlings.metrics import macro_f1, micro_f1
+from seedlings.run import Run, open_run
 
 # The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
 # the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
@@ -54,87 +58,82 @@ def answers_of(holdout: Path, files: list[str], classes: list[str]) -> np.ndarra
 def row(what: str, y: np.ndarray, pred: np.ndarray, seconds: float, how: str) -> dict:
     return {
         "what": what,
-        "micro_f1": float(f1_score(y, pred, average="micro")),
-        "macro_f1": float(f1_score(y, pred, average="macro")),
+        "micro_f1": micro_f1(y, pred),
+        "macro_f1": macro_f1(y, pred),
         "seconds": round(seconds, 1),
         "how": how,
     }
 
 
-def probe_row(recipe: Recipe, holdout: Path, size: int, n_folds: int, fold_seed: int) -> dict:
+def probe_row(run: Run, size: int) -> dict:
     """The linear probe trained on every labelled image of the split (mirror-averaged features, C by CV)."""
-    from seedlings.baseline import fit_logistic, mirror_features, probe_recipe
+    from seedlings.baseline import fit_logistic, mirror_features, probe_run
     from seedlings.cache import load_cache
-    from seedlings.train import prepare_fold
 
     start = time.perf_counter()
-    fd = prepare_fold(probe_recipe(recipe, size), holdout, "probe", 0, n_folds, fold_seed)  # every image is used
-    every = np.sort(np.concatenate([fd.train_idx, fd.val_idx]))
-    x = mirror_features(fd, size, every)
-    fit = fit_logistic(x, fd.labels[every], len(fd.comp.classes), seed=recipe.seed)
-    test = load_cache(fd.comp, "test", probe_recipe(recipe, size).cache_size)
-    pred = fit.logits(mirror_features(fd, size, np.arange(len(test.files)), test.images)).argmax(1)
-    y = answers_of(holdout, test.files, fd.comp.classes)
+    probe = probe_run(run, size)
+    ctx = prepare_fold(probe, 0)  # every image is used: fold 0's split only orders them
+    every = np.sort(np.concatenate([ctx.train_idx, ctx.val_idx]))
+    x = mirror_features(ctx, size, every)
+    fit = fit_logistic(x, ctx.labels[every], len(ctx.comp.classes), seed=run.recipe.seed)
+    test = load_cache(ctx.comp, "test", probe.recipe.cache_size)
+    pred = fit.logits(mirror_features(ctx, size, np.arange(len(test.files)), test.images)).argmax(1)
+    y = answers_of(run.data, test.files, ctx.comp.classes)
     return row(
-        f"linear probe, {recipe.model} features at {size} px", y, pred, time.perf_counter() - start,
+        f"linear probe, {run.recipe.model} features at {size} px", y, pred, time.perf_counter() - start,
         f"logistic regression, C={fit.c:g} by {3}-fold CV, image + mirror features",
     )  # fmt: skip
 
 
-def fold_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+def fold_row(run: Run, label: str) -> dict:
     """Fold 0 of the recipe: trained, predicted with its TTA, and its last model graded alone on the held-out images."""
-    from seedlings.images import scan_competition
     from seedlings.predict import predict_fold
     from seedlings.train import train_fold
 
     start = time.perf_counter()
-    train_fold(recipe, holdout, run, 0, n_folds, fold_seed)
-    last = predict_fold(recipe, holdout, run, 0, n_folds, fold_seed)[-1]
-    files = last.load_files("test")
-    y = answers_of(holdout, files, scan_competition(holdout).classes)
-    return row(f"{label}: fold 0 alone", y, last.load("test").argmax(1), time.perf_counter() - start, last.name)
+    train_fold(run, 0)
+    test = predict_fold(run, 0)[-1]
+    probs = test.load("test")
+    y = answers_of(run.data, probs.files, probs.classes)
+    return row(f"{label}: fold 0 alone", y, probs.values.argmax(1), time.perf_counter() - start, test.name)
 
 
-PREDICTION_KEYS = {"tta", "tta_mean", "predict_size"}  # recipe keys that change prediction only, not training
-
-
-def predict_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+def predict_row(run: Run, label: str) -> dict:
     """Fold 0's trained model of `run`, predicted on the held-out images with the recipe's (other) TTA settings."""
-    import torch
-
     from seedlings.cache import load_cache
-    from seedlings.predict import fold_members, tta_probs
-    from seedlings.train import prepare_fold
+    from seedlings.predict import tta_probs
 
     start = time.perf_counter()
-    fd = prepare_fold(recipe, holdout, run, 0, n_folds, fold_seed)
-    name, weights = fold_members(run, 0, recipe)[-1]
-    fd.model.load_state_dict(torch.load(weights, map_location=fd.device, weights_only=True))
-    test = load_cache(fd.comp, "test", recipe.cache_size)
-    probs = tta_probs(fd, test.images, np.arange(len(test.files)), recipe.eval_size, recipe.tta)
-    y = answers_of(holdout, test.files, fd.comp.classes)
-    seconds = time.perf_counter() - start + json_seconds(paths.fold_dir(run, 0) / "done.json")
-    return row(f"{label}: fold 0 alone", y, probs.argmax(1), seconds, f"{name}, {recipe.tta}, fold 0 of the recipe")
+    recipe = run.recipe
+    ctx = prepare_fold(run, 0)
+    last = run.members(0)[-1]
+    ctx.model.load_state_dict(last.state_dict(ctx.device))
+    test = load_cache(ctx.comp, "test", recipe.cache_size)
+    probs = tta_probs(ctx, test.images, np.arange(len(test.files)), recipe.eval_size, recipe.tta)
+    y = answers_of(run.data, test.files, ctx.comp.classes)
+    seconds = time.perf_counter() - start + json_seconds(run.fold_dir(0) / "done.json")
+    how = f"{last.name}, {recipe.tta}, fold 0 of the recipe"
+    return row(f"{label}: fold 0 alone", y, probs.argmax(1), seconds, how)
 
 
 def json_seconds(path: Path) -> float:
     return float(json.loads(path.read_text())["seconds"])
 
 
-def chain_row(recipe: Recipe, holdout: Path, run: str, label: str, n_folds: int, fold_seed: int) -> dict:
+def chain_row(run: Run, label: str) -> dict:
     """The whole chain (make submit) on the split: every fold the recipe trains, predicted, blended, written."""
     from seedlings.images import scan_competition
     from seedlings.submit import submit
 
-    classes = scan_competition(holdout).classes
+    classes = scan_competition(run.data).classes
     start = time.perf_counter()
-    csv = submit(recipe, holdout, run, n_folds, fold_seed)
+    csv = submit(run)
     seconds = time.perf_counter() - start
     sub = pd.read_csv(csv)
-    y = answers_of(holdout, sub.file.tolist(), classes)
+    y = answers_of(run.data, sub.file.tolist(), classes)
     pred = np.array([classes.index(s) for s in sub.species])
-    models = len(recipe.folds(n_folds))
-    return row(f"{label}: whole chain (make submit)", y, pred, seconds, f"{models} fold model(s) of {n_folds}, blended")
+    how = f"{len(run.folds())} fold model(s) of {run.n_folds}, blended"
+    return row(f"{label}: whole chain (make submit)", y, pred, seconds, how)
 
 
 def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -175,11 +174,7 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
 
 
 def compare(
-    recipe: Recipe,
-    data: str | Path,
-    run: str,
-    n_folds: int = 5,
-    fold_seed: int = 0,
+    run: Run,
     fraction: float = 0.2,
     seed: int = 0,
     ablations: bool = False,
@@ -187,50 +182,51 @@ def compare(
     probes_only: bool = False,
 ) -> pd.DataFrame:
     """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the
-    recipe, the whole chain, and with `ablations` the chain once per technique switched off."""
-    holdout = ensure_holdout(data, fraction, seed)
-    run = f"{run}-holdout"  # never the run trained on all of DATA: other images, other models
+    recipe, the whole chain, and with `ablations` fold 0 once per technique switched."""
+    holdout = ensure_holdout(run.data, fraction, seed)
+    # never the run trained on all of DATA: other images, other models
+    held = open_run(f"{run.name}-holdout", holdout, run.recipe, run.n_folds, run.fold_seed)
     sizes = sizes or (own_size(holdout), 224)
-    rows = [probe_row(recipe, holdout, s, n_folds, fold_seed) for s in dict.fromkeys(sizes)]
+    rows = [probe_row(held, s) for s in dict.fromkeys(sizes)]
     if probes_only:
-        return finish(rows, run, holdout)
+        return finish(rows, held)
     # the chain first: its fold 0 is then already trained and predicted, and the fold row only grades it (its
     # seconds are the chain's fold-0 training and prediction, read back from the run)
     chain_start = time.perf_counter()
-    chain = chain_row(recipe, holdout, run, "recipe", n_folds, fold_seed)
+    chain = chain_row(held, "recipe")
     chain["seconds"] = round(time.perf_counter() - chain_start, 1)
-    fold = fold_row(recipe, holdout, run, "recipe", n_folds, fold_seed)
-    fold["seconds"] = round(fold_seconds(run, 0), 1)
+    fold = fold_row(held, "recipe")
+    fold["seconds"] = round(fold_seconds(held, 0), 1)
     rows += [fold, chain]
     if ablations:  # fold 0 alone for each: the chain's cost would be the folds' count times this
-        for i, (name, overrides) in enumerate(ABLATIONS.items()):
-            changed = variant(recipe, overrides)
-            if changed == recipe:
-                rows.append({"what": f"ablation: {name}", "how": "same as the recipe here: not run"})
-            elif {k for k, v in recipe_dict(changed).items() if recipe_dict(recipe)[k] != v} <= PREDICTION_KEYS:
-                rows.append(predict_row(changed, holdout, run, f"ablation: {name}", n_folds, fold_seed))
-            else:
-                rows.append(fold_row(changed, holdout, f"{run}-ablation{i}", f"ablation: {name}", n_folds, fold_seed))
-    return finish(rows, run, holdout)
+        rows += [ablation_row(held, i, name, overrides) for i, (name, overrides) in enumerate(ABLATIONS.items())]
+    return finish(rows, held)
 
 
-def finish(rows: list[dict], run: str, holdout: Path) -> pd.DataFrame:
+def ablation_row(held: Run, i: int, name: str, overrides: list[str]) -> dict:
+    """Fold 0 with one technique switched: predicted from the recipe's own fold 0 when only prediction keys change."""
+    changed = variant(held.recipe, overrides)
+    if changed == held.recipe:
+        return {"what": f"ablation: {name}", "how": "same as the recipe here: not run"}
+    keys = {k for k, v in recipe_dict(changed).items() if recipe_dict(held.recipe)[k] != v}
+    if keys <= set(PREDICTION_KEYS):
+        return predict_row(dataclasses.replace(held, recipe=changed), f"ablation: {name}")
+    ablated = open_run(f"{held.name}-ablation{i}", held.data, changed, held.n_folds, held.fold_seed)
+    return fold_row(ablated, f"ablation: {name}")
+
+
+def finish(rows: list[dict], run: Run) -> pd.DataFrame:
     table = pd.DataFrame(rows)
-    out = paths.run_dir(run) / "compare.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.4f")
-    print(format_compare(table, holdout))
+    out = write_csv(run.dir / "compare.csv", table, float_format="%.4f")
+    print(format_compare(table, run.data))
     print(f"{out}")
     return table
 
 
-def fold_seconds(run: str, fold: int) -> float:
-    """Training (done.json) plus prediction (probs/*.json) seconds of one fold of a run."""
-    from seedlings.predict import probs_dir
-
-    train = json_seconds(paths.fold_dir(run, fold) / "done.json")
-    predict = sum(json.loads(p.read_text())["seconds"] for p in probs_dir(run).glob(f"fold{fold}-*.json"))
-    return train + predict
+def fold_seconds(run: Run, fold: int) -> float:
+    """Training (done.json) plus prediction seconds of one fold of a run."""
+    predict = sum(json_seconds(m.meta_path) for m in run.members(fold))
+    return json_seconds(run.fold_dir(fold) / "done.json") + predict
 
 
 def own_size(holdout: Path) -> int:

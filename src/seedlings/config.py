@@ -13,6 +13,12 @@ import yaml
 from seedlings.errors import UserError
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
+CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
+
+# Keys a trained run may be opened with changed: they change its predictions (recorded with each prediction) or how
+# it runs, never its trained models.
+PREDICTION_KEYS = ("tta", "tta_mean", "predict_size")
+FREE_KEYS = (*PREDICTION_KEYS, "train_folds", "num_workers", "lr_find_start", "lr_find_end", "lr_find_steps")
 
 
 @dataclass
@@ -52,7 +58,7 @@ class Recipe:
     train_folds: int = 0  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     crop_scale: float = 0.35  # RandomResizedCrop's smallest area fraction
-    cache_margin: float = 1.15  # cached side = largest stage size x this, so crops keep detail
+    cache_margin: float = CACHE_MARGIN  # cached side = largest stage size x this, so crops keep detail
     precompute_d4: bool = True  # precompute: add the 8 dihedral copies of each image as fixed samples
     num_workers: int = -1  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
@@ -298,9 +304,3 @@ def recipe_from_dict(values: dict) -> Recipe:
 
 def recipe_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
-
-
-def save_recipe(recipe: Recipe, path: Path, extra: dict | None = None) -> None:
-    data = {**recipe_dict(recipe), **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -28,7 +29,8 @@ def train_transform(size: int, mean: tuple, std: tuple, crop_scale: float = 0.35
 
 
 def eval_transform(size: int, mean: tuple, std: tuple) -> A.Compose:
-    return A.Compose([A.Resize(size, size, interpolation=3), A.Normalize(mean=mean, std=std)])  # 3: cv2.INTER_AREA
+    # the cache is larger than `size` (cache_margin): shrinking by area averaging, like the cache itself
+    return A.Compose([A.Resize(size, size, interpolation=cv2.INTER_AREA), A.Normalize(mean=mean, std=std)])
 
 
 class CachedImages(Dataset):

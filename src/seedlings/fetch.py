@@ -13,6 +13,7 @@ from typing import Protocol
 
 from seedlings import paths
 from seedlings.errors import UserError
+from seedlings.files import write_json
 from seedlings.images import check_competition, scan_competition
 
 COMPETITION = "plant-seedlings-classification"
@@ -144,7 +145,7 @@ def write_manifest(root: Path, report, digests: dict[str, str]) -> None:
         "species": report.counts,
         "files": files,
     }
-    (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    write_json(root / "MANIFEST.json", manifest)
 
 
 def is_verified(data: Path) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from seedlings import paths
 from seedlings.errors import UserError
+from seedlings.files import write_csv, write_json
 from seedlings.images import Competition, file_digest, listing_hash, parallel_map, scan_competition
 
 
@@ -61,11 +61,8 @@ def make_folds(
     labels = np.array(comp.train_labels)
     fold = assign_folds(labels, groups, n_folds, seed)
     df = pd.DataFrame({"file": comp.train_files, "species": [comp.classes[i] for i in labels], "fold": fold})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, lineterminator="\n")
-    meta.write_text(json.dumps({**params, "duplicate_groups": int(len(digests) - groups.max() - 1)}, indent=1))
-    tmp.replace(out)
+    write_json(meta, {**params, "duplicate_groups": int(len(digests) - groups.max() - 1)})
+    write_csv(out, df)  # last: the CSV's presence means its parameters are written
     print(f"{out}: {len(df)} images, {n_folds} folds, {len(df) - groups.max() - 1} duplicates grouped")
     return out
 

@@ -1,4 +1,4 @@
-"""Kaggle submissions: upload a CSV with a message from its provenance, list the scores."""
+"""Kaggle submissions: upload a CSV with a message from its provenance, list your submissions and their scores."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def upload(run: str, message: str | None = None, client: KaggleClient | None = N
     print(f"uploaded {csv}: {message}")
 
 
-def scores(client: KaggleClient | None = None) -> list[dict]:
+def leaderboard(client: KaggleClient | None = None) -> list[dict]:
+    """Your submissions to the competition, newest first, with their public and private scores."""
     rows = (client or RealKaggle()).submissions()
     if not rows:
         print("no submissions yet")

@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from seedlings import paths
 from seedlings.config import Recipe
+from seedlings.context import FoldContext, train_step
 from seedlings.errors import UserError
 from seedlings.model import make_optimizer
-from seedlings.train import Fold, autocast, load_checkpoint, plan_stage, to_device, train_fold
+from seedlings.run import Run
+from seedlings.train import load_checkpoint, plan_stage, train_fold
 
 
 def sweep_lrs(start: float, end: float, steps: int) -> np.ndarray:
@@ -26,9 +27,10 @@ def default_stage(recipe: Recipe) -> int:
     return next((i for i, s in enumerate(recipe.stages) if s.fit == "sgdr"), 0)
 
 
-def weights_before_stage(recipe: Recipe, data, run: str, fold: int, n_folds: int, fold_seed: int, stage: int):
+def weights_before_stage(run: Run, fold: int, stage: int) -> dict | None:
     """The fold's weights at the start of `stage` (None for stage 0): the end of stage - 1, from its snapshot, or
     trained now up to there exactly as `make train` would (checkpointed, so training later continues from it)."""
+    recipe = run.recipe
     if not 0 <= stage < len(recipe.stages):
         raise UserError(f"--stage: {stage} is not in 0..{len(recipe.stages) - 1}")
     if recipe.stages[stage].fit != "sgdr":
@@ -37,10 +39,10 @@ def weights_before_stage(recipe: Recipe, data, run: str, fold: int, n_folds: int
         return None
     prev = recipe.stages[stage - 1]
     n_cycles = 1 if prev.fit != "sgdr" else prev.n_cycles
-    out = paths.fold_dir(run, fold)
+    out = run.fold_dir(fold)
     snap = out / "snapshots" / f"stage{stage - 1}-cycle{n_cycles - 1}.pt"
     if not snap.exists():
-        train_fold(recipe, data, run, fold, n_folds, fold_seed, until_stage=stage)
+        train_fold(run, fold, until_stage=stage)
     if snap.exists():
         return torch.load(snap, map_location="cpu", weights_only=True)
     ckpt = load_checkpoint(out / "checkpoint.pt")
@@ -50,7 +52,7 @@ def weights_before_stage(recipe: Recipe, data, run: str, fold: int, n_folds: int
 
 
 def lr_sweep(
-    fd: Fold,
+    ctx: FoldContext,
     start: float = 1e-7,
     end: float = 10.0,
     steps: int = 100,
@@ -63,14 +65,13 @@ def lr_sweep(
 
     The model, optimizer state and RNG are restored afterwards: the sweep leaves no trace on training.
     """
-    r = fd.recipe
-    saved_model = copy.deepcopy(fd.model.state_dict())
+    saved_model = copy.deepcopy(ctx.model.state_dict())
     saved_rng = torch.get_rng_state()
-    plan = plan_stage(fd, stage)
-    optimizer = make_optimizer(r, plan.opt_groups)
+    plan = plan_stage(ctx, stage)
+    optimizer = make_optimizer(ctx.recipe, plan.opt_groups)
     peak = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=ctx.recipe.label_smoothing)
     lrs, rows = sweep_lrs(start, end, steps), []
     avg, best, epoch = 0.0, float("inf"), 0
     batches = plan.batches(epoch)
@@ -84,19 +85,14 @@ def lr_sweep(
             x, y = next(batches)
         for g, ratio in zip(optimizer.param_groups, ratios):
             g["lr"] = lr * ratio
-        x, y = to_device(fd, x), y.to(fd.device)
-        with autocast(fd):
-            loss = criterion(plan.forward(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        avg = beta * avg + (1 - beta) * loss.item()
+        loss = train_step(ctx, plan.forward, optimizer, criterion, x, y).item()
+        avg = beta * avg + (1 - beta) * loss
         smoothed = avg / (1 - beta ** (i + 1))  # bias correction: early averages are not pulled towards 0
-        rows.append({"step": i, "lr": float(lr), "loss": loss.item(), "smoothed_loss": smoothed})
+        rows.append({"step": i, "lr": float(lr), "loss": loss, "smoothed_loss": smoothed})
         best = min(best, smoothed)
         if not np.isfinite(smoothed) or smoothed > stop_factor * best:
             break
-    fd.model.load_state_dict(saved_model)
+    ctx.model.load_state_dict(saved_model)
     torch.set_rng_state(saved_rng)
     return pd.DataFrame(rows)
 

@@ -1,135 +1,78 @@
-"""Out-of-fold and test probabilities with TTA, for every fold and every snapshot of its last stage."""
+"""Out-of-fold and test probabilities with TTA, for every member (fold x last-stage snapshot) of a run."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from seedlings import paths
 from seedlings.cache import load_cache
-from seedlings.config import Recipe
-from seedlings.errors import UserError
-from seedlings.train import Fold, autocast, eval_loader, prepare_fold, to_device
-from seedlings.tta import tta_predict
-
-
-def fold_members(run: str, fold: int, recipe: Recipe) -> list[tuple[str, Path]]:
-    """(name, weights) to predict with: the cycle-end snapshots of the last stage, whose last one is the final model."""
-    out = paths.fold_dir(run, fold)
-    if not (out / "done.json").exists():
-        raise UserError(f"{out}: fold {fold} of run {run!r} is not trained yet (make train FOLD={fold})")
-    last = len(recipe.stages) - 1
-    snaps = sorted((out / "snapshots").glob(f"stage{last}-cycle*.pt"), key=lambda p: int(p.stem.split("cycle")[1]))
-    if recipe.snapshots and snaps:
-        return [(p.stem, p) for p in snaps]
-    return [("final", out / "final.pt")]
-
-
-def probs_dir(run: str) -> Path:
-    return paths.run_dir(run) / "probs"
-
-
-@dataclass
-class Member:
-    """One model's probabilities: `oof` on its fold's validation images, `test` on every test image."""
-
-    run: str
-    fold: int
-    name: str  # stage<s>-cycle<c> or final
-
-    @property
-    def stem(self) -> Path:
-        return probs_dir(self.run) / f"fold{self.fold}-{self.name}"
-
-    def load(self, split: str) -> np.ndarray:
-        return np.load(f"{self.stem}.{split}.npy")
-
-    def load_files(self, split: str) -> list[str]:
-        return pd.read_csv(f"{self.stem}.{split}.csv", usecols=["file"]).file.tolist()
+from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, to_device
+from seedlings.files import write_json
+from seedlings.run import Member, Probs, Run
+from seedlings.tta import tta_predict, tta_views
 
 
 @torch.no_grad()
-def tta_probs(fd: Fold, images: np.ndarray | None, index: np.ndarray, size: int, tta: str) -> np.ndarray:
-    model = fd.model.eval()
+def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, size: int, tta: str) -> np.ndarray:
+    """Probabilities of `index` rows of the training cache (or of `images`) averaged over the `tta` views."""
+    model = ctx.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(fd, size, index, images), desc=f"predict {tta}", leave=False, disable=None):
-        with autocast(fd):
-            out.append(tta_predict(model, to_device(fd, x), tta, fd.recipe.tta_mean).float().cpu())
+    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None):
+        with autocast(ctx):
+            out.append(tta_predict(model, to_device(ctx, x), tta, ctx.recipe.tta_mean).float().cpu())
     return torch.cat(out).numpy()
 
 
-def save_probs(stem: Path, split: str, probs: np.ndarray, files: list[str], classes: list[str]) -> None:
-    """<stem>.<split>.npy and the same as a CSV with file names and class columns (written atomically)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{stem}.{split}.tmp{os.getpid()}.npy")
-    np.save(tmp, probs.astype(np.float32))
-    df = pd.DataFrame(probs, columns=classes)
-    df.insert(0, "file", files)
-    df.to_csv(f"{stem}.{split}.csv.tmp", index=False, float_format="%.6g", lineterminator="\n")
-    os.replace(f"{stem}.{split}.csv.tmp", f"{stem}.{split}.csv")
-    tmp.replace(f"{stem}.{split}.npy")
+def prediction_inputs(member: Member, run: Run) -> dict:
+    """What a member's probabilities depend on besides the data: its weights and the prediction keys."""
+    recipe = run.recipe
+    return {
+        "weights_mtime_ns": member.weights.stat().st_mtime_ns,
+        "tta": recipe.tta,
+        "tta_mean": recipe.tta_mean,
+        "size": recipe.eval_size,
+    }
 
 
-def predict_fold(recipe: Recipe, data: str | Path, run: str, fold: int, n_folds: int, fold_seed: int) -> list[Member]:
-    """Probabilities of each member of one fold; members whose outputs are newer than their weights are skipped."""
-    members = fold_members(run, fold, recipe)
-    size = recipe.eval_size
-    todo = []
-    for name, weights in members:
-        m = Member(run, fold, name)
-        meta = Path(f"{m.stem}.json")
-        want = {
-            "weights_mtime_ns": weights.stat().st_mtime_ns,
-            "tta": recipe.tta,
-            "tta_mean": recipe.tta_mean,
-            "size": size,
-        }
-        if not (meta.exists() and json.loads(meta.read_text()).get("inputs") == want):
-            todo.append((m, weights, meta, want))
+def is_predicted(member: Member, run: Run) -> bool:
+    meta = member.meta_path
+    return meta.exists() and json.loads(meta.read_text()).get("inputs") == prediction_inputs(member, run)
+
+
+def predict_fold(run: Run, fold: int) -> list[Member]:
+    """Probabilities of each member of one fold; members already predicted from the same inputs are skipped."""
+    members = run.members(fold)
+    todo = [m for m in members if not is_predicted(m, run)]
     if not todo:
-        return [Member(run, fold, n) for n, _ in members]
-    fd = prepare_fold(recipe, data, run, fold, n_folds, fold_seed)
-    test = load_cache(fd.comp, "test", recipe.cache_size, recipe.skip_bad_images)
-    val_files = [fd.comp.train_files[i] for i in fd.val_idx]
-    for m, weights, meta, want in todo:
-        fd.model.load_state_dict(torch.load(weights, map_location=fd.device, weights_only=True))
+        return members
+    recipe, size = run.recipe, run.recipe.eval_size
+    ctx = prepare_fold(run, fold)
+    test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images)
+    classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
+    for m in todo:
+        ctx.model.load_state_dict(m.state_dict(ctx.device))
         start = time.perf_counter()
-        oof = tta_probs(fd, None, fd.val_idx, size, recipe.tta)
-        test_probs = tta_probs(fd, test.images, np.arange(len(test.files)), size, recipe.tta)
+        oof = tta_probs(ctx, None, ctx.val_idx, size, recipe.tta)
+        test_probs = tta_probs(ctx, test.images, np.arange(len(test.files)), size, recipe.tta)
         seconds = time.perf_counter() - start
-        save_probs(m.stem, "oof", oof, val_files, fd.comp.classes)
-        save_probs(m.stem, "test", test_probs, test.files, fd.comp.classes)
-        if m.name == members[-1][0] and recipe.tta != "none":  # the single model without TTA, for comparison
-            save_probs(m.stem, "oof-notta", tta_probs(fd, None, fd.val_idx, size, "none"), val_files, fd.comp.classes)
-        n_views = {"none": 1, "flip": 2, "d4": 8, "d4+scales": 16}[recipe.tta]
-        info = {
-            "inputs": want,
-            "seconds": seconds,
-            "images": len(oof) + len(test_probs),
-            "images_per_s": (len(oof) + len(test_probs)) / seconds,
-            "views": n_views,
-            "classes": fd.comp.classes,
-        }
-        Path(meta).write_text(json.dumps(info, indent=1))
+        m.save("oof", Probs(oof, val_files, classes))
+        m.save("test", Probs(test_probs, test.files, classes))
+        if m == members[-1] and recipe.tta != "none":  # the single model without TTA, for comparison
+            m.save("oof-notta", Probs(tta_probs(ctx, None, ctx.val_idx, size, "none"), val_files, classes))
+        n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
+        info = {"seconds": seconds, "images": n_images, "images_per_s": n_images / seconds, "views": n_views}
+        write_json(m.meta_path, {"inputs": prediction_inputs(m, run), **info})
         print(
-            f"fold {fold} {m.name}: {info['images']} images x {n_views} views in {seconds:.1f}s "
+            f"fold {fold} {m.name}: {n_images} images x {n_views} views in {seconds:.1f}s "
             f"({info['images_per_s']:.1f} images/s)"
         )
-    return [Member(run, fold, n) for n, _ in members]
-
-
-def predict_run(
-    recipe: Recipe, data: str | Path, run: str, n_folds: int = 5, fold_seed: int = 0, folds: list[int] | None = None
-) -> list[Member]:
-    members = []
-    for fold in folds if folds is not None else recipe.folds(n_folds):
-        members += predict_fold(recipe, data, run, fold, n_folds, fold_seed)
     return members
+
+
+def predict_run(run: Run, folds: list[int] | None = None) -> list[Member]:
+    """Every member of the run's folds (or of `folds`)."""
+    return [m for fold in (run.folds() if folds is None else folds) for m in predict_fold(run, fold)]

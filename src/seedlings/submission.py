@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from seedlings.errors import UserError
+from seedlings.files import write_csv
 from seedlings.images import scan_competition
+from seedlings.metrics import micro_f1
 
 
 def write_submission(path: Path, files: list[str], species: list[str], sample: Path) -> None:
@@ -21,10 +21,7 @@ def write_submission(path: Path, files: list[str], species: list[str], sample: P
     missing = [f for f in order if f not in by_file]
     if missing:
         raise UserError(f"{sample}: {len(missing)} test files have no prediction, e.g. {missing[0]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pd.DataFrame({"file": order, "species": [by_file[f] for f in order]}).to_csv(tmp, index=False, lineterminator="\n")
-    tmp.replace(path)
+    write_csv(path, pd.DataFrame({"file": order, "species": [by_file[f] for f in order]}))
 
 
 def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -87,7 +84,7 @@ def grade(submission: str | Path, answers: str | Path) -> float:
     missing = merged.species_pred.isna().sum()
     if missing:
         raise UserError(f"{submission}: {missing} files of {answers} have no prediction")
-    return float(f1_score(merged.species_true, merged.species_pred, average="micro"))
+    return micro_f1(merged.species_true, merged.species_pred)
 
 
 def species_of(probs: np.ndarray, classes: list[str]) -> list[str]:

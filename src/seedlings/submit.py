@@ -2,95 +2,75 @@
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import yaml
 
 from seedlings import paths
-from seedlings.config import Recipe, recipe_dict, recipe_from_dict
+from seedlings.config import recipe_dict
 from seedlings.ensemble import assemble, blend, format_table
-from seedlings.errors import UserError
+from seedlings.files import write_json
 from seedlings.folds import load_folds
 from seedlings.images import scan_competition
-from seedlings.predict import Member, predict_run
+from seedlings.predict import predict_run
 from seedlings.report import write_report
+from seedlings.run import Probs, Run, git_commit, save_probs
 from seedlings.submission import species_of, validate_submission, write_submission
-from seedlings.train import git_commit, train_fold
+from seedlings.train import train_fold
 
 
-def run_recipe(run: str) -> Recipe:
-    """The recipe a finished run was trained with (its runs/<run>/config.yaml)."""
-    path = paths.run_dir(run) / "config.yaml"
-    if not path.exists():
-        raise UserError(f"{path}: run {run!r} not found (train it first)")
-    data = yaml.safe_load(path.read_text())
-    data.pop("git_commit", None)
-    return recipe_from_dict(data)
+@contextmanager
+def timed(timings: dict, step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
 
 
-def submit(
-    recipe: Recipe,
-    data: str | Path,
-    run: str,
-    n_folds: int = 5,
-    fold_seed: int = 0,
-    runs: list[str] | None = None,
-    weights: str = "fit",
-    command: list[str] | None = None,
-) -> Path:
-    """Every step skips what is up to date, so a second call with nothing changed takes seconds."""
-    timings = {}
-    comp = scan_competition(data)
-    start = time.perf_counter()
-    folds = load_folds(data, n_folds, fold_seed)
-    timings["folds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for fold in recipe.folds(n_folds):
-        train_fold(recipe, data, run, fold, n_folds, fold_seed)
-    timings["train"] = time.perf_counter() - start
-    start = time.perf_counter()
-    members: list[Member] = []
-    for r in dict.fromkeys([run, *(runs or [])]):
-        members += predict_run(recipe if r == run else run_recipe(r), data, r, n_folds, fold_seed)
-    timings["predict"] = time.perf_counter() - start
-    start = time.perf_counter()
-    files, parts = assemble(members)
-    label_of = dict(zip(folds.file, folds.species))
-    labels = np.array([comp.classes.index(label_of[f]) for f in files])
-    oof, test, table = blend(parts, labels, weights)
-    print(format_table(table))
-    out = paths.submissions_dir() / f"{run}.csv"
-    test_files = members[0].load_files("test")
-    write_submission(out, test_files, species_of(test, comp.classes), Path(data) / "sample_submission.csv")
-    n_rows = validate_submission(data, out)
-    timings["blend"] = time.perf_counter() - start
-    oof_table = pd.DataFrame(oof, columns=comp.classes)
-    oof_table.insert(0, "file", files)
-    oof_table.insert(1, "species", [comp.classes[i] for i in labels])
-    oof_table.insert(2, "pred", species_of(oof, comp.classes))
-    oof_table.to_csv(paths.run_dir(run) / "oof_blend.csv", index=False, float_format="%.6g")
+def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None) -> Path:
+    """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished
+    runs on the same data and folds whose members join the blend."""
+    timings: dict[str, float] = {}
+    comp = scan_competition(run.data)
+    with timed(timings, "folds"):
+        folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    with timed(timings, "train"):
+        for fold in run.folds():
+            train_fold(run, fold)
+    with timed(timings, "predict"):
+        members = [m for r in [run, *others] for m in predict_run(r)]
+    with timed(timings, "blend"):
+        files, parts = assemble(members)
+        label_of = dict(zip(folds.file, folds.species))
+        labels = np.array([comp.classes.index(label_of[f]) for f in files])
+        oof, test, table = blend(parts, labels, weights)
+        print(format_table(table))
+        oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)
+        out = paths.submissions_dir() / f"{run.name}.csv"
+        write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
+        n_rows = validate_submission(run.data, out)
+    save_probs(run.dir / "probs" / "blend.oof.csv", oof)
+    save_probs(run.dir / "probs" / "blend.test.csv", test)
     provenance = {
         "submission": str(out),
         "rows": n_rows,
-        "run": run,
-        "runs": list(dict.fromkeys([run, *(runs or [])])),
-        "data": str(Path(data).resolve()),
-        "n_folds": n_folds,
-        "fold_seed": fold_seed,
+        "run": run.name,
+        "runs": [r.name for r in [run, *others]],
+        "data": str(run.data.resolve()),
+        "n_folds": run.n_folds,
+        "fold_seed": run.fold_seed,
         "git_commit": git_commit(),
-        "recipe": recipe_dict(recipe),
+        "recipe": recipe_dict(run.recipe),
         "weights": weights,
         "members": table,
         "oof_files": len(files),
         "seconds": timings,
         "command": command or [],
     }
-    out.with_suffix(".json").write_text(json.dumps(provenance, indent=1))
-    report = write_report(run, data)
+    write_json(out.with_suffix(".json"), provenance)
+    report = write_report(run, comp, oof, labels, table)
     print(
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 DIHEDRAL = range(8)
+ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,7 +26,7 @@ def tta_views(name: str) -> list[tuple[int, float]]:
     if name == "d4":
         return [(k, 1.0) for k in DIHEDRAL]
     if name == "d4+scales":
-        return [(k, s) for s in (1.0, 1.15) for k in DIHEDRAL]
+        return [(k, s) for s in (1.0, ZOOM) for k in DIHEDRAL]
     raise ValueError(f"unknown TTA set {name!r}")
 
 

@@ -1,0 +1,235 @@
+"""A run is one value (data, name, folds, recipe), checked against its recorded recipe once, and the owner of its files:
+runs/<run>/config.yaml, its members' weights and their probabilities.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from seedlings import paths
+from seedlings.config import FREE_KEYS, Recipe, recipe_dict, recipe_from_dict
+from seedlings.errors import UserError
+from seedlings.files import write_csv, write_text
+
+SPLIT_KEYS = ("n_folds", "fold_seed")  # recorded beside the recipe: fold k of another split is another model
+PROVENANCE_KEYS = ("git_commit", "data")  # recorded for the reader, never compared (a data folder may move)
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    data: Path
+    recipe: Recipe
+    n_folds: int = 5
+    fold_seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return paths.run_dir(self.name)
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.yaml"
+
+    def fold_dir(self, fold: int) -> Path:
+        return paths.fold_dir(self.name, fold)
+
+    def folds(self) -> list[int]:
+        """The folds this run's recipe trains, predicts and blends."""
+        return self.recipe.folds(self.n_folds)
+
+    def check_fold(self, fold: int) -> None:
+        if not 0 <= fold < self.n_folds:
+            raise UserError(f"--fold: {fold} is not in 0..{self.n_folds - 1}")
+
+    def is_trained(self, fold: int) -> bool:
+        return (self.fold_dir(fold) / "done.json").exists()
+
+    def check(self) -> None:
+        """Exit 2 naming every recorded key this run's recipe or split differs in (prediction-only keys may differ:
+        each prediction records its own)."""
+        saved = read_config(self.config_path)
+        if saved is None:
+            return
+        split = {k: getattr(self, k) for k in SPLIT_KEYS}
+        diffs = [f"--{k.replace('_', '-')} {saved[k]} (given {v})" for k, v in split.items() if saved.get(k, v) != v]
+        ignored = (*FREE_KEYS, *SPLIT_KEYS, *PROVENANCE_KEYS)
+        now = {k: v for k, v in recipe_dict(self.recipe).items() if k not in ignored}
+        old = {k: v for k, v in saved.items() if k not in ignored}
+        diffs += [f"{key}: {a!r} (given {b!r})" for key, a, b in differences(old, now)]
+        if diffs:
+            raise UserError(
+                f"{self.config_path}: run {self.name!r} was trained with {'; '.join(diffs)}; "
+                f"use those values, another RUN, or delete runs/{self.name}"
+            )
+
+    def record(self) -> None:
+        """Write config.yaml (the resolved recipe, the split, git commit, data) unless it is there already."""
+        if self.config_path.exists():
+            return
+        extra = {"n_folds": self.n_folds, "fold_seed": self.fold_seed, "git_commit": git_commit()}
+        extra["data"] = str(Path(self.data).resolve())
+        write_text(self.config_path, yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False))
+
+    def members(self, fold: int | None = None) -> list[Member]:
+        """The models to predict with, of one fold or of every trained fold: the last stage's cycle-end snapshots
+        (the last of which is the final model), or the final model alone when snapshots are off."""
+        folds = self.folds() if fold is None else [fold]
+        last = len(self.recipe.stages) - 1
+        stage = self.recipe.stages[last]
+        n_cycles = stage.n_cycles if stage.fit == "sgdr" else 1
+        out = []
+        for k in folds:
+            if not self.is_trained(k):
+                if fold is not None:
+                    raise UserError(f"{self.fold_dir(k)}: fold {k} of run {self.name!r} is not trained yet "
+                                    f"(make train FOLD={k})")  # fmt: skip
+                continue
+            if self.recipe.snapshots:
+                snaps = self.fold_dir(k) / "snapshots"
+                out += [Member(self.name, k, f"stage{last}-cycle{c}", snaps / f"stage{last}-cycle{c}.pt")
+                        for c in range(n_cycles)]  # fmt: skip
+            else:
+                out.append(Member(self.name, k, "final", self.fold_dir(k) / "final.pt"))
+        return out
+
+
+def open_run(
+    name: str, data: str | Path, recipe: Recipe, n_folds: int = 5, fold_seed: int = 0, fold: int | None = None
+) -> Run:
+    """The run of every stage's command line, checked against what it recorded (and the fold against the split)."""
+    run = Run(name, Path(data), recipe, n_folds, fold_seed)
+    if fold is not None:
+        run.check_fold(fold)
+    run.check()
+    return run
+
+
+def saved_run(
+    name: str, data: str | Path | None = None, n_folds: int | None = None, fold_seed: int | None = None
+) -> Run:
+    """A run opened with the recipe it recorded (blending another run into a submission, grading one); the data and
+    split it recorded unless given (given ones must match)."""
+    saved = read_config(paths.run_dir(name) / "config.yaml")
+    if saved is None:
+        raise UserError(f"{paths.run_dir(name) / 'config.yaml'}: run {name!r} not found (train it first)")
+    recipe = recipe_from_dict({k: v for k, v in saved.items() if k not in SPLIT_KEYS + PROVENANCE_KEYS})
+    data = data if data is not None else saved.get("data", ".")
+    n_folds = n_folds if n_folds is not None else saved.get("n_folds", 5)
+    fold_seed = fold_seed if fold_seed is not None else saved.get("fold_seed", 0)
+    return open_run(name, data, recipe, n_folds, fold_seed)
+
+
+def read_config(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable run config ({type(e).__name__}); delete the run to redo it") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not a run config; delete the run to start again")
+    return saved
+
+
+def differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every leaf where two recipes (as dicts) differ: `stages.2.size`, not `stages`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(new) + [k for k in old if k not in new]
+        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{key}.{i}")]
+    return [] if old == new else [(key, old, new)]
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=paths.REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=paths.REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------- probabilities
+@dataclass
+class Probs:
+    """Class probabilities of some images: `values[i]` belongs to `files[i]`, columns in `classes` order."""
+
+    values: np.ndarray  # (n_images, n_classes) float32
+    files: list[str]
+    classes: list[str]
+
+
+def save_probs(path: Path, probs: Probs) -> None:
+    """One format: a CSV `file,<class>...`; 9 significant digits give back every float32 exactly."""
+    df = pd.DataFrame(probs.values.astype(np.float32), columns=probs.classes)
+    df.insert(0, "file", probs.files)
+    write_csv(path, df, float_format="%.9g")
+
+
+def load_probs(path: Path) -> Probs:
+    if not path.exists():
+        raise UserError(f"{path}: no probabilities (make predict)")
+    try:
+        df = pd.read_csv(path, float_precision="round_trip")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path}: unreadable probabilities ({type(e).__name__}); delete it to redo it") from None
+    if df.columns[0] != "file" or len(df.columns) < 3:
+        raise UserError(f"{path}: expected columns file,<class>,..., got {','.join(map(str, df.columns))}")
+    return Probs(df.iloc[:, 1:].to_numpy(np.float32), df.file.tolist(), df.columns[1:].tolist())
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a run: a fold's snapshot (stage<s>-cycle<c>) or final weights, and its saved probabilities
+    (`oof` on its fold's validation images, `test` on every test image, `oof-notta` without TTA)."""
+
+    run: str
+    fold: int
+    name: str
+    weights: Path
+
+    @property
+    def label(self) -> str:
+        return f"fold{self.fold}-{self.name}"
+
+    def probs_path(self, split: str) -> Path:
+        return paths.run_dir(self.run) / "probs" / f"{self.label}.{split}.csv"
+
+    @property
+    def meta_path(self) -> Path:
+        """What the probabilities were made from (weights, TTA, size), and how long it took."""
+        return paths.run_dir(self.run) / "probs" / f"{self.label}.json"
+
+    def state_dict(self, device="cpu") -> dict:
+        """The member's weights; a damaged or foreign file exits 2 naming it."""
+        import torch
+
+        if not self.weights.exists():
+            raise UserError(f"{self.weights}: missing (fold {self.fold} of run {self.run!r}: train it again)")
+        try:
+            return torch.load(self.weights, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or unsafe: the user has to know which file
+            why = type(e).__name__
+            raise UserError(f"{self.weights}: not readable weights ({why}); delete the fold to retrain it") from None
+
+    def load(self, split: str) -> Probs:
+        return load_probs(self.probs_path(split))
+
+    def save(self, split: str, probs: Probs) -> None:
+        save_probs(self.probs_path(split), probs)
