@@ -156,3 +156,41 @@ def test_kaggle_cli_starts(tmp_path):
     )
     assert "ModuleNotFoundError" not in r.stderr
     assert "2.2.5" in r.stdout + r.stderr
+
+
+def test_real_client_maps_the_kaggle_packages_own_objects(tmp_path, capsys):
+    """RealKaggle against the kaggle package offline: its calls bind to KaggleApi's real signatures, and the
+    package's ApiSubmission objects (enum status, string scores, None while pending) become leaderboard rows."""
+    import inspect
+
+    from kaggle.api.kaggle_api_extended import KaggleApi
+    from kagglesdk.competitions.types.competition_api_service import ApiSubmission
+
+    from seedlings.fetch import RealKaggle
+    from seedlings.kaggle_io import leaderboard
+
+    scored = {"date": "2026-11-27T10:00:00Z", "description": "cpu: OOF 0.91", "status": "COMPLETE"}
+    scored |= {"publicScore": "0.97103", "privateScore": "0.96852"}
+    pending = {"date": "2026-11-27T11:00:00Z", "description": "gpu", "status": "PENDING"}
+    calls = []
+
+    class Api:  # records each call after checking it binds to the real method's signature
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                inspect.signature(getattr(KaggleApi, name)).bind(None, *args, **kwargs)
+                calls.append(name)
+                return [ApiSubmission.from_dict(scored), None, ApiSubmission.from_dict(pending)]
+
+            return call
+
+    client = object.__new__(RealKaggle)  # no authentication: the boundary is the api object
+    client.api = Api()
+    client.submit(tmp_path / "s.csv", "message")
+    client.download(tmp_path / "dl")
+    rows = leaderboard(client)
+    assert calls == ["competition_submit", "competition_download_files", "competition_submissions"]
+    assert [(r["status"], r["public_score"], r["private_score"]) for r in rows] == [
+        ("complete", "0.97103", "0.96852"),
+        ("pending", "", ""),
+    ]
+    assert "complete    public 0.97103   private 0.96852   cpu: OOF 0.91" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from seedlings.schedule import cycle_end_epochs, make_scheduler, sgdr_lr, stage_epochs
+from seedlings.schedule import cycle_end_epochs, make_scheduler, sgdr_lr
 
 
 def closed_form(step, peak, steps_per_epoch, cycle_len, cycle_mult):
@@ -22,7 +22,7 @@ def test_torch_scheduler_matches_closed_form(cycle_len, cycle_mult, n_cycles, st
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     opt = torch.optim.SGD([{"params": [params[0]], "lr": 1e-3}, {"params": [params[1]], "lr": 1e-2}], lr=1e-2)
     sched = make_scheduler(opt, steps_per_epoch, cycle_len, cycle_mult)
-    total = stage_epochs(n_cycles, cycle_len, cycle_mult) * steps_per_epoch
+    total = cycle_end_epochs(n_cycles, cycle_len, cycle_mult)[-1] * steps_per_epoch
     for step in range(total):
         for g, peak in zip(opt.param_groups, (1e-3, 1e-2)):
             assert g["lr"] == pytest.approx(closed_form(step, peak, steps_per_epoch, cycle_len, cycle_mult), abs=1e-12)
@@ -47,7 +47,7 @@ def test_scheduler_with_warmup_matches_closed_form():
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 1e-3}])
     sched = make_scheduler(opt, 7, 2, 2, warmup=5)
-    for step in range(stage_epochs(2, 2, 2) * 7):
+    for step in range(cycle_end_epochs(2, 2, 2)[-1] * 7):
         for g, peak in zip(opt.param_groups, (1e-4, 1e-3)):
             assert g["lr"] == pytest.approx(sgdr_lr(step, peak, 7, 2, 2, warmup=5), abs=1e-15)
         opt.step()
@@ -57,7 +57,7 @@ def test_scheduler_with_warmup_matches_closed_form():
 def test_cycle_ends():
     assert cycle_end_epochs(3, 1, 2) == [1, 3, 7]
     assert cycle_end_epochs(3, 2, 1) == [2, 4, 6]
-    assert stage_epochs(3, 1, 2) == 7
+    assert cycle_end_epochs(3, 1, 2)[-1] == 7
 
 
 def test_restart_values():
@@ -76,7 +76,7 @@ def test_logged_trace_of_a_real_fold(trained_fold):
     for stage_i, stage in enumerate(recipe.stages):
         rows = lrs[lrs.stage == stage_i].reset_index(drop=True)
         n = steps[stage_i]
-        assert len(rows) == stage_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult) * n
+        assert len(rows) == cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)[-1] * n
         from seedlings.config import lrs_of
 
         peaks = lrs_of(stage.lr, 3)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -39,7 +40,7 @@ def test_submit_writes_valid_csv_then_skips_everything(demo_master, home):
         timeout=300,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert "fold2-stage2-cycle1 (no TTA)" in evaluated.stdout and "equal blend" in evaluated.stdout
+    check_evaluate_numbers(evaluated.stdout, home)
     stamps = {p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny").rglob("*.pt")}
     stamps.update({p: p.stat().st_mtime_ns for p in (home / "runs" / "tiny" / "probs").glob("fold*.csv")})
     assert len(stamps) > 20
@@ -50,6 +51,34 @@ def test_submit_writes_valid_csv_then_skips_everything(demo_master, home):
     assert second.stdout.count("nothing to do") == 3
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # no model trained or predicted again
     assert csv.read_bytes() == before and csv.with_suffix(".json").exists()
+
+
+def check_evaluate_numbers(stdout: str, home) -> None:
+    """The numbers `evaluate` prints, recomputed here from the saved probabilities with pandas alone."""
+    rows = {}
+    for line in stdout.splitlines()[1:]:
+        what, f1, loss = line.rsplit(maxsplit=2)
+        rows[what.strip()] = (float(f1), float(loss))
+    (folds_csv,) = (home / "data" / "folds").glob("*-k3-s0.csv")
+    label = pd.read_csv(folds_csv).set_index("file").species
+    probs = home / "runs" / "tiny" / "probs"
+
+    def scored(df: pd.DataFrame) -> tuple[float, float]:
+        p = df.set_index("file")
+        truth = label.loc[p.index]
+        p_true = [p.at[f, s] for f, s in truth.items()]
+        return round(float((p.idxmax(axis=1) == truth).mean()), 4), round(float(-np.log(p_true).mean()), 4)
+
+    assert rows["fold0-stage2-cycle1 (TTA)"] == pytest.approx(
+        scored(pd.read_csv(probs / "fold0-stage2-cycle1.oof.csv")), abs=1e-4
+    )
+    assert rows["fold2-stage2-cycle1 (no TTA)"] == pytest.approx(
+        scored(pd.read_csv(probs / "fold2-stage2-cycle1.oof-notta.csv")), abs=1e-4
+    )
+    members = pd.concat(pd.read_csv(p) for p in sorted(probs.glob("fold*.oof.csv")))  # 3 folds x 2 snapshots
+    assert len(members) == 2 * len(label)
+    blend = members.groupby("file").mean().reset_index()
+    assert rows["all folds x 2 snapshots, equal blend (TTA)"] == pytest.approx(scored(blend), abs=1e-4)
 
 
 def test_killed_submit_resumes(demo_master, home):

@@ -230,6 +230,25 @@ def test_logistic_head_is_the_converged_probe(demo_master, home):
     assert len(m) == 1 and m.train_loss.iloc[0] < 2.0  # fitted its training features (chance: ln 12 = 2.48)
 
 
+def test_frozen_features_are_computed_once_for_every_fold(demo_master, home, monkeypatch):
+    """While the backbone is still the pretrained one, every fold's precompute stage reads one feature file of the
+    run: the backbone runs over the images once, not once per fold; each fold still fits its own head."""
+    import seedlings.train as T
+
+    calls = []
+    original = T.pooled_features
+    monkeypatch.setattr(T, "pooled_features", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    run = tiny_run(demo_master, "shared", "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]")
+    heads = []
+    for fold in (0, 1):
+        train_fold(run, fold)
+        heads.append(torch.load(run.fold_dir(fold) / "final.pt", weights_only=True)["classifier.weight"])
+    assert calls == [32]
+    assert len(list((run.dir / "features").iterdir())) == 1
+    assert not any((run.fold_dir(k) / "features").exists() for k in (0, 1))
+    assert not torch.equal(heads[0], heads[1])
+
+
 @pytest.mark.slow
 def test_real_images_no_drop_at_stage_changes(real, home):
     """Fold 0 of configs/cpu.yaml on the real 150 px photos (minutes): validation micro-F1 falls by at most 2 points

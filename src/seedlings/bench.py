@@ -149,10 +149,10 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
     rows.append(loader_row("demo, large images", large, 128, 64 if quick else 192))
     print("\nloader images/s at 128 px, batch 32, 1 process (same machine, same run)")
     print(f"{'data':<22} {'median px':>9} {'(a) naive PIL':>14} {'(b) cached':>11} {'b/a':>6} {'cache build s':>14}")
-    for r in rows:
+    for row in rows:
         print(
-            f"{r['data']:<22} {r['median side']:>9} {r['naive']:>14.1f} {r['cached']:>11.1f} {r['ratio']:>6.1f} "
-            f"{r['cache build s']:>14.1f}"
+            f"{row['data']:<22} {row['median side']:>9} {row['naive']:>14.1f} {row['cached']:>11.1f} "
+            f"{row['ratio']:>6.1f} {row['cache build s']:>14.1f}"
         )
     t = training_row(Path(data) if data is not None else large, 128, 3 if quick else 12)
     print(f"\ntraining images/s, tf_efficientnet_lite0 at {t['size']} px, batch 32, {torch.get_num_threads()} threads")

@@ -202,8 +202,8 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         from seedlings.run import saved_run
         from seedlings.submit import submit
 
-        names = [r for r in dict.fromkeys(args.runs or []) if r != run.name]
-        others = [saved_run(r, args.data, args.n_folds, args.fold_seed) for r in names]
+        names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
+        others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
         submit(run, others, weights=args.weights, command=sys.argv)
     return 0
 
@@ -213,7 +213,7 @@ def evaluate(run) -> None:
     from seedlings.folds import load_folds
 
     rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
-    width = max(len(r[0]) for r in rows)
+    width = max(len(what) for what, _, _ in rows)
     print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
     for what, f1, loss in rows:
         print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")

@@ -242,9 +242,10 @@ def own_size(holdout: Path) -> int:
 def format_compare(table: pd.DataFrame, holdout: Path) -> str:
     lines = [f"held-out images of {holdout}: micro-F1, macro-F1, wall seconds"]
     width = max(len(w) for w in table.what)
-    for r in table.itertuples():
-        if pd.isna(getattr(r, "micro_f1", np.nan)):
-            lines.append(f"{r.what:<{width}}  {'':>8}  {'':>8}  {'':>7}  {r.how}")
+    for entry in table.itertuples():
+        if pd.isna(getattr(entry, "micro_f1", np.nan)):
+            lines.append(f"{entry.what:<{width}}  {'':>8}  {'':>8}  {'':>7}  {entry.how}")
         else:
-            lines.append(f"{r.what:<{width}}  {r.micro_f1:8.4f}  {r.macro_f1:8.4f}  {r.seconds:7.0f}  {r.how}")
+            scores = f"{entry.micro_f1:8.4f}  {entry.macro_f1:8.4f}  {entry.seconds:7.0f}"
+            lines.append(f"{entry.what:<{width}}  {scores}  {entry.how}")
     return "\n".join(lines)

@@ -156,43 +156,45 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _validate(r: Recipe) -> None:
+def _validate(recipe: Recipe) -> None:
     def bad(key: str, why: str) -> None:
         raise UserError(f"{key}: {why}")
 
-    if r.pretrained not in ("bundled", "hub", "none") and not r.pretrained.endswith((".pth", ".pt", ".safetensors")):
-        bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {r.pretrained!r}")
-    if not 0 <= r.drop_rate < 1:
-        bad("drop_rate", f"must be in [0, 1), got {r.drop_rate}")
-    if r.batch_size < 1:
-        bad("batch_size", f"must be at least 1, got {r.batch_size}")
-    if r.optimizer not in ("sgd", "adamw"):
-        bad("optimizer", f"expected sgd or adamw, got {r.optimizer!r}")
-    if not 0 <= r.label_smoothing < 1:
-        bad("label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
-    if r.layer_groups < 1:
-        bad("layer_groups", f"must be at least 1, got {r.layer_groups}")
-    if r.tta not in ("none", "flip", "d4", "d4+scales"):
-        bad("tta", f"expected none, flip, d4 or d4+scales, got {r.tta!r}")
-    if r.tta_mean not in ("arith", "geom"):
-        bad("tta_mean", f"expected arith or geom, got {r.tta_mean!r}")
-    if not 0 < r.crop_scale <= 1:
-        bad("crop_scale", f"must be in (0, 1], got {r.crop_scale}")
-    if r.cache_margin < 1:
-        bad("cache_margin", f"must be at least 1, got {r.cache_margin}")
-    if r.predict_size < 0 or 0 < r.predict_size < 16:
-        bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {r.predict_size}")
-    if r.train_folds < 0:
-        bad("train_folds", f"must be 0 (every fold) or a number of folds, got {r.train_folds}")
-    if r.head_c < 0:
-        bad("head_c", f"must be 0 (cross-validated) or positive, got {r.head_c}")
-    if r.bn_stats not in ("frozen", "batch"):
-        bad("bn_stats", f"expected frozen or batch, got {r.bn_stats!r}")
-    if r.bn_stats == "frozen" and r.pretrained == "none":
+    if recipe.pretrained not in ("bundled", "hub", "none") and not recipe.pretrained.endswith(
+        (".pth", ".pt", ".safetensors")
+    ):
+        bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {recipe.pretrained!r}")
+    if not 0 <= recipe.drop_rate < 1:
+        bad("drop_rate", f"must be in [0, 1), got {recipe.drop_rate}")
+    if recipe.batch_size < 1:
+        bad("batch_size", f"must be at least 1, got {recipe.batch_size}")
+    if recipe.optimizer not in ("sgd", "adamw"):
+        bad("optimizer", f"expected sgd or adamw, got {recipe.optimizer!r}")
+    if not 0 <= recipe.label_smoothing < 1:
+        bad("label_smoothing", f"must be in [0, 1), got {recipe.label_smoothing}")
+    if recipe.layer_groups < 1:
+        bad("layer_groups", f"must be at least 1, got {recipe.layer_groups}")
+    if recipe.tta not in ("none", "flip", "d4", "d4+scales"):
+        bad("tta", f"expected none, flip, d4 or d4+scales, got {recipe.tta!r}")
+    if recipe.tta_mean not in ("arith", "geom"):
+        bad("tta_mean", f"expected arith or geom, got {recipe.tta_mean!r}")
+    if not 0 < recipe.crop_scale <= 1:
+        bad("crop_scale", f"must be in (0, 1], got {recipe.crop_scale}")
+    if recipe.cache_margin < 1:
+        bad("cache_margin", f"must be at least 1, got {recipe.cache_margin}")
+    if recipe.predict_size < 0 or 0 < recipe.predict_size < 16:
+        bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {recipe.predict_size}")
+    if recipe.train_folds < 0:
+        bad("train_folds", f"must be 0 (every fold) or a number of folds, got {recipe.train_folds}")
+    if recipe.head_c < 0:
+        bad("head_c", f"must be 0 (cross-validated) or positive, got {recipe.head_c}")
+    if recipe.bn_stats not in ("frozen", "batch"):
+        bad("bn_stats", f"expected frozen or batch, got {recipe.bn_stats!r}")
+    if recipe.bn_stats == "frozen" and recipe.pretrained == "none":
         bad("bn_stats", "frozen keeps pretrained statistics, and pretrained: none has none; use bn_stats: batch")
-    if not r.stages:
+    if not recipe.stages:
         bad("stages", "at least one stage is needed")
-    for i, s in enumerate(r.stages):
+    for i, s in enumerate(recipe.stages):
         key = f"stages.{i}"
         if s.size < 16:
             bad(f"{key}.size", f"must be at least 16 px, got {s.size}")
@@ -210,9 +212,9 @@ def _validate(r: Recipe) -> None:
             bad(f"{key}.fit", "logistic needs precompute: true (it solves the head on precomputed features)")
         if s.precompute and not s.freeze:
             bad(f"{key}.precompute", "needs freeze: true (features of a changing backbone cannot be precomputed)")
-        if isinstance(s.lr, list) and len(s.lr) != r.layer_groups:
-            bad(f"{key}.lr", f"has {len(s.lr)} values for {r.layer_groups} layer groups")
-        for lr in lrs_of(s.lr, r.layer_groups):
+        if isinstance(s.lr, list) and len(s.lr) != recipe.layer_groups:
+            bad(f"{key}.lr", f"has {len(s.lr)} values for {recipe.layer_groups} layer groups")
+        for lr in lrs_of(s.lr, recipe.layer_groups):
             if not 0 < lr < 100:
                 bad(f"{key}.lr", f"every learning rate must be in (0, 100), got {lr}")
 

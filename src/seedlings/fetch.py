@@ -101,8 +101,20 @@ class RealKaggle:
 
     def submissions(self) -> list[dict]:
         subs = self._call(self.api.competition_submissions, COMPETITION) or []
-        keys = ("date", "description", "status", "public_score", "private_score")
-        return [{k: getattr(s, k, getattr(s, "_" + k, "")) for k in keys} for s in subs if s is not None]
+        return [submission_row(s) for s in subs if s is not None]
+
+
+def submission_row(sub) -> dict:
+    """One of the kaggle package's ApiSubmission objects as the row `make leaderboard` prints: the status enum by
+    name (complete, pending, error), scores as Kaggle gives them (strings; empty until scored)."""
+    status = getattr(sub, "status", "")
+    return {
+        "date": getattr(sub, "date", ""),
+        "description": getattr(sub, "description", "") or "",
+        "status": getattr(status, "name", str(status)).lower(),
+        "public_score": getattr(sub, "public_score", "") or "",
+        "private_score": getattr(sub, "private_score", "") or "",
+    }
 
 
 def safe_extract(archive: Path, dest: Path) -> None:

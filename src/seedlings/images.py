@@ -182,17 +182,17 @@ def check_competition(root: str | Path, skip_bad_images: bool = False, with_dige
     counts = {c: 0 for c in comp.classes}
     for label in comp.train_labels:
         counts[comp.classes[label]] += 1
-    ok = [r for r in results if r[3] is None]
+    ok = [(width, height) for _, width, height, error in results if error is None]
     report = DataReport(
         counts,
         len(comp.test_files),
-        [r[1] for r in ok],
-        [r[2] for r in ok],
+        [width for width, _ in ok],
+        [height for _, height in ok],
         [g for g in by_digest.values() if len(g) > 1],
         bad,
     )
     if with_digests:
-        digests = {n: r[0] for n, r in zip(names, results)}
+        digests = {name: digest for name, (digest, *_rest) in zip(names, results)}
         digests["sample_submission.csv"] = file_digest(comp.root / "sample_submission.csv")
         return report, digests
     return report

@@ -32,9 +32,9 @@ def leaderboard(client: KaggleClient | None = None) -> list[dict]:
     rows = (client or RealKaggle()).submissions()
     if not rows:
         print("no submissions yet")
-    for r in rows:
+    for row in rows:
         print(
-            f"{str(r['date'])[:19]:19}  {str(r['status']):10}  public {str(r['public_score']):8}  "
-            f"private {str(r['private_score']):8}  {r['description']}"
+            f"{str(row['date'])[:19]:19}  {str(row['status']):10}  public {str(row['public_score']):8}  "
+            f"private {str(row['private_score']):8}  {row['description']}"
         )
     return rows

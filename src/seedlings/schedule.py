@@ -12,10 +12,6 @@ def cycle_lengths(n_cycles: int, cycle_len: int, cycle_mult: int) -> list[int]:
     return [cycle_len * cycle_mult**i for i in range(n_cycles)]
 
 
-def stage_epochs(n_cycles: int, cycle_len: int, cycle_mult: int) -> int:
-    return sum(cycle_lengths(n_cycles, cycle_len, cycle_mult))
-
-
 def sgdr_lr(step: int, peak: float, steps_per_epoch: int, cycle_len: int, cycle_mult: int, warmup: int = 0) -> float:
     """The learning rate at optimizer step `step` (0-based) of a stage; 0 at the end of each cycle.
 

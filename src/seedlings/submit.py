@@ -40,7 +40,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         for fold in run.folds():
             train_fold(run, fold)
     with timed(timings, "predict"):
-        members = [m for r in [run, *others] for m in predict_run(r)]
+        members = [m for blended in [run, *others] for m in predict_run(blended)]
     with timed(timings, "blend"):
         files, parts = assemble(members)
         label_of = dict(zip(folds.file, folds.species))
@@ -57,7 +57,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "submission": str(out),
         "rows": n_rows,
         "run": run.name,
-        "runs": [r.name for r in [run, *others]],
+        "runs": [blended.name for blended in [run, *others]],
         "data": str(run.data.resolve()),
         "n_folds": run.n_folds,
         "fold_seed": run.fold_seed,

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from seedlings.metrics import PROB_FLOOR
+
 DIHEDRAL = range(8)
 ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
 
@@ -48,6 +50,6 @@ def tta_predict(
     """
     p = torch.stack([forward(view(x, k, scale)).float().softmax(-1) for k, scale in tta_views(name)])
     if mean == "geom":  # geometric mean, renormalised to sum to 1
-        g = torch.exp(torch.log(p.clamp_min(1e-12)).mean(0))
+        g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
         return g / g.sum(-1, keepdim=True)
     return p.mean(0)
