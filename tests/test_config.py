@@ -61,6 +61,16 @@ def test_lr_forms():
     ("train_folds=-1", "train_folds"),
     ("predict_size=8", "predict_size"),
     ("head_c=-1", "head_c"),
+    ("stages.0.lr={max: 1e-3, mult: 0}", "stages.0.lr.mult"),  # was a ZeroDivisionError
+    ("momentum=-5", "momentum"),
+    ("seed=-1", "seed"),
+    ("lr_find_steps=0", "lr_find_steps"),
+    ("weight_decay=-1", "weight_decay"),
+    ("stages.0.size=100000", "stages.0.size"),  # OpenCV would try to allocate 39.7 GB
+    ("cache_margin=50", "cache_margin"),
+    ("lr_find_start=20", "lr_find_start"),
+    ("stages.1.n_cycles=0", "stages.1.n_cycles"),
+    ("num_workers=-2", "num_workers"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError) as e:
@@ -79,23 +89,25 @@ def test_bad_files(tmp_path):
         load_recipe(tmp_path / "list.yaml")
 
 
-def test_a_runs_recorded_recipe_reloads(home, tmp_path):
+def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path):
     """runs/<run>/config.yaml is the resolved recipe plus the split and provenance; the recipe part loads back as a
     recipe file (to reproduce a run) and as the run (to blend or grade it)."""
     import yaml
 
+    from seedlings.folds import load_folds
     from seedlings.run import Run, saved_run
 
     r = load_recipe(CONFIGS / "cpu.yaml", ["seed=4"])
-    run = Run("other", tmp_path / "data", r, n_folds=4, fold_seed=2)
+    run = Run("other", demo_master, r, n_folds=4, fold_seed=2)
+    load_folds(demo_master, 4, 2)  # a run is recorded when its first fold trains: its folds exist then
     run.record()
     saved = yaml.safe_load(run.config_path.read_text())
-    assert saved["git_commit"] and saved["data"] == str(tmp_path / "data") and saved["n_folds"] == 4
+    assert saved["git_commit"] and saved["data"] == str(demo_master.resolve()) and saved["n_folds"] == 4
     recipe_only = {k: v for k, v in saved.items() if k not in ("git_commit", "data", "n_folds", "fold_seed")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_only))
     assert load_recipe(tmp_path / "r.yaml") == r
     back = saved_run("other")
-    assert (back.recipe, back.n_folds, back.fold_seed, back.data) == (r, 4, 2, tmp_path / "data")
-    assert sorted(p.name for p in run.dir.iterdir()) == ["config.yaml"]  # nothing written beside it
+    assert (back.recipe, back.n_folds, back.fold_seed, back.data) == (r, 4, 2, demo_master.resolve())
+    assert sorted(p.name for p in run.dir.iterdir()) == ["config.yaml", "data.json"]  # nothing else
     with pytest.raises(UserError, match="not found"):
         saved_run("missing")

@@ -12,7 +12,7 @@ import numpy as np
 
 from seedlings import paths
 from seedlings.errors import UserError
-from seedlings.files import atomic_path, write_json
+from seedlings.files import atomic_path, check_free_space, write_json
 from seedlings.images import Competition, listing_hash, parallel_imap, read_image
 
 CACHE_VERSION = 1  # bump when the stored pixels would change for the same inputs
@@ -53,7 +53,9 @@ def load_cache(comp: Competition, split: str, size: int, skip_bad_images: bool =
     """Open the cache of (dataset, split, size), building it first when missing (on every core)."""
     data_path, meta_path = cache_paths(comp, split, size)
     files = comp.train_files if split == "train" else comp.test_files
-    if not meta_path.exists():  # the .json is written last: its presence means the array is complete
+    expected = max(1, len(files)) * size * size * 3
+    # the .json is written last: its presence means the array is complete (unless something truncated it since)
+    if not meta_path.exists() or not data_path.exists() or data_path.stat().st_size != expected:
         build_cache(comp, split, size, skip_bad_images, data_path, meta_path)
     meta = json.loads(meta_path.read_text())
     if meta["bad"] and not skip_bad_images:
@@ -68,6 +70,8 @@ def build_cache(
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
     bad = []
+    # a memmap written past the disk's end dies by SIGBUS, without a word: its size is known, check it first
+    check_free_space(data_path, max(1, len(files)) * size * size * 3)
     with atomic_path(data_path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
         loader = partial(_load, size=size)

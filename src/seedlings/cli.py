@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download (or unpack --archive) the competition into --data and verify it")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--archive", default=None, help="a bundle downloaded by hand from the competition page")
+    p.add_argument("--max-expand", type=float, default=20, help="extracted bytes allowed per archive byte")
 
     p = sub.add_parser("demo-data", help="generate a small synthetic competition")
     p.add_argument("--out", default="data/demo")
@@ -124,7 +125,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     if stage == "fetch":
         from seedlings.fetch import fetch
 
-        fetch(args.data, archive=args.archive)
+        fetch(args.data, archive=args.archive, max_expand=args.max_expand)
     elif stage == "demo-data":
         from seedlings.demo import make_demo
 

@@ -156,67 +156,95 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+MAX_SIZE = 1024  # px, largest training or prediction size: the cache then holds 4,750 images at 1,178 px (20 GB)
+
+# [low, high] of every number a recipe holds (None: no bound); a value outside exits 2 naming the key
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "drop_rate": (0.0, 0.95),
+    "batch_size": (1, 4096),
+    "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 1.0),
+    "label_smoothing": (0.0, 0.5),
+    "layer_groups": (1, 16),
+    "seed": (0, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
+    "predict_size": (0, MAX_SIZE),
+    "train_folds": (0, None),
+    "crop_scale": (0.01, 1.0),
+    "cache_margin": (1.0, 2.0),
+    "num_workers": (-1, 256),
+    "head_c": (0.0, 1e6),
+    "lr_find_start": (1e-12, 1.0),
+    "lr_find_end": (1e-6, 1000.0),
+    "lr_find_steps": (4, 100_000),
+}
+STAGE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "size": (16, MAX_SIZE),
+    "n_cycles": (1, 100),
+    "cycle_len": (1, 1000),
+    "cycle_mult": (1, 10),
+    "warmup": (0.0, None),
+}
+CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "tta": ("none", "flip", "d4", "d4+scales"),
+    "tta_mean": ("arith", "geom"),
+    "bn_stats": ("frozen", "batch"),
+}
+
+
+def check_range(key: str, value: float, low: float | None, high: float | None) -> None:
+    def shown(v: float | None, unbounded: str) -> str:
+        return unbounded if v is None else str(v) if isinstance(v, int) else f"{v:g}"
+
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UserError(f"{key}: must be in [{shown(low, '-inf')}, {shown(high, 'inf')}], got {shown(value, '')}")
+
+
 def _validate(recipe: Recipe) -> None:
     def bad(key: str, why: str) -> None:
         raise UserError(f"{key}: {why}")
 
+    for key, (low, high) in RANGES.items():
+        check_range(key, getattr(recipe, key), low, high)
+    for key, allowed in CHOICES.items():
+        if getattr(recipe, key) not in allowed:
+            bad(key, f"expected {' or '.join(allowed)}, got {getattr(recipe, key)!r}")
     if recipe.pretrained not in ("bundled", "hub", "none") and not recipe.pretrained.endswith(
         (".pth", ".pt", ".safetensors")
     ):
         bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {recipe.pretrained!r}")
-    if not 0 <= recipe.drop_rate < 1:
-        bad("drop_rate", f"must be in [0, 1), got {recipe.drop_rate}")
-    if recipe.batch_size < 1:
-        bad("batch_size", f"must be at least 1, got {recipe.batch_size}")
-    if recipe.optimizer not in ("sgd", "adamw"):
-        bad("optimizer", f"expected sgd or adamw, got {recipe.optimizer!r}")
-    if not 0 <= recipe.label_smoothing < 1:
-        bad("label_smoothing", f"must be in [0, 1), got {recipe.label_smoothing}")
-    if recipe.layer_groups < 1:
-        bad("layer_groups", f"must be at least 1, got {recipe.layer_groups}")
-    if recipe.tta not in ("none", "flip", "d4", "d4+scales"):
-        bad("tta", f"expected none, flip, d4 or d4+scales, got {recipe.tta!r}")
-    if recipe.tta_mean not in ("arith", "geom"):
-        bad("tta_mean", f"expected arith or geom, got {recipe.tta_mean!r}")
-    if not 0 < recipe.crop_scale <= 1:
-        bad("crop_scale", f"must be in (0, 1], got {recipe.crop_scale}")
-    if recipe.cache_margin < 1:
-        bad("cache_margin", f"must be at least 1, got {recipe.cache_margin}")
-    if recipe.predict_size < 0 or 0 < recipe.predict_size < 16:
+    if 0 < recipe.predict_size < 16:
         bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {recipe.predict_size}")
-    if recipe.train_folds < 0:
-        bad("train_folds", f"must be 0 (every fold) or a number of folds, got {recipe.train_folds}")
-    if recipe.head_c < 0:
-        bad("head_c", f"must be 0 (cross-validated) or positive, got {recipe.head_c}")
-    if recipe.bn_stats not in ("frozen", "batch"):
-        bad("bn_stats", f"expected frozen or batch, got {recipe.bn_stats!r}")
+    if recipe.lr_find_start >= recipe.lr_find_end:
+        bad("lr_find_start", f"must be below lr_find_end ({recipe.lr_find_end:g}), got {recipe.lr_find_start:g}")
     if recipe.bn_stats == "frozen" and recipe.pretrained == "none":
         bad("bn_stats", "frozen keeps pretrained statistics, and pretrained: none has none; use bn_stats: batch")
     if not recipe.stages:
         bad("stages", "at least one stage is needed")
-    for i, s in enumerate(recipe.stages):
-        key = f"stages.{i}"
-        if s.size < 16:
-            bad(f"{key}.size", f"must be at least 16 px, got {s.size}")
-        if s.n_cycles < 1:
-            bad(f"{key}.n_cycles", f"must be at least 1, got {s.n_cycles}")
-        if s.cycle_len <= 0:
-            bad(f"{key}.cycle_len", f"must be positive, got {s.cycle_len}")
-        if s.cycle_mult < 1:
-            bad(f"{key}.cycle_mult", f"must be at least 1, got {s.cycle_mult}")
-        if not 0 <= s.warmup < s.cycle_len:
-            bad(f"{key}.warmup", f"must be in [0, cycle_len) epochs, got {s.warmup}")
-        if s.fit not in ("sgdr", "logistic"):
-            bad(f"{key}.fit", f"expected sgdr or logistic, got {s.fit!r}")
-        if s.fit == "logistic" and not s.precompute:
-            bad(f"{key}.fit", "logistic needs precompute: true (it solves the head on precomputed features)")
-        if s.precompute and not s.freeze:
-            bad(f"{key}.precompute", "needs freeze: true (features of a changing backbone cannot be precomputed)")
-        if isinstance(s.lr, list) and len(s.lr) != recipe.layer_groups:
-            bad(f"{key}.lr", f"has {len(s.lr)} values for {recipe.layer_groups} layer groups")
-        for lr in lrs_of(s.lr, recipe.layer_groups):
-            if not 0 < lr < 100:
-                bad(f"{key}.lr", f"every learning rate must be in (0, 100), got {lr}")
+    for i, stage in enumerate(recipe.stages):
+        _validate_stage(recipe, i, stage)
+
+
+def _validate_stage(recipe: Recipe, i: int, s: Stage) -> None:
+    key = f"stages.{i}"
+    for name, (low, high) in STAGE_RANGES.items():
+        check_range(f"{key}.{name}", getattr(s, name), low, high)
+    if not s.warmup < s.cycle_len:
+        raise UserError(f"{key}.warmup: must be in [0, cycle_len) epochs, got {s.warmup}")
+    if s.fit not in ("sgdr", "logistic"):
+        raise UserError(f"{key}.fit: expected sgdr or logistic, got {s.fit!r}")
+    if s.fit == "logistic" and not s.precompute:
+        raise UserError(f"{key}.fit: logistic needs precompute: true (it solves the head on precomputed features)")
+    if s.precompute and not s.freeze:
+        raise UserError(f"{key}.precompute: needs freeze: true (features of a changing backbone cannot be precomputed)")
+    if isinstance(s.lr, list) and len(s.lr) != recipe.layer_groups:
+        raise UserError(f"{key}.lr: has {len(s.lr)} values for {recipe.layer_groups} layer groups")
+    if isinstance(s.lr, dict) and not 1 <= s.lr["mult"] <= 1000:
+        raise UserError(f"{key}.lr.mult: must be in [1, 1000] (each earlier group's rate is the next one's / mult), "
+                        f"got {s.lr['mult']:g}")  # fmt: skip
+    for lr in lrs_of(s.lr, recipe.layer_groups):
+        if not 0 < lr < 100:
+            raise UserError(f"{key}.lr: every learning rate must be in (0, 100), got {lr}")
 
 
 def lrs_of(lr: LR, n_groups: int) -> list[float]:

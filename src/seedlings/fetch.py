@@ -8,6 +8,8 @@ import shutil
 import stat
 import sys
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -31,6 +33,9 @@ class KaggleClient(Protocol):
     def submissions(self) -> list[dict]: ...
 
 
+WARNED: set[str] = set()  # credential files already warned about
+
+
 def _config_dir() -> Path:
     return Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
 
@@ -44,7 +49,8 @@ def credentials_source() -> str:
     for name in ("access_token", "kaggle.json", "credentials.json"):
         f = _config_dir() / name
         if f.is_file():
-            if f.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            if f.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) and str(f) not in WARNED:
+                WARNED.add(str(f))  # once per process, however many calls look for credentials
                 print(f"warning: {f} is readable by other users; run: chmod 600 {f}", file=sys.stderr)
             return str(f)
     raise UserError(
@@ -85,12 +91,20 @@ class RealKaggle:
             raise explain_kaggle_error(e) from None
 
     def _call(self, fn, *args, **kwargs):
+        """One call of the kaggle API with a socket timeout (its HTTP client sets none: a network that drops packets
+        would hang forever) and every failure as one line."""
+        import socket
+
+        before = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(KAGGLE_TIMEOUT_S)
         try:
             return fn(*args, **kwargs)
         except SystemExit:
             raise UserError("the kaggle package stopped (see its message above)") from None
         except Exception as e:  # noqa: BLE001
             raise explain_kaggle_error(e) from None
+        finally:
+            socket.setdefaulttimeout(before)
 
     def download(self, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
@@ -117,8 +131,29 @@ def submission_row(sub) -> dict:
     }
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a zip, refusing (before writing anything) absolute paths, `..` and links."""
+MAX_EXPAND = 20  # extracted bytes / archive bytes allowed by default; the real bundle (PNGs) expands about 1:1
+KAGGLE_TIMEOUT_S = 120  # seconds a Kaggle call may wait on a silent network before it fails
+
+
+@dataclass
+class Budget:
+    """Bytes extraction may still write: a zip bomb stops here instead of filling the disk."""
+
+    left: int
+    limit: int
+
+    def spend(self, archive: Path, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise UserError(
+                f"{archive}: expands past {self.limit:,} bytes (--max-expand times the archive; default "
+                f"{MAX_EXPAND}): a zip bomb or the wrong file? A larger --max-expand allows more"
+            )
+
+
+def safe_extract(archive: Path, dest: Path, budget: Budget) -> None:
+    """Extract a zip, refusing (before writing anything) absolute paths, `..` and links; member by member, so a
+    damaged member is named and the budget holds whatever sizes the directory claims."""
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
@@ -131,13 +166,25 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 raise UserError(f"{archive}: member {info.filename!r} points outside the target; refusing to extract")
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise UserError(f"{archive}: member {info.filename!r} is a link; refusing to extract")
-        zf.extractall(dest)
+        for info in zf.infolist():
+            target = dest / info.filename.replace("\\", "/")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        budget.spend(archive, len(chunk))
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise UserError(f"{archive}: member {info.filename!r} is damaged ({e}); download it again") from None
 
 
-def expand_nested(folder: Path) -> None:
+def expand_nested(folder: Path, budget: Budget) -> None:
     """The bundle has shipped train.zip, test.zip, sample_submission.csv.zip inside the outer zip: open them."""
     for inner in sorted(folder.rglob("*.zip")):
-        safe_extract(inner, inner.parent)
+        safe_extract(inner, inner.parent, budget)
         inner.unlink()
 
 
@@ -176,44 +223,39 @@ def is_verified(data: Path) -> bool:
     return all((data / n).stat().st_size == f["bytes"] for n, f in files.items())
 
 
-def fetch(data: str | Path, archive: str | Path | None = None, client: KaggleClient | None = None) -> Path:
-    """Make `data` a verified competition folder: download (or take `archive`), extract, check, write MANIFEST.json."""
+def fetch(
+    data: str | Path,
+    archive: str | Path | None = None,
+    client: KaggleClient | None = None,
+    max_expand: float = MAX_EXPAND,
+) -> Path:
+    """Make `data` a verified competition folder: download (or take `archive`), extract, check, write MANIFEST.json.
+    Nothing is left behind by a failure: the folder appears under its name complete or not at all."""
     data = Path(data)
-    if is_verified(data):
-        print(f"{data}: verified (MANIFEST.json matches), nothing to do")
-        return data
     if data.exists():
+        if archive is not None:
+            print(f"note: {data} exists, so {archive} was not unpacked; delete {data} to unpack it", file=sys.stderr)
+        if is_verified(data):
+            print(f"{data}: file list and sizes match MANIFEST.json (hashes not re-read), nothing to do")
+            return data
         scan_competition(data)  # a folder unpacked by hand: use it as it is, never write into it
-        print(f"{data}: exists without a MANIFEST.json; using it as it is (check it with `make check-data`)")
+        print(f"{data}: exists without a matching MANIFEST.json; using it as it is (check it with `make check-data`)")
         return data
-    if archive is None:
-        raw = paths.raw_dir()
-        (client or RealKaggle()).download(raw)
-        zips = sorted(raw.glob("*.zip"))
-        if not zips and not (raw / "train").is_dir():
-            raise UserError(f"{raw}: the download left no zip and no train/ folder")
-        source = zips[0] if zips else raw
-    else:
-        source = Path(archive)
-        if not source.exists():
-            raise UserError(f"{source}: archive not found")
+    source = download(client) if archive is None else Path(archive)
+    if not source.exists():
+        raise UserError(f"{source}: archive not found")
+    packed = sum(z.stat().st_size for z in source.glob("*.zip")) if source.is_dir() else source.stat().st_size
+    limit = int(max(packed, 1 << 20) * max_expand)  # at least 1 MiB x the factor: tiny test bundles still unpack
+    budget = Budget(limit, limit)
     tmp = data.with_name(data.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    unpack = data.with_name(data.name + ".unpack")
-    shutil.rmtree(unpack, ignore_errors=True)
-    unpack.mkdir(parents=True)
     try:
-        if source.is_dir():
-            shutil.copytree(source, unpack / "bundle", ignore=shutil.ignore_patterns("*.zip"))
-            for z in source.glob("*.zip"):
-                safe_extract(z, unpack / "bundle")
-        else:
-            safe_extract(source, unpack)
-        expand_nested(unpack)
-        find_root(unpack).rename(tmp)
-    finally:
-        shutil.rmtree(unpack, ignore_errors=True)
-    report, digests = check_competition(tmp, with_digests=True)
+        unpack_bundle(source, data.with_name(data.name + ".unpack"), tmp, budget)
+        report, digests = check_competition(tmp, with_digests=True)
+        write_manifest(tmp, report, digests)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     n_train = sum(report.counts.values())
     if (n_train, report.n_test) != (REAL_COUNTS["train"], REAL_COUNTS["test"]):
         print(
@@ -221,7 +263,33 @@ def fetch(data: str | Path, archive: str | Path | None = None, client: KaggleCli
             f"{REAL_COUNTS['train']} and {REAL_COUNTS['test']}",
             file=sys.stderr,
         )
-    write_manifest(tmp, report, digests)
     tmp.rename(data)  # only a complete, verified folder gets the real name
     print(f"{data}: {n_train} train, {report.n_test} test images in {len(report.counts)} species; verified")
     return data
+
+
+def download(client: KaggleClient | None) -> Path:
+    """The competition's files from Kaggle into data/raw/: the bundle's zip, or the folder it was unpacked into."""
+    raw = paths.raw_dir()
+    (client or RealKaggle()).download(raw)
+    zips = sorted(raw.glob("*.zip"))
+    if not zips and not (raw / "train").is_dir():
+        raise UserError(f"{raw}: the download left no zip and no train/ folder")
+    return zips[0] if zips else raw
+
+
+def unpack_bundle(source: Path, unpack: Path, out: Path, budget: Budget) -> None:
+    """Extract a bundle (a zip, or a folder of zips and files) and move its competition folder to `out`."""
+    shutil.rmtree(unpack, ignore_errors=True)
+    unpack.mkdir(parents=True)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, unpack / "bundle", ignore=shutil.ignore_patterns("*.zip"))
+            for z in source.glob("*.zip"):
+                safe_extract(z, unpack / "bundle", budget)
+        else:
+            safe_extract(source, unpack, budget)
+        expand_nested(unpack, budget)
+        find_root(unpack).rename(out)
+    finally:
+        shutil.rmtree(unpack, ignore_errors=True)

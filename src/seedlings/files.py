@@ -6,13 +6,20 @@ the next write of the same path removes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
+from seedlings.errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tmp_path(path: Path) -> Path:
@@ -20,19 +27,61 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
+def remove_stale_tmp(path: Path) -> None:
+    """Temporary files of `path` left by processes that no longer run (killed mid-write)."""
+    for old in path.parent.glob(f"{path.stem}.tmp*{path.suffix}"):
+        pid = old.name[len(path.stem) + 4 : len(old.name) - len(path.suffix)]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def free_bytes(folder: Path) -> int:
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Exit 2 before writing `needed` bytes to `path` where the disk cannot hold them (with 1% and 64 MiB spare)."""
+    free = free_bytes(path.parent)
+    if free < needed * 1.01 + (64 << 20):
+        raise UserError(f"{path}: needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free on its disk; free space first")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it is fsynced and renamed to `path`, on failure removed."""
+    """Yields a temporary path to write; on success it is fsynced and renamed to `path`, on failure removed. A full
+    disk exits 2 naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
     tmp = tmp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write as RuntimeError: judge by the space left, not the exception's type
+        if isinstance(e, OSError | RuntimeError) and (
+            getattr(e, "errno", None) in DISK_FULL or free_bytes(path.parent) < (16 << 20)
+        ):
+            free = free_bytes(path.parent)
+            raise UserError(
+                f"{path}: disk full ({written:,} bytes written, {free:,} free); free space and run again"
+            ) from None
         raise
 
 
@@ -60,3 +109,42 @@ def save_torch(path: str | Path, obj) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | Path, what: str, device="cpu"):
+    """A file torch.save wrote (weights only: nothing executes); a truncated, foreign or unsafe one exits 2 naming
+    it and what it was (`weights`, `features`, `checkpoint`)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the user has to know which file, not torch's traceback
+        raise UserError(f"{path}: not readable {what} ({type(e).__name__}); delete it and run again") from None
+
+
+@contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """One writer at a time: an advisory lock on `lock` held for the block; a second process exits 2 saying who
+    holds it (another fold, another run: other lock files, so `make -j` keeps working)."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{lock.parent}: {what} is in use by {holder}; wait for it to end or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()

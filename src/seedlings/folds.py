@@ -24,10 +24,11 @@ def default_folds_path(comp: Competition, n_folds: int, seed: int) -> Path:
     return paths.folds_dir() / f"{comp.root.resolve().name}-{dataset_key(comp)}-k{n_folds}-s{seed}.csv"
 
 
-def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int, n_classes: int = 0) -> np.ndarray:
     """Fold index per image: stratified by label, each group of identical images in one fold."""
-    if np.bincount(labels).min() < n_folds:
-        smallest = int(np.bincount(labels).min())
+    counts = np.bincount(labels, minlength=n_classes)  # minlength: an empty last class counts too
+    if counts.min() < n_folds:
+        smallest = int(counts.min())
         raise UserError(f"--n-folds: {n_folds} folds need at least {n_folds} images per species (smallest: {smallest})")
     fold = np.full(len(labels), -1)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -59,7 +60,7 @@ def make_folds(
     digests = parallel_map(file_digest, [comp.train_path(f) for f in comp.train_files], desc="hash")
     _, groups = np.unique(np.array(digests), return_inverse=True)
     labels = np.array(comp.train_labels)
-    fold = assign_folds(labels, groups, n_folds, seed)
+    fold = assign_folds(labels, groups, n_folds, seed, len(comp.classes))
     df = pd.DataFrame({"file": comp.train_files, "species": [comp.classes[i] for i in labels], "fold": fold})
     write_json(meta, {**params, "duplicate_groups": int(len(digests) - groups.max() - 1)})
     write_csv(out, df)  # last: the CSV's presence means its parameters are written

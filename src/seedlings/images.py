@@ -59,6 +59,7 @@ class Competition:
     train_files: list[str]  # "<Species>/<name>.png"
     train_labels: list[int]
     test_files: list[str]  # "<name>.png"
+    ignored: tuple[str, ...] = ()  # subfolders inside species folders or test/: not part of the competition
 
     def train_path(self, rel: str) -> Path:
         return self.root / "train" / rel
@@ -67,8 +68,20 @@ class Competition:
         return self.root / "test" / rel
 
 
+def list_folder(folder: Path) -> tuple[list[str], list[str]]:
+    """(file names, subfolder notes) of one folder: files sorted, each subfolder as `path/ (N files)`."""
+    files, subfolders = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            subfolders.append(f"{p}/ ({sum(1 for q in p.rglob('*') if _listed(q))} files)")
+        elif _listed(p):
+            files.append(p.name)
+    return files, subfolders
+
+
 def scan_competition(root: str | Path, need_test: bool = True) -> Competition:
-    """List a competition folder; a missing train/ (or test/, sample_submission.csv) exits 2 naming it."""
+    """List a competition folder; a missing train/ (or test/, sample_submission.csv), an empty species folder, a test
+    set one folder down or a sample submission that does not list test/ exits 2 naming it."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: competition folder not found (make data, or make demo-data and DATA=data/demo)")
@@ -78,21 +91,64 @@ def scan_competition(root: str | Path, need_test: bool = True) -> Competition:
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{train}: no species folders")
-    files, labels = [], []
+    files, labels, ignored = [], [], []
     for label, species in enumerate(classes):
-        for p in sorted((train / species).iterdir()):
-            if _listed(p):
-                files.append(f"{species}/{p.name}")
-                labels.append(label)
+        names, subfolders = list_folder(train / species)
+        if not names:
+            raise UserError(f"{train / species}: empty species folder (no images); remove it or add its images")
+        files += [f"{species}/{n}" for n in names]
+        labels += [label] * len(names)
+        ignored += subfolders
     test_files: list[str] = []
     if need_test:
-        test = root / "test"
-        if not test.is_dir():
-            raise UserError(f"{test}: missing (a competition folder holds test/*.png)")
-        if not (root / "sample_submission.csv").is_file():
-            raise UserError(f"{root / 'sample_submission.csv'}: missing")
-        test_files = sorted(p.name for p in test.iterdir() if _listed(p))
-    return Competition(root, classes, files, labels, test_files)
+        test_files, subfolders = list_test(root)
+        ignored += subfolders
+        check_sample_lists_test(root, test_files)
+    return Competition(root, classes, files, labels, test_files, tuple(ignored))
+
+
+def list_test(root: Path) -> tuple[list[str], list[str]]:
+    test = root / "test"
+    if not test.is_dir():
+        raise UserError(f"{test}: missing (a competition folder holds test/*.png)")
+    files, subfolders = list_folder(test)
+    if not files:
+        where = f"; {subfolders[0]} holds them one folder down: move them up into test/" if subfolders else ""
+        raise UserError(f"{test}: no test images{where}")
+    return files, subfolders
+
+
+def read_sample(root: str | Path) -> list[str]:
+    """The test files sample_submission.csv lists, in its order (Kaggle grades rows by `file`)."""
+    import pandas as pd
+
+    path = Path(root) / "sample_submission.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        sample = pd.read_csv(path, dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({type(e).__name__})") from None
+    if "file" not in sample.columns:
+        columns = ",".join(map(str, sample.columns))
+        raise UserError(f"{path}: no 'file' column (columns: {columns}); Kaggle's sample has file,species")
+    dup = sample.file[sample.file.duplicated()]
+    if len(dup):
+        raise UserError(f"{path}: {len(dup)} files listed twice, e.g. {dup.iloc[0]}")
+    return sample.file.tolist()
+
+
+def check_sample_lists_test(root: Path, test_files: list[str]) -> None:
+    """sample_submission.csv and test/ must name the same images: found in seconds, not after training."""
+    listed, present = read_sample(root), set(test_files)
+    missing = [f for f in listed if f not in present]
+    extra = sorted(present - set(listed))
+    if missing:
+        raise UserError(
+            f"{root / 'sample_submission.csv'}: {len(missing)} listed files are not in test/, e.g. {missing[0]}"
+        )
+    if extra:
+        raise UserError(f"{root / 'test'}: {len(extra)} images not listed in sample_submission.csv, e.g. {extra[0]}")
 
 
 def file_digest(path: Path) -> str:
@@ -145,6 +201,7 @@ class DataReport:
     heights: list[int]
     duplicates: list[list[str]]  # groups of byte-identical files ("train/<Species>/x.png", "test/y.png")
     bad: list[str]  # error messages, one per unreadable file
+    ignored: tuple[str, ...] = ()  # subfolders that are not part of the competition
 
     def lines(self) -> list[str]:
         out = [f"train: {sum(self.counts.values())} images in {len(self.counts)} species; test: {self.n_test} images"]
@@ -162,6 +219,9 @@ class DataReport:
         if self.bad:
             out.append(f"skipped {len(self.bad)} unreadable files:")
             out += ["  " + b for b in self.bad]
+        if self.ignored:
+            out.append(f"ignored {len(self.ignored)} subfolders (species folders and test/ hold images directly):")
+            out += ["  " + s for s in self.ignored]
         return out
 
 
@@ -190,6 +250,7 @@ def check_competition(root: str | Path, skip_bad_images: bool = False, with_dige
         [height for _, height in ok],
         [g for g in by_digest.values() if len(g) > 1],
         bad,
+        comp.ignored,
     )
     if with_digests:
         digests = {name: digest for name, (digest, *_rest) in zip(names, results)}

@@ -13,6 +13,7 @@ from torch import nn
 from seedlings.config import Recipe
 from seedlings.context import FoldContext, train_step
 from seedlings.errors import UserError
+from seedlings.files import load_torch
 from seedlings.model import make_optimizer
 from seedlings.run import Run
 from seedlings.train import load_checkpoint, plan_stage, train_fold
@@ -44,7 +45,7 @@ def weights_before_stage(run: Run, fold: int, stage: int) -> dict | None:
     if not snap.exists():
         train_fold(run, fold, until_stage=stage)
     if snap.exists():
-        return torch.load(snap, map_location="cpu", weights_only=True)
+        return load_torch(snap, "snapshot")
     ckpt = load_checkpoint(out / "checkpoint.pt")
     if ckpt["stage"] != stage or ckpt["epoch"] != 0:
         raise UserError(f"{out}: trained past stage {stage} without snapshots; set snapshots: true or a new RUN")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from seedlings.cache import load_cache
 from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, to_device
-from seedlings.files import write_json
+from seedlings.files import exclusive, write_json
 from seedlings.run import Member, Probs, Run
 from seedlings.tta import tta_predict, tta_views
 
@@ -27,28 +27,38 @@ def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, si
     return torch.cat(out).numpy()
 
 
-def prediction_inputs(member: Member, run: Run) -> dict:
-    """What a member's probabilities depend on besides the data: its weights and the prediction keys."""
+def prediction_inputs(member: Member, run: Run, test_key: str) -> dict:
+    """What a member's probabilities depend on: its weights, the prediction keys and the test images' contents (the
+    training images cannot change under a run: opening it checks them)."""
     recipe = run.recipe
     return {
         "weights_mtime_ns": member.weights.stat().st_mtime_ns,
         "tta": recipe.tta,
         "tta_mean": recipe.tta_mean,
         "size": recipe.eval_size,
+        "test_images": test_key,
     }
 
 
-def is_predicted(member: Member, run: Run) -> bool:
+def is_predicted(member: Member, inputs: dict) -> bool:
     meta = member.meta_path
-    return meta.exists() and json.loads(meta.read_text()).get("inputs") == prediction_inputs(member, run)
+    return meta.exists() and json.loads(meta.read_text()).get("inputs") == inputs
 
 
 def predict_fold(run: Run, fold: int) -> list[Member]:
     """Probabilities of each member of one fold; members already predicted from the same inputs are skipped."""
     members = run.members(fold)
-    todo = [m for m in members if not is_predicted(m, run)]
+    test_key = run.test_key()
+    todo = [m for m in members if not is_predicted(m, prediction_inputs(m, run, test_key))]
     if not todo:
         return members
+    with exclusive(run.fold_dir(fold) / ".lock", f"fold {fold} of run {run.name!r}"):
+        predict_members(run, fold, todo, test_key)
+    return members
+
+
+def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> None:
+    last = run.members(fold)[-1]
     recipe, size = run.recipe, run.recipe.eval_size
     ctx = prepare_fold(run, fold)
     test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images)
@@ -61,16 +71,15 @@ def predict_fold(run: Run, fold: int) -> list[Member]:
         seconds = time.perf_counter() - start
         m.save("oof", Probs(oof, val_files, classes))
         m.save("test", Probs(test_probs, test.files, classes))
-        if m == members[-1] and recipe.tta != "none":  # the single model without TTA, for comparison
+        if m == last and recipe.tta != "none":  # the single model without TTA, for comparison
             m.save("oof-notta", Probs(tta_probs(ctx, None, ctx.val_idx, size, "none"), val_files, classes))
         n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
         info = {"seconds": seconds, "images": n_images, "images_per_s": n_images / seconds, "views": n_views}
-        write_json(m.meta_path, {"inputs": prediction_inputs(m, run), **info})
+        write_json(m.meta_path, {"inputs": prediction_inputs(m, run, test_key), **info})
         print(
             f"fold {fold} {m.name}: {n_images} images x {n_views} views in {seconds:.1f}s "
             f"({info['images_per_s']:.1f} images/s)"
         )
-    return members
 
 
 def predict_run(run: Run, folds: list[int] | None = None) -> list[Member]:

@@ -24,9 +24,11 @@ def _plt():
     return plt
 
 
-def write_report(run: Run, comp: Competition, oof: Probs, labels: np.ndarray, table: dict, n_worst: int = 12) -> Path:
+def write_report(
+    run: Run, comp: Competition, oof: Probs, labels: np.ndarray, table: dict, skipped: dict | None = None
+) -> Path:
     """report.md from the blend's out-of-fold probabilities (`labels`: the true class of each of `oof.files`), its
-    member table and the folds' metrics; returns its path."""
+    member table, the folds' metrics and the images skipped as unreadable; returns its path."""
     out = run.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run `{run.name}`", ""]
@@ -39,7 +41,12 @@ def write_report(run: Run, comp: Competition, oof: Probs, labels: np.ndarray, ta
     lines += ["## Blend", "", "| member | OOF micro-F1 | OOF log loss | weight |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['micro_f1']:.4f} | {v['log_loss']:.4f} | {v['weight']:.3f} |" for k, v in table.items()]
     lines.append("")
-    lines += worst_section(comp, oof, labels, out, n_worst)
+    lines += worst_section(comp, oof, labels, out, n_worst=12)
+    for split, files in (skipped or {}).items():
+        if files:
+            lines += [f"## Unreadable {split} images (skip_bad_images)", "", *[f"- `{f}`" for f in files], ""]
+    if comp.ignored:
+        lines += ["## Subfolders not read", "", *[f"- `{s}`" for s in comp.ignored], ""]
     return write_text(out / "report.md", "\n".join(lines))
 
 

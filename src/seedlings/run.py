@@ -4,6 +4,8 @@ runs/<run>/config.yaml, its members' weights and their probabilities.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,9 @@ import yaml
 from seedlings import paths
 from seedlings.config import FREE_KEYS, Recipe, recipe_dict, recipe_from_dict
 from seedlings.errors import UserError
-from seedlings.files import write_csv, write_text
+from seedlings.files import load_torch, write_csv, write_json, write_text
+from seedlings.folds import default_folds_path
+from seedlings.images import Competition, file_digest, parallel_map, scan_competition
 
 SPLIT_KEYS = ("n_folds", "fold_seed")  # recorded beside the recipe: fold k of another split is another model
 PROVENANCE_KEYS = ("git_commit", "data")  # recorded for the reader, never compared (a data folder may move)
@@ -51,12 +55,21 @@ class Run:
     def is_trained(self, fold: int) -> bool:
         return (self.fold_dir(fold) / "done.json").exists()
 
+    @property
+    def data_record_path(self) -> Path:
+        """What the run was trained on: size, mtime and sha256 of every image, and the folds file's sha256."""
+        return self.dir / "data.json"
+
     def check(self) -> None:
         """Exit 2 naming every recorded key this run's recipe or split differs in (prediction-only keys may differ:
-        each prediction records its own)."""
+        each prediction records its own), or what changed in its training images or folds since it was trained."""
         saved = read_config(self.config_path)
         if saved is None:
             return
+        self.check_config(saved)
+        self.check_data()
+
+    def check_config(self, saved: dict) -> None:
         split = {k: getattr(self, k) for k in SPLIT_KEYS}
         diffs = [f"--{k.replace('_', '-')} {saved[k]} (given {v})" for k, v in split.items() if saved.get(k, v) != v]
         ignored = (*FREE_KEYS, *SPLIT_KEYS, *PROVENANCE_KEYS)
@@ -70,12 +83,39 @@ class Run:
             )
 
     def record(self) -> None:
-        """Write config.yaml (the resolved recipe, the split, git commit, data) unless it is there already."""
+        """Write config.yaml (the resolved recipe, the split, git commit, data) and data.json unless there already."""
         if self.config_path.exists():
             return
         extra = {"n_folds": self.n_folds, "fold_seed": self.fold_seed, "git_commit": git_commit()}
         extra["data"] = str(Path(self.data).resolve())
+        comp = scan_competition(self.data)
+        record = {split: digests(comp, split, {}) for split in ("train", "test")}
+        record["folds"] = file_digest(default_folds_path(comp, self.n_folds, self.fold_seed))
+        write_json(self.data_record_path, record)
         write_text(self.config_path, yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False))
+
+    def check_data(self) -> None:
+        """The training images and the folds file must be those the run was trained on: a model of other images
+        would be blended and graded as if it were of these."""
+        if not self.data_record_path.exists():
+            return  # a run recorded before data.json existed
+        recorded = json.loads(self.data_record_path.read_text())
+        comp = scan_competition(self.data)
+        changes = describe_changes(recorded["train"], digests(comp, "train", recorded["train"]))
+        if changes:
+            raise UserError(
+                f"{self.data / 'train'}: the training images changed since run {self.name!r} was trained ({changes});"
+                f" start a new RUN, or delete runs/{self.name} to train it again"
+            )
+        folds = default_folds_path(comp, self.n_folds, self.fold_seed)
+        if folds.exists() and file_digest(folds) != recorded["folds"]:
+            raise UserError(f"{folds}: not the folds run {self.name!r} was trained with; start a new RUN")
+
+    def test_key(self) -> str:
+        """A short hash of the test images' contents: predictions of other test images are made again."""
+        recorded = json.loads(self.data_record_path.read_text())["test"] if self.data_record_path.exists() else {}
+        now = digests(scan_competition(self.data), "test", recorded)
+        return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
     def members(self, fold: int | None = None) -> list[Member]:
         """The models to predict with, of one fold or of every trained fold: the last stage's cycle-end snapshots
@@ -124,6 +164,31 @@ def saved_run(
     n_folds = n_folds if n_folds is not None else saved.get("n_folds", 5)
     fold_seed = fold_seed if fold_seed is not None else saved.get("fold_seed", 0)
     return open_run(name, data, recipe, n_folds, fold_seed)
+
+
+def digests(comp: Competition, split: str, known: dict[str, list]) -> dict[str, list]:
+    """{file: [bytes, mtime_ns, sha256]} of a split; files whose size and mtime match `known` keep its hash."""
+    where = comp.train_path if split == "train" else comp.test_path
+    files = comp.train_files if split == "train" else comp.test_files
+    stats = {f: where(f).stat() for f in files}
+    out = {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}
+    for f, entry in out.items():
+        if f in known and known[f][:2] == entry:
+            entry.append(known[f][2])
+    todo = [f for f, entry in out.items() if len(entry) == 2]
+    for f, digest in zip(todo, parallel_map(file_digest, [where(f) for f in todo], desc=f"hash {split}")):
+        out[f].append(digest)
+    return out
+
+
+def describe_changes(before: dict[str, list], after: dict[str, list]) -> str:
+    """'2 added (e.g. a.png), 1 removed (e.g. b.png), 1 changed (e.g. c.png)', or '' when the contents are equal."""
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(f for f in set(before) & set(after) if before[f][2] != after[f][2])
+    parts = [f"{len(fs)} {what} (e.g. {fs[0]})" for fs, what in ((added, "added"), (removed, "removed"),
+             (changed, "changed")) if fs]  # fmt: skip
+    return ", ".join(parts)
 
 
 def read_config(path: Path) -> dict | None:
@@ -217,16 +282,8 @@ class Member:
         return paths.run_dir(self.run) / "probs" / f"{self.label}.json"
 
     def state_dict(self, device="cpu") -> dict:
-        """The member's weights; a damaged or foreign file exits 2 naming it."""
-        import torch
-
-        if not self.weights.exists():
-            raise UserError(f"{self.weights}: missing (fold {self.fold} of run {self.run!r}: train it again)")
-        try:
-            return torch.load(self.weights, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated, foreign or unsafe: the user has to know which file
-            why = type(e).__name__
-            raise UserError(f"{self.weights}: not readable weights ({why}); delete the fold to retrain it") from None
+        """The member's weights; a missing, damaged or foreign file exits 2 naming it."""
+        return load_torch(self.weights, f"weights of fold {self.fold} of run {self.run!r}", device)
 
     def load(self, split: str) -> Probs:
         return load_probs(self.probs_path(split))

@@ -10,13 +10,13 @@ import pandas as pd
 
 from seedlings.errors import UserError
 from seedlings.files import write_csv
-from seedlings.images import scan_competition
+from seedlings.images import read_sample, scan_competition
 from seedlings.metrics import micro_f1
 
 
 def write_submission(path: Path, files: list[str], species: list[str], sample: Path) -> None:
     """file,species in sample_submission.csv's order, written atomically."""
-    order = pd.read_csv(sample).file.tolist()
+    order = read_sample(sample.parent)
     by_file = dict(zip(files, species))
     missing = [f for f in order if f not in by_file]
     if missing:
@@ -28,7 +28,7 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     if not path.is_file():
         raise UserError(f"{path}: not found")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the header
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{path}: not a readable CSV ({e})") from None
@@ -45,7 +45,7 @@ def validate_submission(data: str | Path, submission: str | Path) -> int:
     problems = []
     if [h.strip() for h in header] != ["file", "species"]:
         problems.append(f"header is {','.join(header)!r}, expected 'file,species'")
-    expected = pd.read_csv(Path(data) / "sample_submission.csv").file.tolist()
+    expected = read_sample(data)
     species = set(comp.classes)
     seen: dict[str, int] = {}
     for i, row in enumerate(rows, start=2):
@@ -75,8 +75,8 @@ def validate_submission(data: str | Path, submission: str | Path) -> int:
 
 def grade(submission: str | Path, answers: str | Path) -> float:
     """Micro-F1 (= accuracy) of a submission against a file,species CSV of the true labels."""
-    sub = pd.read_csv(submission, dtype=str)
-    ans = pd.read_csv(answers, dtype=str)
+    sub = pd.read_csv(submission, dtype=str, encoding="utf-8-sig")
+    ans = pd.read_csv(answers, dtype=str, encoding="utf-8-sig")
     for name, df in (("submission", sub), ("answers", ans)):
         if list(df.columns) != ["file", "species"]:
             raise UserError(f"{submission if name == 'submission' else answers}: expected columns file,species")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from seedlings import paths
-from seedlings.config import recipe_dict
+from seedlings.cache import load_cache
+from seedlings.config import Recipe, recipe_dict
 from seedlings.ensemble import assemble, blend, format_table
 from seedlings.files import write_json
 from seedlings.folds import load_folds
-from seedlings.images import scan_competition
+from seedlings.images import Competition, scan_competition
 from seedlings.predict import predict_run
 from seedlings.report import write_report
 from seedlings.run import Probs, Run, git_commit, save_probs
@@ -29,13 +31,26 @@ def timed(timings: dict, step: str) -> Iterator[None]:
     timings[step] = time.perf_counter() - start
 
 
+def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
+    """The split's unreadable images (skip_bad_images: true; otherwise the first exits 2), named where they go."""
+    bad = load_cache(comp, split, recipe.cache_size, recipe.skip_bad_images).bad
+    if bad:
+        what = "left out of training" if split == "train" else "predicted from a blank image"
+        print(f"warning: {len(bad)} unreadable {split} images {what}: {', '.join(bad)}", file=sys.stderr)
+    return bad
+
+
 def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None) -> Path:
     """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished
     runs on the same data and folds whose members join the blend."""
     timings: dict[str, float] = {}
-    comp = scan_competition(run.data)
+    comp = scan_competition(run.data)  # sample_submission.csv against test/: checked before anything trains
     with timed(timings, "folds"):
         folds = load_folds(run.data, run.n_folds, run.fold_seed)
+        # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours
+        skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
+    if comp.ignored:
+        print(f"warning: subfolders not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
     with timed(timings, "train"):
         for fold in run.folds():
             train_fold(run, fold)
@@ -66,11 +81,12 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "weights": weights,
         "members": table,
         "oof_files": len(files),
+        "skipped_images": skipped,
         "seconds": timings,
         "command": command or [],
     }
     write_json(out.with_suffix(".json"), provenance)
-    report = write_report(run, comp, oof, labels, table)
+    report = write_report(run, comp, oof, labels, table, skipped)
     print(
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"

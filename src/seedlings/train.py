@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from seedlings.config import lrs_of
+from seedlings.config import FREE_KEYS, lrs_of, recipe_dict
 from seedlings.context import FoldContext, autocast, eval_loader, predict_probs, prepare_fold, to_device, train_step
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.errors import UserError
-from seedlings.files import save_torch, write_csv, write_json
+from seedlings.files import exclusive, load_torch, save_torch, write_csv, write_json
 from seedlings.metrics import log_loss, val_scores
 from seedlings.model import is_norm_param, make_optimizer, param_groups
 from seedlings.run import Run
@@ -54,7 +55,7 @@ def features_for(ctx: FoldContext, stage_i: int) -> torch.Tensor:
     where = ctx.run.dir / "features" if shared else ctx.dir / "features"
     path = where / f"s{stage_i}-{stage.size}px-{'d4' if recipe.precompute_d4 else 'id'}-{len(ctx.labels)}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        return load_torch(path, "precomputed features")
     views = tuple(range(8)) if recipe.precompute_d4 else (0,)
     feats = pooled_features(ctx, stage.size, np.arange(len(ctx.labels)), views)
     save_torch(path, feats)
@@ -156,14 +157,24 @@ def plan_precompute(ctx: FoldContext, stage_i: int, lrs: list[float]) -> StagePl
 
 
 # -------------------------------------------------------------------------------------------------- checkpointing
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, foreign or unsafe: the user has to know which file
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to start again") from None
+def load_checkpoint(path: Path, owner: str | None = None) -> dict:
+    """A fold's checkpoint; `owner` (checkpoint_owner of the run and fold resuming it) must be the one it records."""
+    ckpt = load_torch(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a seedlings checkpoint; delete it to start the fold again")
+    if owner is not None and ckpt.get("owner") != owner:
+        raise UserError(
+            f"{path}: written by {ckpt.get('owner') or 'another run'}, not {owner}; delete it to start again"
+        )
     return ckpt
+
+
+def checkpoint_owner(ctx: FoldContext) -> str:
+    """Run, fold and a hash of what shapes its models (recipe less the free keys, split): a checkpoint copied from
+    another run or fold is refused instead of resumed with that run's metrics."""
+    trained = {k: v for k, v in recipe_dict(ctx.recipe).items() if k not in FREE_KEYS}
+    key = json.dumps([trained, ctx.run.n_folds, ctx.run.fold_seed], sort_keys=True)
+    return f"run {ctx.run.name!r} fold {ctx.fold} recipe {hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def rng_state() -> dict:
@@ -190,6 +201,15 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None) -> dict:
     if done.exists():
         print(f"{out}: finished, nothing to do")
         return json.loads(done.read_text())
+    with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
+        return train_locked(run, fold, until_stage)
+
+
+def train_locked(run: Run, fold: int, until_stage: int | None) -> dict:
+    out = run.fold_dir(fold)
+    done = out / "done.json"
+    if done.exists():  # finished by the process that held the lock before
+        return json.loads(done.read_text())
     ctx = prepare_fold(run, fold)
     run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
     ckpt = resume_from_checkpoint(ctx)
@@ -214,7 +234,7 @@ def resume_from_checkpoint(ctx: FoldContext) -> dict | None:
     path = ctx.dir / "checkpoint.pt"
     if not path.exists():
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, checkpoint_owner(ctx))
     ctx.model.load_state_dict(ckpt["model"])
     set_rng_state(ckpt["rng"])
     print(f"{ctx.dir}: resuming at stage {ckpt['stage']}, epoch {ckpt['epoch']} of that stage")
@@ -263,6 +283,7 @@ class Progress:
             out / "checkpoint.pt",
             {
                 "format": CHECKPOINT_FORMAT,
+                "owner": checkpoint_owner(self.ctx),
                 "model": state,
                 "optimizer": None if at_stage_end else optimizer.state_dict(),
                 "scheduler": None if at_stage_end else scheduler.state_dict(),
