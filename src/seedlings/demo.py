@@ -182,6 +182,10 @@ def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: 
     from seedlings.images import scan_competition
 
     src, out = Path(src).resolve(), Path(out)
+    if not 0 < fraction < 1:
+        raise UserError(f"--fraction: must be in (0, 1), got {fraction}")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed: must be in [0, {2**32 - 1}], got {seed}")
     if out.exists():
         raise UserError(f"{out}: already exists (remove it first)")
     comp = scan_competition(src, need_test=False)

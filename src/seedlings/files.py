@@ -105,6 +105,11 @@ def write_csv(path: str | Path, df: pd.DataFrame, **to_csv) -> Path:
     return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, lineterminator="\n", **to_csv))
 
 
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """A matplotlib figure as a PNG (the format from the suffix, which the temporary name keeps)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+
+
 def save_torch(path: str | Path, obj) -> Path:
     import torch
 

@@ -13,7 +13,7 @@ from torch import nn
 from seedlings.config import Recipe
 from seedlings.context import FoldContext, train_step
 from seedlings.errors import UserError
-from seedlings.files import load_torch
+from seedlings.files import load_torch, save_figure
 from seedlings.model import make_optimizer
 from seedlings.run import Run
 from seedlings.train import load_checkpoint, plan_stage, train_fold
@@ -140,5 +140,5 @@ def plot_sweep(df: pd.DataFrame, suggested: dict[str, float], path: Path) -> Non
     ax.set(xscale="log", xlabel="learning rate (head group)", ylabel="smoothed loss", title="LR range test")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)

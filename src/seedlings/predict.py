@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from seedlings.cache import load_cache
 from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, to_device
+from seedlings.errors import UserError
 from seedlings.files import exclusive, write_json
 from seedlings.run import Member, Probs, Run
 from seedlings.tta import tta_predict, tta_views
@@ -31,6 +32,8 @@ def prediction_inputs(member: Member, run: Run, test_key: str) -> dict:
     """What a member's probabilities depend on: its weights, the prediction keys and the test images' contents (the
     training images cannot change under a run: opening it checks them)."""
     recipe = run.recipe
+    if not member.weights.exists():
+        raise UserError(f"{member.weights}: weights missing (fold {member.fold} of run {run.name!r}: train it again)")
     return {
         "weights_mtime_ns": member.weights.stat().st_mtime_ns,
         "tta": recipe.tta,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score
 
-from seedlings.files import write_text
+from seedlings.files import save_figure, write_text
 from seedlings.images import Competition, read_image
 from seedlings.metrics import micro_f1
 from seedlings.run import Probs, Run
@@ -57,7 +57,7 @@ def data_section(comp: Competition, out: Path) -> list[str]:
     ax.barh([comp.classes[i] for i in counts.index], counts.values)
     ax.set(xlabel="training images", title=f"{len(comp.train_files)} training, {len(comp.test_files)} test images")
     fig.tight_layout()
-    fig.savefig(out / "classes.png", dpi=80)
+    save_figure(fig, out / "classes.png", dpi=80)
     plt.close(fig)
     return ["## Data", "", "![classes](classes.png)", ""]
 
@@ -86,7 +86,7 @@ def oof_section(oof: Probs, labels: np.ndarray, out: Path) -> list[str]:
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="out-of-fold confusion (blend)")
     fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=80)
+    save_figure(fig, out / "confusion.png", dpi=80)
     plt.close(fig)
     per_class = f1_score(labels, pred, average=None, labels=range(len(classes)))
     lines = ["## Out-of-fold results (blend)", "", f"micro-F1 {micro_f1(labels, pred):.4f} over {len(labels)} images"]
@@ -110,7 +110,7 @@ def worst_section(comp: Competition, oof: Probs, labels: np.ndarray, out: Path, 
         ax.imshow(read_image(comp.train_path(oof.files[i])))
         ax.set_title(f"{classes[labels[i]][:14]}\nas {classes[pred[i]][:14]} p={p_true[i]:.2f}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "worst.png", dpi=80)
+    save_figure(fig, out / "worst.png", dpi=80)
     plt.close(fig)
     lines = ["## Worst out-of-fold images", "", "true species, predicted species, probability of the true one", ""]
     return [*lines, "![worst](worst.png)", "", *[f"- `{oof.files[i]}`: p={p_true[i]:.3f}" for i in worst], ""]

@@ -33,6 +33,14 @@ class Run:
     n_folds: int = 5
     fold_seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_folds <= 100:
+            raise UserError(f"--n-folds: must be in [2, 100], got {self.n_folds}")
+        if not 0 <= self.fold_seed < 2**32:
+            raise UserError(f"--fold-seed: must be in [0, {2**32 - 1}], got {self.fold_seed}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"--run: {self.name!r} is not a usable folder name under runs/")
+
     @property
     def dir(self) -> Path:
         return paths.run_dir(self.name)

@@ -20,7 +20,7 @@ from seedlings.config import FREE_KEYS, lrs_of, recipe_dict
 from seedlings.context import FoldContext, autocast, eval_loader, predict_probs, prepare_fold, to_device, train_step
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.errors import UserError
-from seedlings.files import exclusive, load_torch, save_torch, write_csv, write_json
+from seedlings.files import exclusive, load_torch, save_figure, save_torch, write_csv, write_json
 from seedlings.metrics import log_loss, val_scores
 from seedlings.model import is_norm_param, make_optimizer, param_groups
 from seedlings.run import Run
@@ -397,7 +397,7 @@ def plot_fold(out: Path) -> None:
     ax[1].set(xlabel="epoch", ylabel="validation F1")
     ax[1].legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=90)
+    save_figure(fig, out / "loss.png", dpi=90)
     plt.close(fig)
     if not (out / "lrs.csv").exists():  # only solved stages: no learning rates to show
         return
@@ -408,5 +408,5 @@ def plot_fold(out: Path) -> None:
     ax.set(xlabel="step", ylabel="learning rate", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=90)
+    save_figure(fig, out / "lr.png", dpi=90)
     plt.close(fig)
