@@ -302,3 +302,24 @@ def test_split_arguments_are_range_checked(demo, capsys, extra, key):
     argv = cli("train", demo)
     argv[argv.index("--n-folds") : argv.index("--n-folds") + 2] = []
     assert error_of([*argv, "--n-folds", "3", *extra], capsys).startswith(f"error: {key}:")
+
+
+def test_refused_training_leaves_no_run_folder(demo, home, capsys):
+    assert "model: Unknown model" in error_of(cli("train", demo, "model=no_such_model", "--fold", "0"), capsys)
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_a_single_species_is_refused(demo, capsys):
+    for species in sorted((demo / "train").iterdir())[1:]:
+        shutil.rmtree(species)
+    assert "1 species folders; a classifier needs at least 2" in error_of(["check-data", "--data", str(demo)], capsys)
+
+
+def test_held_out_split_of_other_images_is_refused(demo, home):
+    from seedlings.compare import ensure_holdout
+
+    out = ensure_holdout(demo, 0.25, 0)
+    assert ensure_holdout(demo, 0.25, 0) == out  # the same images: reused
+    shutil.copy(sorted((demo / "train" / "Maize").glob("*.png"))[0], demo / "train" / "Maize" / "added.png")
+    with pytest.raises(UserError, match="made from other images"):
+        ensure_holdout(demo, 0.25, 0)

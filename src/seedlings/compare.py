@@ -44,10 +44,13 @@ def holdout_dir(data: str | Path, fraction: float, seed: int) -> Path:
 
 
 def ensure_holdout(data: str | Path, fraction: float, seed: int) -> Path:
-    from seedlings.demo import make_holdout
+    from seedlings.demo import check_holdout_source, make_holdout
 
     out = holdout_dir(data, fraction, seed)
-    return out if out.exists() else make_holdout(data, out, fraction, seed)
+    if out.exists():
+        check_holdout_source(out, data)
+        return out
+    return make_holdout(data, out, fraction, seed)
 
 
 def answers_of(holdout: Path, files: list[str], classes: list[str]) -> np.ndarray:

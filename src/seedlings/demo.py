@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,7 @@ def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: 
     labels, for `seedlings grade`), as MLE-bench does. Images are symbolic links: nothing is copied."""
     from sklearn.model_selection import train_test_split
 
+    from seedlings.folds import dataset_key
     from seedlings.images import scan_competition
 
     src, out = Path(src).resolve(), Path(out)
@@ -207,5 +209,20 @@ def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: 
         (tmp / "test" / name).symlink_to(comp.train_path(comp.train_files[i]))
     (tmp / "sample_submission.csv").write_text("file,species\n" + "".join(f"{n},Sugar beet\n" for n, _, _ in answers))
     (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{n},{s}\n" for n, s, _ in answers))
+    source = {"data": str(src), "dataset_key": dataset_key(comp), "fraction": fraction, "seed": seed}
+    (tmp / "SOURCE.json").write_text(json.dumps(source, indent=1))
     tmp.rename(out)
     return out
+
+
+def check_holdout_source(out: Path, src: str | Path) -> None:
+    """A held-out split made earlier must still be of `src`'s labelled images (names and sizes)."""
+    from seedlings.folds import dataset_key
+    from seedlings.images import scan_competition
+
+    meta = out / "SOURCE.json"
+    if not meta.exists():
+        return  # made before SOURCE.json was written
+    made = json.loads(meta.read_text())["dataset_key"]
+    if made != dataset_key(scan_competition(src, need_test=False)):
+        raise UserError(f"{out}: made from other images than {src} holds now; delete it to split the data again")

@@ -89,8 +89,8 @@ def scan_competition(root: str | Path, need_test: bool = True) -> Competition:
     if not train.is_dir():
         raise UserError(f"{train}: missing (a competition folder holds train/<Species>/*.png)")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{train}: no species folders")
+    if len(classes) < 2:
+        raise UserError(f"{train}: {len(classes)} species folders; a classifier needs at least 2")
     files, labels, ignored = [], [], []
     for label, species in enumerate(classes):
         names, subfolders = list_folder(train / species)

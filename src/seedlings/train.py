@@ -201,8 +201,20 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None) -> dict:
     if done.exists():
         print(f"{out}: finished, nothing to do")
         return json.loads(done.read_text())
-    with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
-        return train_locked(run, fold, until_stage)
+    try:
+        with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
+            return train_locked(run, fold, until_stage)
+    except UserError:
+        remove_if_empty(out)  # refused before anything was written: no folder of the fold, nor of the run
+        remove_if_empty(run.dir)
+        raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder that holds nothing but a lock file."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+        (folder / ".lock").unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def train_locked(run: Run, fold: int, until_stage: int | None) -> dict:
