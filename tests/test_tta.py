@@ -58,3 +58,17 @@ def test_scales_run_at_a_second_size():
     p = tta_predict(forward, torch.zeros(2, 3, 64, 64), "d4+scales")
     assert sorted(set(seen)) == [64, 72] and p.shape == (2, 3)
     assert len(tta_views("d4+scales")) == 16 and len(tta_views("none")) == 1
+
+
+@pytest.mark.parametrize("name", ["flip", "d4", "d4+scales"])
+def test_stacked_views_equal_one_forward_per_view(name):
+    """The GPU path puts every view of a scale in one batch: the same probabilities as one forward per view."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        one_by_one = tta_predict(model, x, name)
+        stacked = tta_predict(model, x, name, stack=True)
+    torch.testing.assert_close(stacked, one_by_one, atol=1e-5, rtol=1e-4)

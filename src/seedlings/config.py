@@ -69,6 +69,8 @@ class Recipe:
     bn_stats: str = "frozen"  # frozen: batch norms keep their pretrained running statistics in every stage (eval
     #   mode), so the features the head was fitted on do not shift when the body starts training | batch: torch's
     #   default, normalise by batch statistics and update the running ones
+    augment: str = "auto"  # where training batches are made: albumentations (CPU loader processes) | tensor (batched
+    #   tensor operations on the model's device, the cache uploaded once) | auto: tensor on CUDA, albumentations on CPU
     skip_bad_images: bool = False  # true: unreadable images are listed and skipped; false: exit 2 naming the file
     snapshots: bool = True  # save weights at the end of every cycle for snapshot ensembles
     lr_find_start: float = 1.0e-7  # LR finder sweep start
@@ -189,6 +191,7 @@ CHOICES = {
     "tta": ("none", "flip", "d4", "d4+scales"),
     "tta_mean": ("arith", "geom"),
     "bn_stats": ("frozen", "batch"),
+    "augment": ("auto", "albumentations", "tensor"),
 }
 
 

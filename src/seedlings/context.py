@@ -117,11 +117,23 @@ def eval_loader(ctx: FoldContext, size: int, index: np.ndarray, images: np.ndarr
     return make_loader(ds, ctx.recipe.batch_size * 2, ctx.device, num_workers=ctx.recipe.num_workers)
 
 
+def static_batches(ctx: FoldContext, batches: Iterator) -> Iterator[tuple[torch.Tensor, int]]:
+    """(x on the device, real rows): on CUDA a short last batch is padded to the first one's size, so every forward
+    has one shape (a new shape re-tunes cuDNN and recompiles a compiled model)."""
+    full = None
+    for x, _ in batches:
+        x, n = to_device(ctx, x), len(x)
+        full = full or n
+        if ctx.device.type == "cuda" and n < full:
+            x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+        yield x, n
+
+
 @torch.no_grad()
 def predict_probs(ctx: FoldContext, forward: Callable, batches: Iterator) -> np.ndarray:
     """Softmax probabilities of `forward` over (x, _) batches, as one float32 array."""
     out = []
-    for x, _ in batches:
+    for x, n in static_batches(ctx, batches):
         with autocast(ctx):
-            out.append(forward(to_device(ctx, x)).float().softmax(-1).cpu())
+            out.append(forward(x)[:n].float().softmax(-1).cpu())
     return torch.cat(out).numpy()

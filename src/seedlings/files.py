@@ -116,6 +116,39 @@ def save_torch(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def cpu_copy(obj):
+    """Tensors (in dicts, lists) copied to the host: what a background save writes can no longer change."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """torch.save off the training thread, one file at a time: the next epoch trains while the last checkpoint is
+    written. Callers pass host copies (cpu_copy); `wait()` before anything reads the files, and at the end."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending = None
+
+    def save(self, path: Path, obj) -> None:
+        self.wait()  # at most one write in flight: memory stays bounded, files land in order
+        self.pending = self.pool.submit(save_torch, path, obj)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # a failed write raises here, in the training thread
+
+
 def load_torch(path: str | Path, what: str, device="cpu"):
     """A file torch.save wrote (weights only: nothing executes); a truncated, foreign or unsafe one exits 2 naming
     it and what it was (`weights`, `features`, `checkpoint`)."""

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from seedlings.cache import load_cache
-from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, to_device
+from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, static_batches
 from seedlings.errors import UserError
 from seedlings.files import exclusive, write_json
 from seedlings.run import Member, Probs, Run
@@ -20,11 +20,12 @@ from seedlings.tta import tta_predict, tta_views
 @torch.no_grad()
 def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, size: int, tta: str) -> np.ndarray:
     """Probabilities of `index` rows of the training cache (or of `images`) averaged over the `tta` views."""
-    model = ctx.model.eval()
+    model, stack = ctx.model.eval(), ctx.device.type == "cuda"
     out = []
-    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None):
+    batches = tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None)
+    for x, n in static_batches(ctx, batches):
         with autocast(ctx):
-            out.append(tta_predict(model, to_device(ctx, x), tta, ctx.recipe.tta_mean).float().cpu())
+            out.append(tta_predict(model, x, tta, ctx.recipe.tta_mean, stack)[:n].float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -82,7 +82,9 @@ class Run:
         diffs = [f"--{k.replace('_', '-')} {saved[k]} (given {v})" for k, v in split.items() if saved.get(k, v) != v]
         ignored = (*FREE_KEYS, *SPLIT_KEYS, *PROVENANCE_KEYS)
         now = {k: v for k, v in recipe_dict(self.recipe).items() if k not in ignored}
-        old = {k: v for k, v in saved.items() if k not in ignored}
+        # a key the recipe gained after the run was recorded ran at its default then
+        old = {**{k: v for k, v in recipe_dict(Recipe()).items() if k not in ignored}, **saved}
+        old = {k: v for k, v in old.items() if k not in ignored}
         diffs += [f"{key}: {a!r} (given {b!r})" for key, a, b in differences(old, now)]
         if diffs:
             raise UserError(

@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,16 @@ from seedlings.config import FREE_KEYS, lrs_of, recipe_dict
 from seedlings.context import FoldContext, autocast, eval_loader, predict_probs, prepare_fold, to_device, train_step
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.errors import UserError
-from seedlings.files import exclusive, load_torch, save_figure, save_torch, write_csv, write_json
+from seedlings.files import (
+    BackgroundSaver,
+    cpu_copy,
+    exclusive,
+    load_torch,
+    save_figure,
+    save_torch,
+    write_csv,
+    write_json,
+)
 from seedlings.metrics import log_loss, val_scores
 from seedlings.model import is_norm_param, make_optimizer, param_groups
 from seedlings.run import Run
@@ -86,18 +95,7 @@ def plan_stage(ctx: FoldContext, stage_i: int) -> StagePlan:
     if stage.precompute:
         return plan_precompute(ctx, stage_i, lrs)
     groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, stage.freeze, recipe.train_bn)
-    ds = CachedImages(
-        ctx.cache.images,
-        ctx.train_idx,
-        ctx.labels[ctx.train_idx],
-        train_transform(stage.size, ctx.mean, ctx.std, recipe.crop_scale),
-    )
-    sampler = EpochSampler(len(ds), recipe.seed, ctx.fold)
-    loader = make_loader(ds, recipe.batch_size, ctx.device, sampler, recipe.num_workers)
-
-    def batches(epoch: int) -> Iterator:
-        sampler.set_epoch(epoch)
-        return iter(loader)
+    batches, steps = training_batches(ctx, stage.size)
 
     def set_modes() -> None:
         ctx.model.train()
@@ -109,13 +107,48 @@ def plan_stage(ctx: FoldContext, stage_i: int) -> StagePlan:
             for m in frozen_norm_modules(ctx):
                 m.eval()
 
-    model = torch.compile(ctx.model) if recipe.compile and ctx.device.type == "cuda" else ctx.model
+    model = torch.compile(ctx.model) if recipe.compile else ctx.model
 
     def val_probs() -> np.ndarray:
         ctx.model.eval()
         return predict_probs(ctx, model, iter(eval_loader(ctx, stage.size, ctx.val_idx)))
 
-    return StagePlan(groups, len(loader), batches, model, set_modes, val_probs)
+    return StagePlan(groups, steps, batches, model, set_modes, val_probs)
+
+
+def augment_on_device(ctx: FoldContext) -> bool:
+    choice = ctx.recipe.augment
+    return choice == "tensor" or (choice == "auto" and ctx.device.type == "cuda")
+
+
+def training_batches(ctx: FoldContext, size: int) -> tuple[Callable[[int], Iterator], int]:
+    """(epoch -> training batches, batches per epoch): made on the device from the uploaded cache (tensor_aug), or
+    by albumentations in the loader; both draw every random number from (seed, fold, epoch, item)."""
+    recipe = ctx.recipe
+    if augment_on_device(ctx):
+        from seedlings.tensor_aug import DeviceBatches
+
+        bf16 = ctx.device.type == "cuda" and recipe.bf16
+        made = DeviceBatches(
+            ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], size, ctx.mean, ctx.std, recipe.crop_scale,
+            recipe.seed, ctx.fold, recipe.batch_size, ctx.device, torch.bfloat16 if bf16 else torch.float32,
+            drop_last=ctx.device.type == "cuda",  # static shapes: a ragged last batch re-tunes cuDNN (GPU only)
+        )  # fmt: skip
+        return made.epoch, len(made)
+    ds = CachedImages(
+        ctx.cache.images,
+        ctx.train_idx,
+        ctx.labels[ctx.train_idx],
+        train_transform(size, ctx.mean, ctx.std, recipe.crop_scale),
+    )
+    sampler = EpochSampler(len(ds), recipe.seed, ctx.fold)
+    loader = make_loader(ds, recipe.batch_size, ctx.device, sampler, recipe.num_workers)
+
+    def batches(epoch: int) -> Iterator:
+        sampler.set_epoch(epoch)
+        return iter(loader)
+
+    return batches, len(loader)
 
 
 def plan_precompute(ctx: FoldContext, stage_i: int, lrs: list[float]) -> StagePlan:
@@ -231,6 +264,7 @@ def train_locked(run: Run, fold: int, until_stage: int | None) -> dict:
             continue
         train_stage(ctx, stage_i, log, ckpt if ckpt and stage_i == ckpt["stage"] else None)
         ckpt = None
+    log.saver.wait()
     if until_stage is not None:
         return {}
     save_torch(out / "final.pt", ctx.model.state_dict())
@@ -281,29 +315,31 @@ class Progress:
     ctx: FoldContext
     metrics: list[dict]
     lrs: list[dict]
+    saver: BackgroundSaver = field(default_factory=BackgroundSaver)
 
     def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler) -> None:
-        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based)."""
+        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based). Snapshots and the
+        checkpoint are host copies written off the training thread (resume stays exact: they are the state now)."""
         self.metrics.append(row)
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        out, state = self.ctx.dir, self.ctx.model.state_dict()
+        out, state = self.ctx.dir, cpu_copy(self.ctx.model.state_dict())
         if self.ctx.recipe.snapshots and epoch + 1 in ends:
             save_torch(out / "snapshots" / f"stage{stage_i}-cycle{ends.index(epoch + 1)}.pt", state)
         at_stage_end = epoch + 1 == ends[-1]
         # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
-        save_torch(
+        self.saver.save(
             out / "checkpoint.pt",
             {
                 "format": CHECKPOINT_FORMAT,
                 "owner": checkpoint_owner(self.ctx),
                 "model": state,
-                "optimizer": None if at_stage_end else optimizer.state_dict(),
-                "scheduler": None if at_stage_end else scheduler.state_dict(),
+                "optimizer": None if at_stage_end else cpu_copy(optimizer.state_dict()),
+                "scheduler": None if at_stage_end else cpu_copy(scheduler.state_dict()),
                 "stage": stage_i + 1 if at_stage_end else stage_i,
                 "epoch": 0 if at_stage_end else epoch + 1,
                 "rng": rng_state(),
-                "metrics": self.metrics,
-                "lrs": self.lrs,
+                "metrics": list(self.metrics),
+                "lrs": list(self.lrs),
             },
         )
         write_csv(out / "metrics.csv", pd.DataFrame(self.metrics))
@@ -350,7 +386,8 @@ def train_epoch(
     recipe = ctx.recipe
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     plan.set_modes()
-    start, seen, total_loss = time.perf_counter(), 0, 0.0
+    start, seen = time.perf_counter(), 0
+    total_loss = torch.zeros((), device=ctx.device)  # summed on the device: reading it is a host sync
     bar = tqdm(
         plan.batches(epoch),
         total=plan.steps_per_epoch,
@@ -371,19 +408,20 @@ def train_epoch(
         loss = train_step(ctx, plan.forward, optimizer, criterion, x, y)
         scheduler.step()
         seen += len(y)
-        total_loss += loss.item() * len(y)
-        bar.set_postfix(
-            loss=f"{total_loss / seen:.3f}",
-            lr=f"{lrs.get(recipe.layer_groups - 1, 0):.2e}",
-            img_s=f"{seen / (time.perf_counter() - start):.0f}",
-        )
+        total_loss += loss * len(y)
+        if len(lr_rows) % 50 == 0:  # the bar's loss: one host read every 50 steps, not one per step
+            bar.set_postfix(
+                loss=f"{total_loss.item() / seen:.3f}",
+                lr=f"{lrs.get(recipe.layer_groups - 1, 0):.2e}",
+                img_s=f"{seen / (time.perf_counter() - start):.0f}",
+            )
     train_seconds = time.perf_counter() - start
     val = val_scores(plan.val_probs(), ctx.labels[ctx.val_idx])
     return {
         "epoch": epoch + 1,
         "stage": stage_i,
         "size": recipe.stages[stage_i].size,
-        "train_loss": total_loss / max(seen, 1),
+        "train_loss": total_loss.item() / max(seen, 1),
         **val,
         "lr": lr_rows[-1][f"lr_g{recipe.layer_groups - 1}"] if lr_rows else 0.0,
         "seconds": time.perf_counter() - start,
