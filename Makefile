@@ -23,7 +23,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload leaderboard demo test test-all \
-	bench lint clean
+	bench gpu-wheels gpu-check lint clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,8 +54,10 @@ lr-find: $(STAMP) ## LR range test at stage STAGE from the weights it starts wit
 
 train: $(addprefix train-fold-,$(FOLDS)) ## train every fold in turn (FOLD=k: one; make -j N train: N at once)
 
+# SEEDLINGS_JOBS: the -j count make runs with, so each fold takes its share of the CPU threads and loader workers
 train-fold-%: $(STAMP) folds
 	$(if $(GPUS),CUDA_VISIBLE_DEVICES=$(word $(shell echo $$(( $* % $(words $(GPUS)) + 1 ))),$(GPUS))) \
+	SEEDLINGS_JOBS=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9 | sed 's/^$$/1/') \
 	$(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
 
 predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test}_*
@@ -85,6 +87,17 @@ test: $(STAMP) ## the fast tests (CPU, a few minutes)
 
 test-all: $(STAMP) ## every test, slow end-to-end runs included
 	$(PY) -m pytest -q
+
+GPU_WHEELS := albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing_extensions==4.16.0 stringzilla==5.3.2 simsimd==6.5.16 tqdm==4.70.1
+
+gpu-wheels: $(STAMP) ## download into .whl/ the wheels the GPU machine lacks (Python 3.12, x86-64) for gpu-check
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d .whl $(GPU_WHEELS)
+
+gpu-check: ## on a GPU machine: throughput of the GPU data path, peak memory, one fold (JSON in runs/gpu-check)
+	bash scripts/gpu-check.sh
 
 bench: $(STAMP) ## loader and training throughput side by side (ratios); DATA's real images too when it exists
 	$(SEEDLINGS) bench $(if $(wildcard $(DATA)/train),--data "$(DATA)")

@@ -11,7 +11,7 @@ from seedlings.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = (
     "setup data demo-data check-data folds lr-find train predict submit compare upload leaderboard demo test bench lint"
-    " clean"
+    " clean gpu-wheels gpu-check"
 )
 
 
@@ -58,3 +58,29 @@ def test_train_without_fold_trains_every_fold():
 def test_parallel_folds_pinned_to_gpus():
     dry = make("-n", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3", "GPUS=0 1").stdout
     assert re.findall(r"CUDA_VISIBLE_DEVICES=(\d)", dry) == ["0", "1", "0"]
+
+
+def test_parallel_folds_share_the_cpu():
+    """make -j 3 train: every fold's process is told how many run at once (SEEDLINGS_JOBS), to take its share."""
+    import os
+
+    env = {**os.environ, "MAKEFLAGS": ""}
+    dry = subprocess.run(
+        ["make", "-s", "-n", "-j", "3", "-W", ".venv/.installed", "train", "DATA=data/demo", "N_FOLDS=3",
+         "GPUS=0 0 0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=env,
+    ).stdout  # fmt: skip
+    assert dry.count("SEEDLINGS_JOBS=") == 3 and dry.count("CUDA_VISIBLE_DEVICES=0") == 3
+
+
+def test_jobs_share_threads_and_workers(monkeypatch):
+    import torch
+
+    from seedlings.data import default_workers, parallel_jobs
+
+    monkeypatch.setenv("SEEDLINGS_JOBS", "3")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert parallel_jobs() == 3 and default_workers(torch.device("cuda")) == 5
+    monkeypatch.setenv("SEEDLINGS_JOBS", "")
+    assert parallel_jobs() == 1 and default_workers(torch.device("cuda")) == 8
+    assert default_workers(torch.device("cpu")) == 0

@@ -80,7 +80,7 @@ def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
     }
 
 
-def training_row(data: Path, size: int, n_batches: int) -> dict:
+def training_row(data: Path, size: int, n_batches: int, augment: str = "albumentations") -> dict:
     """The recipe's training step (train_step) fed by the full pipeline, against the same step repeated on one batch
     already in memory."""
     from seedlings.context import prepare_fold, train_step
@@ -88,7 +88,8 @@ def training_row(data: Path, size: int, n_batches: int) -> dict:
     from seedlings.run import Run
     from seedlings.train import plan_stage
 
-    recipe = load_recipe(None, [f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]", "optimizer=adamw"])
+    stages = f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]"
+    recipe = load_recipe(None, [stages, "optimizer=adamw", f"augment={augment}"])
     ctx = prepare_fold(Run("bench", data, recipe), 0)
     plan = plan_stage(ctx, 0)
     optimizer = make_optimizer(recipe, plan.opt_groups)
@@ -111,7 +112,7 @@ def training_row(data: Path, size: int, n_batches: int) -> dict:
         if i + 1 >= n_batches:
             break
     full = seen / (time.perf_counter() - full_start)
-    return {"size": size, "bare model": bare, "full pipeline": full, "ratio": full / bare}
+    return {"augment": augment, "size": size, "bare model": bare, "full pipeline": full, "ratio": full / bare}
 
 
 def memory_format_row(size: int, n_batches: int) -> dict:
@@ -154,10 +155,12 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
             f"{row['data']:<22} {row['median side']:>9} {row['naive']:>14.1f} {row['cached']:>11.1f} "
             f"{row['ratio']:>6.1f} {row['cache build s']:>14.1f}"
         )
-    t = training_row(Path(data) if data is not None else large, 128, 3 if quick else 12)
-    print(f"\ntraining images/s, tf_efficientnet_lite0 at {t['size']} px, batch 32, {torch.get_num_threads()} threads")
-    print(f"{'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
-    print(f"{t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")
+    source = Path(data) if data is not None else large
+    rows = [training_row(source, 128, 3 if quick else 12, augment) for augment in ("albumentations", "tensor")]
+    print(f"\ntraining images/s, tf_efficientnet_lite0 at 128 px, batch 32, {torch.get_num_threads()} threads")
+    print(f"{'batches made by':<16} {'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
+    for t in rows:
+        print(f"{t['augment']:<16} {t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")
     m = memory_format_row(128, 2 if quick else 6)
     print("\nbare training images/s at 128 px, batch 32: memory format")
     print(f"{'NCHW':>10} {'channels_last':>14} {'ratio':>6}")

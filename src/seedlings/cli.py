@@ -108,8 +108,25 @@ def run_name(args: argparse.Namespace) -> str:
     return args.run or Path(args.config).stem
 
 
+def share_threads() -> None:
+    """With SEEDLINGS_JOBS=N (make -j N train), this process takes 1/N of the cores for torch and OpenCV."""
+    import os
+
+    from seedlings.data import parallel_jobs
+
+    jobs = parallel_jobs()
+    if jobs > 1:
+        import cv2
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    share_threads()
     try:
         return dispatch(args) or 0
     except UserError as e:

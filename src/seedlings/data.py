@@ -69,11 +69,20 @@ class EpochSampler(Sampler):
         return iter([(int(i), item_seed(self.seed, self.fold, self.epoch, int(i))) for i in order])
 
 
+def parallel_jobs() -> int:
+    """Folds trained at once on this machine (`make -j N train` sets SEEDLINGS_JOBS): each takes 1/N of the cores."""
+    try:
+        return max(1, int(os.environ.get("SEEDLINGS_JOBS", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def default_workers(device: torch.device) -> int:
-    """No workers on CPU (the model needs every core; decoding is already done), up to 8 on CUDA."""
+    """No workers on CPU (the model needs every core; decoding is already done), up to 8 on CUDA, shared out
+    between the folds trained at once."""
     if device.type != "cuda":
         return 0
-    return min(8, os.cpu_count() or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // parallel_jobs()))
 
 
 def make_loader(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from seedlings.data import item_seed
+from seedlings.errors import UserError
 
 RATIO = (3 / 4, 4 / 3)  # crop aspect range, as RandomResizedCrop's
 JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.02, "p": 0.8}  # as train_transform's
@@ -127,8 +128,16 @@ class DeviceBatches:
         out_dtype: torch.dtype = torch.float32,
         drop_last: bool = False,
     ):
+        rows = np.ascontiguousarray(images[np.asarray(index)])
+        if device.type == "cuda":  # several folds may share one GPU (make -j 3 train GPUS="0 0 0"): plan for it
+            free, _ = torch.cuda.mem_get_info(device)
+            if rows.nbytes > free / 2:
+                raise UserError(
+                    f"augment: tensor: the fold's {rows.nbytes / 2**30:.1f} GiB of cached images would take over half "
+                    f"of the GPU's {free / 2**30:.1f} GiB free; train fewer folds at once or use augment=albumentations"
+                )
         # uploaded once: (n, S, S, 3) uint8 is 4x smaller than the float images it becomes
-        self.images = torch.from_numpy(np.ascontiguousarray(images[np.asarray(index)])).to(device)
+        self.images = torch.from_numpy(rows).to(device)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
         self.size, self.crop_scale, self.seed, self.fold = size, crop_scale, seed, fold
         self.batch_size, self.device, self.out_dtype, self.drop_last = batch_size, device, out_dtype, drop_last

@@ -430,8 +430,12 @@ def train_epoch(
 
 
 def plot_fold(out: Path) -> None:
-    """loss.png (train/val loss and val micro-F1 per epoch) and lr.png (every step's LR per group)."""
-    import matplotlib
+    """loss.png (train/val loss and val micro-F1 per epoch) and lr.png (every step's LR per group); none where
+    matplotlib is not installed (a bare GPU machine): the CSVs hold the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
