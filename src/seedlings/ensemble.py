@@ -118,7 +118,7 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
     TTA, then over all folds the last snapshot alone, and the folds x snapshots blend (equal weights)."""
     label_of = dict(zip(folds.file, folds.species))
     members = run.members()
-    lasts = [m for m in members if m == [n for n in members if n.fold == m.fold][-1]]
+    lasts = list({m.fold: m for m in members}.values())  # each fold's last member: its final model
     if not lasts or not lasts[0].probs_path("oof-notta").exists():
         raise UserError(f"{run.dir / 'probs'}: no predictions with and without TTA (make predict RUN={run.name})")
     rows = []

@@ -148,6 +148,10 @@ class BackgroundSaver:
             pending, self.pending = self.pending, None
             pending.result()  # a failed write raises here, in the training thread
 
+    def close(self) -> None:
+        """Let the write in flight finish and end the thread (an idle thread per trained fold would pile up)."""
+        self.pool.shutdown(wait=True)
+
 
 def load_torch(path: str | Path, what: str, device="cpu"):
     """A file torch.save wrote (weights only: nothing executes); a truncated, foreign or unsafe one exits 2 naming

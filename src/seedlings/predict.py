@@ -49,10 +49,11 @@ def is_predicted(member: Member, inputs: dict) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("inputs") == inputs
 
 
-def predict_fold(run: Run, fold: int) -> list[Member]:
-    """Probabilities of each member of one fold; members already predicted from the same inputs are skipped."""
+def predict_fold(run: Run, fold: int, test_key: str | None = None) -> list[Member]:
+    """Probabilities of each member of one fold; members already predicted from the same inputs are skipped.
+    test_key: run.test_key(), when the caller has it already."""
     members = run.members(fold)
-    test_key = run.test_key()
+    test_key = test_key or run.test_key()
     todo = [m for m in members if not is_predicted(m, prediction_inputs(m, run, test_key))]
     if not todo:
         return members
@@ -88,4 +89,5 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
 
 def predict_run(run: Run, folds: list[int] | None = None) -> list[Member]:
     """Every member of the run's folds (or of `folds`)."""
-    return [m for fold in (run.folds() if folds is None else folds) for m in predict_fold(run, fold)]
+    test_key = run.test_key()  # the test images are listed and checked once, not once per fold
+    return [m for fold in (run.folds() if folds is None else folds) for m in predict_fold(run, fold, test_key)]

@@ -68,6 +68,12 @@ class Run:
         """What the run was trained on: size, mtime and sha256 of every image, and the folds file's sha256."""
         return self.dir / "data.json"
 
+    def training_key(self) -> str:
+        """A short hash of what shapes the run's models: the recipe less the free keys, and the split."""
+        trained = {k: v for k, v in recipe_dict(self.recipe).items() if k not in FREE_KEYS}
+        key = json.dumps([trained, self.n_folds, self.fold_seed], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:10]
+
     def check(self) -> None:
         """Exit 2 naming every recorded key this run's recipe or split differs in (prediction-only keys may differ:
         each prediction records its own), or what changed in its training images or folds since it was trained."""

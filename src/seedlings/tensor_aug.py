@@ -81,6 +81,8 @@ def affine_thetas(params: list[ItemParams]) -> torch.Tensor:
 
 
 GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as OpenCV's RGB2GRAY
+TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+FROM_YIQ = torch.linalg.inv(TO_YIQ)  # computed once, not per batch
 
 
 def colour_jitter(x: torch.Tensor, params: list[ItemParams]) -> torch.Tensor:
@@ -99,8 +101,7 @@ def colour_jitter(x: torch.Tensor, params: list[ItemParams]) -> torch.Tensor:
 def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Hue shift as a rotation of the chroma plane around the grey axis (YIQ), in the direction of HSV's hue: one
     3x3 matrix per item."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]).to(x)
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = TO_YIQ.to(x), FROM_YIQ.to(x)
     cos, sin = torch.cos(2 * math.pi * turns), torch.sin(2 * math.pi * turns)
     rot = torch.zeros(len(turns), 3, 3, dtype=x.dtype, device=x.device)
     rot[:, 0, 0] = 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from seedlings.config import FREE_KEYS, lrs_of, recipe_dict
+from seedlings.config import lrs_of
 from seedlings.context import FoldContext, autocast, eval_loader, predict_probs, prepare_fold, to_device, train_step
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.errors import UserError
@@ -203,11 +202,9 @@ def load_checkpoint(path: Path, owner: str | None = None) -> dict:
 
 
 def checkpoint_owner(ctx: FoldContext) -> str:
-    """Run, fold and a hash of what shapes its models (recipe less the free keys, split): a checkpoint copied from
-    another run or fold is refused instead of resumed with that run's metrics."""
-    trained = {k: v for k, v in recipe_dict(ctx.recipe).items() if k not in FREE_KEYS}
-    key = json.dumps([trained, ctx.run.n_folds, ctx.run.fold_seed], sort_keys=True)
-    return f"run {ctx.run.name!r} fold {ctx.fold} recipe {hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    """Run, fold and the run's training key: a checkpoint copied from another run or fold is refused instead of
+    resumed with that run's metrics."""
+    return f"run {ctx.run.name!r} fold {ctx.fold} recipe {ctx.run.training_key()}"
 
 
 def rng_state() -> dict:
@@ -259,12 +256,15 @@ def train_locked(run: Run, fold: int, until_stage: int | None) -> dict:
     run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
     ckpt = resume_from_checkpoint(ctx)
     log = Progress(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
-    for stage_i in range(len(run.recipe.stages) if until_stage is None else until_stage):
-        if ckpt and stage_i < ckpt["stage"]:
-            continue
-        train_stage(ctx, stage_i, log, ckpt if ckpt and stage_i == ckpt["stage"] else None)
-        ckpt = None
-    log.saver.wait()
+    try:
+        for stage_i in range(len(run.recipe.stages) if until_stage is None else until_stage):
+            if ckpt and stage_i < ckpt["stage"]:
+                continue
+            train_stage(ctx, stage_i, log, ckpt if ckpt and stage_i == ckpt["stage"] else None)
+            ckpt = None
+        log.saver.wait()  # a failed checkpoint write raises here
+    finally:
+        log.saver.close()
     if until_stage is not None:
         return {}
     save_torch(out / "final.pt", ctx.model.state_dict())
