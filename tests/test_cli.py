@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seedlings import kaggle_io
+from seedlings import kaggle_client
 from seedlings.cli import main
 from seedlings.ensemble import assemble
 from seedlings.errors import UserError
@@ -87,12 +87,12 @@ def test_upload_message_from_provenance(home, capsys):
         json.dumps({"members": {"a": {}, "blend": {"micro_f1": 0.91234}}, "git_commit": "0123456789abcdef"})
     )
     fake = FakeKaggle()
-    kaggle_io.upload("r", client=fake)
+    kaggle_client.upload("r", client=fake)
     assert fake.sent == [(sub / "r.csv", "r: OOF micro-F1 0.9123, 1 members, commit 0123456789")]
-    assert kaggle_io.leaderboard(client=fake)[0]["public_score"] == "0.97"
+    assert kaggle_client.leaderboard(client=fake)[0]["public_score"] == "0.97"
     assert "public 0.97" in capsys.readouterr().out
     with pytest.raises(UserError, match="make submit"):
-        kaggle_io.upload("missing", client=fake)
+        kaggle_client.upload("missing", client=fake)
 
 
 def test_upload_without_credentials(home, monkeypatch, tmp_path):
@@ -105,7 +105,7 @@ def test_upload_without_credentials(home, monkeypatch, tmp_path):
         json.dumps({"members": {"blend": {"micro_f1": 0.5}}, "git_commit": "abc"})
     )
     with pytest.raises(UserError, match="kaggle.json"):
-        kaggle_io.upload("r")
+        kaggle_client.upload("r")
     assert main(["leaderboard"]) == 2
 
 
@@ -149,8 +149,7 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     import pandas as pd
 
     from conftest import tiny_recipe
-    from seedlings.demo import make_holdout
-    from seedlings.ensemble import grade_members
+    from seedlings.holdout import grade_members, make_holdout
     from seedlings.images import scan_competition
     from seedlings.run import Run
 

@@ -2,16 +2,29 @@ from pathlib import Path
 
 import pytest
 
-from seedlings.config import Recipe, Stage, load_recipe, lrs_of
+from seedlings.config import Recipe, Stage, lrs_of, recipe_dict
 from seedlings.errors import UserError
+from seedlings.recipes import load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+# training choices a shipped recipe states itself rather than leaving to the defaults (README: the recipe)
+STATED = ("model", "pretrained", "drop_rate", "batch_size", "optimizer", "weight_decay", "label_smoothing",
+          "layer_groups", "bn_stats", "crop_scale", "precompute_d4", "tta", "stages")  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
-def test_shipped_recipes_load(name):
-    r = load_recipe(CONFIGS / name)
-    assert isinstance(r, Recipe) and all(isinstance(s, Stage) for s in r.stages)
+def test_shipped_recipes_state_their_choices(name):
+    """Each shipped recipe sets every choice that matters, and loads to exactly what its file says."""
+    import yaml
+
+    text = yaml.safe_load((CONFIGS / name).read_text())
+    assert not [k for k in STATED if k not in text]
+    r = recipe_dict(load_recipe(CONFIGS / name))
+    for key in STATED[:-1]:
+        assert r[key] == text[key], key
+    assert [s["size"] for s in r["stages"]] == [s["size"] for s in text["stages"]]
 
 
 def test_overrides_dotted_and_typed():
@@ -111,3 +124,30 @@ def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path):
     assert sorted(p.name for p in run.dir.iterdir()) == ["config.yaml", "data.json"]  # nothing else
     with pytest.raises(UserError, match="not found"):
         saved_run("missing")
+
+
+def other_value(value):
+    """A different value of the same type (validity does not matter for the key below)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return [Stage(size=200)]
+
+
+def test_each_key_role_decides_whether_the_run_refuses_a_change(demo_master):
+    """A key declared to change predictions or how the pipeline runs leaves the run's training key (what a trained run
+    is checked against) alone; every other key changes it."""
+    import dataclasses
+
+    from seedlings.config import TRAINS
+    from seedlings.run import Run
+
+    base = Recipe()
+    key = Run("r", demo_master, base).training_key()
+    for f in dataclasses.fields(Recipe):
+        changed = dataclasses.replace(base, **{f.name: other_value(getattr(base, f.name))})
+        trains = f.metadata.get("role", TRAINS) == TRAINS
+        assert (Run("r", demo_master, changed).training_key() != key) == trains, f.name

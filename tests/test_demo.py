@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from seedlings.demo import REAL_COUNTS, make_demo
+from seedlings.demo import make_demo
 from seedlings.errors import UserError
-from seedlings.images import read_image, scan_competition
+from seedlings.images import REAL_TRAIN_COUNTS, read_image, scan_competition
 
 
 def digest(folder):
@@ -18,7 +18,7 @@ def digest(folder):
 
 def test_layout_species_and_imbalance(demo_master):
     comp = scan_competition(demo_master)
-    assert comp.classes == sorted(REAL_COUNTS)
+    assert comp.classes == sorted(REAL_TRAIN_COUNTS)
     counts = np.bincount(comp.train_labels)
     assert counts.min() == 4
     assert counts.max() == round(4 * 654 / 221)  # Loose Silky-bent, the real ratio

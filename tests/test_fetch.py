@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from seedlings import fetch as F
+from seedlings import kaggle_client as K
 from seedlings.errors import UserError
 
 
@@ -41,9 +42,9 @@ class FakeKaggle:
     def download(self, dest: Path) -> None:
         self.calls += 1
         if self.error:
-            raise F.explain_kaggle_error(self.error)
+            raise K.explain_kaggle_error(self.error)
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / f"{F.COMPETITION}.zip").write_bytes(self.payload)
+        (dest / f"{K.COMPETITION}.zip").write_bytes(self.payload)
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -117,7 +118,7 @@ def test_loose_kaggle_json_warns_without_printing_key(monkeypatch, tmp_path, cap
     f = tmp_path / "kaggle.json"
     f.write_text('{"username": "me", "key": "s3cr3tkey"}')
     os.chmod(f, 0o644)
-    assert F.credentials_source() == str(f)
+    assert K.credentials_source() == str(f)
     err = capsys.readouterr().err
     assert "chmod 600" in err and "s3cr3tkey" not in err
 
@@ -129,7 +130,7 @@ class HTTPError(Exception):
 
 
 @pytest.mark.parametrize("error,expect", [
-    (HTTPError(403), F.RULES_URL),
+    (HTTPError(403), K.RULES_URL),
     (HTTPError(401), "credentials"),
     (ConnectionError("Failed to establish a new connection"), "network"),
     (TimeoutError("timed out"), "network"),
@@ -166,8 +167,7 @@ def test_real_client_maps_the_kaggle_packages_own_objects(tmp_path, capsys):
     from kaggle.api.kaggle_api_extended import KaggleApi
     from kagglesdk.competitions.types.competition_api_service import ApiSubmission
 
-    from seedlings.fetch import RealKaggle
-    from seedlings.kaggle_io import leaderboard
+    from seedlings.kaggle_client import RealKaggle, leaderboard
 
     scored = {"date": "2026-11-27T10:00:00Z", "description": "cpu: OOF 0.91", "status": "COMPLETE"}
     scored |= {"publicScore": "0.97103", "privateScore": "0.96852"}

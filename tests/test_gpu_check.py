@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +25,25 @@ def test_gpu_check_dry_run(home, tmp_path):
     assert row["ratio"] == row["epoch_img_s"] / row["bare_img_s"]
     assert 0 <= result["fold"]["val_f1"] <= 1 and result["fold"]["fold_seconds"] > 0
     assert "bare img/s" in done.stdout and "one shortened fold end to end" in done.stdout
+
+
+def test_gpu_check_times_the_pipelines_own_step(monkeypatch):
+    """The check's bare and epoch figures come from step.train_step, the step training runs: with that step replaced
+    by one of a known 20 ms, the bare rate is the batch over 20 ms and the epoch calls it once per batch."""
+    import time
+
+    import torch
+
+    import seedlings.gpu_check as G
+
+    calls = []
+
+    def known_step(forward, optimizer, criterion, x, y, device, bf16=True):
+        calls.append(len(x))
+        time.sleep(0.02)
+
+    monkeypatch.setattr(G, "train_step", known_step)
+    row = G.measure("test_efficientnet", 8, 32, 48, torch.device("cpu"), steps=4)
+    assert row["bare_img_s"] == pytest.approx(8 / 0.02, rel=0.2)
+    assert len(calls) == 1 + 4 + 2 * (48 // 8)  # warm-up + timed bare steps + the two epochs (warm-up, timed)
+    assert row["epoch_img_s"] <= 8 / 0.02 * 1.05 and row["ratio"] == pytest.approx(row["epoch_img_s"] / 400, rel=0.2)

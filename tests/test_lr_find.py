@@ -58,7 +58,7 @@ def test_cli_writes_plot_and_csv(demo_master, home, capsys):
 def test_later_stage_sweeps_from_the_weights_it_starts_with(demo_master, home, capsys):
     """--stage 1 first trains stage 0 as `make train` would (checkpointed at the stage boundary), then sweeps stage 1
     from those weights: its first losses differ from a sweep of stage 1 from the untrained head."""
-    from seedlings.train import load_checkpoint
+    from seedlings.checkpoint import load_checkpoint
 
     overrides = [*TINY, "lr_find_steps=8", "lr_find_end=1e-6"]  # tiny steps: the losses show the starting weights
     args = ["lr-find", "--data", str(demo_master), "--n-folds", "3", *overrides]

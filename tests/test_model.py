@@ -3,8 +3,8 @@ import timm
 import torch
 
 from seedlings import model as M
-from seedlings.config import load_recipe
 from seedlings.errors import UserError
+from seedlings.recipes import load_recipe
 
 
 @pytest.mark.parametrize(

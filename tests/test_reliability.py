@@ -258,7 +258,8 @@ def test_temporary_files_of_dead_processes_are_removed(home):
 
 
 def test_submission_with_a_byte_order_mark_is_accepted(demo, tmp_path):
-    from seedlings.submission import grade, validate_submission
+    from seedlings.holdout import grade
+    from seedlings.submission import validate_submission
 
     sample = (demo / "sample_submission.csv").read_text()
     (tmp_path / "bom.csv").write_text("\ufeff" + sample, encoding="utf-8")
@@ -270,7 +271,7 @@ def test_submission_with_a_byte_order_mark_is_accepted(demo, tmp_path):
 def test_kaggle_calls_have_a_timeout(monkeypatch):
     import socket
 
-    from seedlings import fetch as F
+    from seedlings import kaggle_client as F
 
     seen = []
     client = object.__new__(F.RealKaggle)
@@ -281,7 +282,7 @@ def test_kaggle_calls_have_a_timeout(monkeypatch):
 
 
 def test_loose_credentials_warned_once(monkeypatch, tmp_path, capsys):
-    from seedlings import fetch as F
+    from seedlings import kaggle_client as F
 
     for k in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(k, raising=False)

@@ -3,8 +3,9 @@ import pytest
 
 from seedlings.cli import main
 from seedlings.errors import UserError
+from seedlings.holdout import grade
 from seedlings.images import scan_competition
-from seedlings.submission import grade, validate_submission, write_submission
+from seedlings.submission import validate_submission, write_submission
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, tiny_run
+from seedlings.checkpoint import load_checkpoint
 from seedlings.cli import main
 from seedlings.context import prepare_fold
 from seedlings.errors import UserError
 from seedlings.run import open_run
-from seedlings.train import load_checkpoint, plan_stage, train_fold
+from seedlings.train import train_fold, trainee_for
 
 
 def test_fold_artifacts(trained_fold):
@@ -140,29 +141,30 @@ def test_prediction_keys_may_change_and_are_recorded_per_prediction(demo_master,
 def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeypatch):
     """The head trained on precomputed features equals the head trained through the frozen net on the same images,
     same order, same dropout masks, when nothing else moves (no augmentation, frozen norm layers)."""
+    import seedlings.context as C
     import seedlings.train as T
     from seedlings.data import eval_transform
     from seedlings.model import make_optimizer
     from seedlings.schedule import make_scheduler
 
     stage = "{size: 32, freeze: true, precompute: %s, lr: 0.05, n_cycles: 2, cycle_len: 1, cycle_mult: 1}"
-    heads = []
+    heads, body_before = [], None
     for precompute in ("true", "false"):
         recipe = tiny_recipe(f"stages=[{stage % precompute}]", "precompute_d4=false", "train_bn=false", "drop_rate=0.3")
-        monkeypatch.setattr(T, "train_transform", lambda size, mean, std, scale: eval_transform(size, mean, std))
+        monkeypatch.setattr(C, "train_transform", lambda size, mean, std, scale: eval_transform(size, mean, std))
         ctx = prepare_fold(open_run(f"eq-{precompute}", demo_master, recipe, 3), 0)
-        plan = plan_stage(ctx, 0)
-        opt = make_optimizer(recipe, plan.opt_groups)
-        sched = make_scheduler(opt, plan.steps_per_epoch, 1, 1)
+        trainee = trainee_for(ctx, 0)
+        opt = make_optimizer(recipe, trainee.param_groups)
+        sched = make_scheduler(opt, trainee.steps_per_epoch, 1, 1)
         torch.manual_seed(123)
         rows = []
         for epoch in range(2):
-            T.train_epoch(ctx, plan, opt, sched, 0, epoch, rows)
+            T.train_epoch(ctx, trainee, opt, sched, 0, epoch, rows)
         heads.append({k: v.clone() for k, v in ctx.model.get_classifier().state_dict().items()})
         body = {k: v for k, v in ctx.model.state_dict().items() if not k.startswith("classifier")}
-        if precompute == "false":
-            assert all(torch.equal(body[k], body_before[k]) for k in body)  # noqa: F821 - set in the first pass
-        body_before = {k: v.clone() for k, v in body.items()}  # noqa: F841
+        if precompute == "false":  # training through the frozen net left the body as the first pass found it
+            assert all(torch.equal(body[k], body_before[k]) for k in body)
+        body_before = {k: v.clone() for k, v in body.items()}
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-5)
     assert heads[0]["weight"].abs().sum() > 0  # the head did learn something
@@ -211,8 +213,7 @@ def test_batch_norm_statistics_move_when_asked(demo_master, home):
 def test_logistic_head_is_the_converged_probe(demo_master, home):
     """fit: logistic puts the cross-validated logistic regression into the classifier: its validation loss is far
     below what a few SGD epochs reach, and its predictions are the probe's."""
-    from seedlings.baseline import fit_logistic
-    from seedlings.train import features_for
+    from seedlings.features import features_for, fit_logistic
 
     recipe = tiny_recipe(
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "precompute_d4=false", "pretrained=none"
@@ -233,11 +234,11 @@ def test_logistic_head_is_the_converged_probe(demo_master, home):
 def test_frozen_features_are_computed_once_for_every_fold(demo_master, home, monkeypatch):
     """While the backbone is still the pretrained one, every fold's precompute stage reads one feature file of the
     run: the backbone runs over the images once, not once per fold; each fold still fits its own head."""
-    import seedlings.train as T
+    import seedlings.features as features
 
     calls = []
-    original = T.pooled_features
-    monkeypatch.setattr(T, "pooled_features", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    original = features.pooled_features
+    monkeypatch.setattr(features, "pooled_features", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
     run = tiny_run(demo_master, "shared", "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]")
     heads = []
     for fold in (0, 1):
@@ -254,8 +255,8 @@ def test_real_images_no_drop_at_stage_changes(real, home):
     """Fold 0 of configs/cpu.yaml on the real 150 px photos (minutes): validation micro-F1 falls by at most 2 points
     at every stage change (the collapse at unfreezing this guards against took 17 points), and the fine-tuned model
     ends above the solved head."""
-    from seedlings.config import load_recipe
     from seedlings.paths import REPO
+    from seedlings.recipes import load_recipe
 
     train_fold(open_run("cpu", real, load_recipe(REPO / "configs" / "cpu.yaml")), 0)
     m = pd.read_csv(home / "runs" / "cpu" / "fold0" / "metrics.csv")

@@ -17,10 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from seedlings import paths
 from seedlings.cache import load_cache
-from seedlings.config import CACHE_MARGIN, load_recipe
+from seedlings.config import CACHE_MARGIN, CROP_SCALE
+from seedlings.context import prepare_fold
 from seedlings.data import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.demo import make_demo
 from seedlings.images import scan_competition
+from seedlings.model import make_optimizer
+from seedlings.recipes import load_recipe
+from seedlings.run import Run
+from seedlings.step import train_step
+from seedlings.train import trainee_for
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -34,7 +40,7 @@ class NaivePNG(Dataset):
         self.files = files
         self.tf = T.Compose(
             [
-                T.RandomResizedCrop(size, scale=(0.35, 1)),
+                T.RandomResizedCrop(size, scale=(CROP_SCALE, 1)),
                 T.RandomHorizontalFlip(),
                 T.RandomVerticalFlip(),
                 T.ToTensor(),
@@ -81,32 +87,27 @@ def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
 
 
 def training_row(data: Path, size: int, n_batches: int, augment: str = "albumentations") -> dict:
-    """The recipe's training step (train_step) fed by the full pipeline, against the same step repeated on one batch
-    already in memory."""
-    from seedlings.context import prepare_fold, train_step
-    from seedlings.model import make_optimizer
-    from seedlings.run import Run
-    from seedlings.train import plan_stage
-
+    """The pipeline's training step (step.train_step on what train_fold's stage trains) fed by the full pipeline,
+    against the same step repeated on one batch already in memory."""
     stages = f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]"
     recipe = load_recipe(None, [stages, "optimizer=adamw", f"augment={augment}"])
     ctx = prepare_fold(Run("bench", data, recipe), 0)
-    plan = plan_stage(ctx, 0)
-    optimizer = make_optimizer(recipe, plan.opt_groups)
+    trainee = trainee_for(ctx, 0)
+    optimizer = make_optimizer(recipe, trainee.param_groups)
     criterion = torch.nn.CrossEntropyLoss()
 
     def step(x, y) -> None:
-        train_step(ctx, plan.forward, optimizer, criterion, x, y).item()  # .item(): wait for the step to finish
+        train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.bf16).item()  # .item(): wait for it
 
-    plan.set_modes()
-    x0, y0 = next(iter(plan.batches(0)))
+    trainee.train_mode()
+    x0, y0 = next(iter(trainee.batches(0)))
     step(x0, y0)  # warm-up
     bare_start = time.perf_counter()
     for _ in range(n_batches):
         step(x0, y0)
     bare = n_batches * len(x0) / (time.perf_counter() - bare_start)
     full_start, seen = time.perf_counter(), 0
-    for i, (x, y) in enumerate(plan.batches(1)):
+    for i, (x, y) in enumerate(trainee.batches(1)):
         step(x, y)
         seen += len(x)
         if i + 1 >= n_batches:

@@ -1,19 +1,43 @@
-"""`seedlings <stage> ...`: one command per pipeline stage; bad input exits 2 with one line on stderr."""
+"""`seedlings <command> ...`: one command per pipeline step; bad input exits 2 with one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import cv2
+import torch
+
+from seedlings.baseline import linear_probe
+from seedlings.bench import bench
+from seedlings.chain import submit
+from seedlings.compare import compare
+from seedlings.context import prepare_fold
+from seedlings.data import parallel_jobs
+from seedlings.demo import make_demo
+from seedlings.ensemble import oof_summary
 from seedlings.errors import UserError
+from seedlings.fetch import fetch
+from seedlings.files import write_csv
+from seedlings.folds import load_folds, make_folds
+from seedlings.holdout import grade, grade_members, make_holdout
+from seedlings.images import check_competition
+from seedlings.kaggle_client import leaderboard, upload
+from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
+from seedlings.predict import predict_run
+from seedlings.recipes import load_recipe
+from seedlings.run import Run, open_run, saved_run
+from seedlings.submission import validate_submission
+from seedlings.train import train_fold
 
 DEFAULT_DATA = "data/plant-seedlings-classification"
 DEFAULT_CONFIG = "configs/cpu.yaml"
 
 
 def _run_args(p: argparse.ArgumentParser, fold: bool = True) -> None:
-    """The arguments every recipe-driven stage shares (the Makefile's DATA, CONFIG, RUN, N_FOLDS, FOLD_SEED)."""
+    """The arguments every recipe-driven command shares (the Makefile's DATA, CONFIG, RUN, N_FOLDS, FOLD_SEED)."""
     p.add_argument("--data", default=DEFAULT_DATA, help="competition folder")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe (YAML)")
     p.add_argument("--run", default=None, help="run name (default: the recipe's file name)")
@@ -26,7 +50,7 @@ def _run_args(p: argparse.ArgumentParser, fold: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seedlings", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     p = sub.add_parser("fetch", help="download (or unpack --archive) the competition into --data and verify it")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -60,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lr-find", help="LR range test at one stage's settings, from the weights it starts with")
     _run_args(p)
-    p.add_argument("--stage", type=int, default=None, dest="sweep_stage", help="stage to sweep (default: first SGDR)")
+    p.add_argument("--stage", type=int, default=None, help="the recipe stage to sweep (default: its first SGDR stage)")
     _run_args(sub.add_parser("train", help="train folds (all, or --fold K)"))
     _run_args(sub.add_parser("predict", help="TTA probabilities per fold and snapshot"))
     p = sub.add_parser("submit", help="folds, train, predict, blend: submissions/<run>.csv")
@@ -110,15 +134,8 @@ def run_name(args: argparse.Namespace) -> str:
 
 def share_threads() -> None:
     """With SEEDLINGS_JOBS=N (make -j N train), this process takes 1/N of the cores for torch and OpenCV."""
-    import os
-
-    from seedlings.data import parallel_jobs
-
     jobs = parallel_jobs()
     if jobs > 1:
-        import cv2
-        import torch
-
         threads = max(1, (os.cpu_count() or 1) // jobs)
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
@@ -141,35 +158,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
-    stage = args.stage
-    if stage == "fetch":
-        from seedlings.fetch import fetch
-
+    command = args.command
+    if command == "fetch":
         fetch(args.data, archive=args.archive, max_expand=args.max_expand)
-    elif stage == "demo-data":
-        from seedlings.demo import make_demo
-
+    elif command == "demo-data":
         out = Path(args.out)
         if out.exists():
             print(f"{out}: exists, nothing to do")
             return 0
         make_demo(out, args.per_class, args.seed, args.min_size, args.max_size)
         print(f"{out}: demo competition written")
-    elif stage == "holdout":
-        from seedlings.demo import make_holdout
-
+    elif command == "holdout":
         out = make_holdout(args.data, args.out, args.fraction, args.seed)
         print(f"{out}: test set of held-out labelled images, labels in {out / 'answers.csv'}")
-    elif stage == "check-data":
-        from seedlings.config import load_recipe
-        from seedlings.images import check_competition
-
+    elif command == "check-data":
         recipe = load_recipe(args.config, args.overrides)
         report = check_competition(args.data, skip_bad_images=recipe.skip_bad_images)
         print("\n".join(report.lines()))
-    elif stage == "folds":
-        from seedlings.folds import make_folds
-
+    elif command == "folds":
         make_folds(args.data, args.n_folds, args.fold_seed, args.out, args.force)
     else:
         return dispatch_training(args)
@@ -177,52 +183,38 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def dispatch_training(args: argparse.Namespace) -> int | None:
-    stage = args.stage
-    if stage in ("validate-submission", "grade", "upload", "leaderboard", "bench"):
+    command = args.command
+    if command in ("validate-submission", "grade", "upload", "leaderboard", "bench"):
         return dispatch_tools(args)
-    from seedlings.config import load_recipe
-    from seedlings.run import Run, open_run
-
     recipe = load_recipe(args.config, args.overrides)
     fold = getattr(args, "fold", None)
-    if stage in ("probe", "compare"):  # baselines and the held-out split: they never open the run trained on DATA
+    if command in ("probe", "compare"):  # baselines and the held-out split: they never open the run trained on DATA
         run = Run(run_name(args), Path(args.data), recipe, args.n_folds, args.fold_seed)
     else:
         run = open_run(run_name(args), args.data, recipe, args.n_folds, args.fold_seed, fold)
-    if stage == "lr-find":
-        lr_find(run, fold or 0, args.sweep_stage)
-    elif stage == "train":
-        from seedlings.train import train_fold
-
+    if command == "lr-find":
+        lr_find(run, fold or 0, args.stage)
+    elif command == "train":
         for k in [fold] if fold is not None else run.folds():
             if k not in run.folds():
                 print(f"fold {k}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
                 continue
             final = train_fold(run, k)
             print(f"fold {k}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
-    elif stage == "predict":
-        from seedlings.predict import predict_run
-
+    elif command == "predict":
         predict_run(run, [fold] if fold is not None else None)
-    elif stage == "evaluate":
+    elif command == "evaluate":
         evaluate(run)
-    elif stage == "probe":
-        from seedlings.baseline import linear_probe
-
+    elif command == "probe":
         res = linear_probe(run, fold or 0, args.size)
         print(
             f"linear probe, {recipe.model} features at {res['size']} px (image + mirror, C={res['c']:g} by CV), "
             f"fold {fold or 0}: val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)"
         )
-    elif stage == "compare":
-        from seedlings.compare import compare
-
+    elif command == "compare":
         sizes = tuple(int(s) for s in args.sizes.split(",") if s)
         compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only)
-    elif stage == "submit":
-        from seedlings.run import saved_run
-        from seedlings.submit import submit
-
+    elif command == "submit":
         names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
         others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
         submit(run, others, weights=args.weights, command=sys.argv)
@@ -230,9 +222,6 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
 
 
 def evaluate(run) -> None:
-    from seedlings.ensemble import oof_summary
-    from seedlings.folds import load_folds
-
     rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
     width = max(len(what) for what, _, _ in rows)
     print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
@@ -240,13 +229,9 @@ def evaluate(run) -> None:
         print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")
 
 
-def lr_find(run, fold: int, sweep_stage: int | None) -> None:
-    from seedlings.context import prepare_fold
-    from seedlings.files import write_csv
-    from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
-
+def lr_find(run: Run, fold: int, stage: int | None) -> None:
     recipe = run.recipe
-    stage = default_stage(recipe) if sweep_stage is None else sweep_stage
+    stage = default_stage(recipe) if stage is None else stage
     weights = weights_before_stage(run, fold, stage)
     ctx = prepare_fold(run, fold)
     if weights is not None:
@@ -262,17 +247,11 @@ def lr_find(run, fold: int, sweep_stage: int | None) -> None:
 
 
 def dispatch_tools(args: argparse.Namespace) -> int | None:
-    stage = args.stage
-    if stage == "validate-submission":
-        from seedlings.submission import validate_submission
-
+    command = args.command
+    if command == "validate-submission":
         n = validate_submission(args.data, args.submission)
         print(f"{args.submission}: valid ({n} rows)")
-    elif stage == "grade":
-        from seedlings.ensemble import grade_members
-        from seedlings.run import saved_run
-        from seedlings.submission import grade
-
+    elif command == "grade":
         if args.run:
             for name, f1 in grade_members(saved_run(args.run), args.answers).items():
                 print(f"{name:<36} held-out micro-F1 {f1:.4f}")
@@ -280,17 +259,11 @@ def dispatch_tools(args: argparse.Namespace) -> int | None:
             print(f"{args.submission}: held-out micro-F1 {grade(args.submission, args.answers):.4f}")
         if not (args.run or args.submission):
             raise UserError("grade: give --submission FILE or --run NAME")
-    elif stage == "upload":
-        from seedlings.kaggle_io import upload
-
+    elif command == "upload":
         upload(args.run, args.message)
-    elif stage == "leaderboard":
-        from seedlings.kaggle_io import leaderboard
-
+    elif command == "leaderboard":
         leaderboard()
-    elif stage == "bench":
-        from seedlings.bench import bench
-
+    elif command == "bench":
         bench(Path(args.data) if args.data else None, quick=args.quick)
     return 0
 

@@ -14,12 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from seedlings import paths
-from seedlings.config import PREDICTION_KEYS, Recipe, apply_override, lrs_of, parse_value, recipe_dict, recipe_from_dict
+from seedlings.baseline import mirror_features, probe_run
+from seedlings.cache import load_cache
+from seedlings.chain import submit
+from seedlings.config import PREDICTION_KEYS, Recipe, lrs_of, recipe_dict
 from seedlings.context import prepare_fold
+from seedlings.features import fit_logistic
 from seedlings.files import write_csv
+from seedlings.holdout import answers_of, ensure_holdout
+from seedlings.images import read_image, scan_competition
 from seedlings.metrics import macro_f1, micro_f1
+from seedlings.predict import predict_fold, tta_probs
+from seedlings.recipes import apply_override, parse_value, recipe_from_dict
 from seedlings.run import Run, open_run
+from seedlings.train import train_fold
 
 # The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
 # the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
@@ -39,25 +47,6 @@ ABLATIONS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def holdout_dir(data: str | Path, fraction: float, seed: int) -> Path:
-    return paths.root() / "data" / f"{Path(data).resolve().name}-holdout-f{round(fraction * 100)}-s{seed}"
-
-
-def ensure_holdout(data: str | Path, fraction: float, seed: int) -> Path:
-    from seedlings.demo import check_holdout_source, make_holdout
-
-    out = holdout_dir(data, fraction, seed)
-    if out.exists():
-        check_holdout_source(out, data)
-        return out
-    return make_holdout(data, out, fraction, seed)
-
-
-def answers_of(holdout: Path, files: list[str], classes: list[str]) -> np.ndarray:
-    truth = pd.read_csv(holdout / "answers.csv").set_index("file").species
-    return np.array([classes.index(truth[f]) for f in files])
-
-
 def row(what: str, y: np.ndarray, pred: np.ndarray, seconds: float, how: str) -> dict:
     return {
         "what": what,
@@ -70,9 +59,6 @@ def row(what: str, y: np.ndarray, pred: np.ndarray, seconds: float, how: str) ->
 
 def probe_row(run: Run, size: int) -> dict:
     """The linear probe trained on every labelled image of the split (mirror-averaged features, C by CV)."""
-    from seedlings.baseline import fit_logistic, mirror_features, probe_run
-    from seedlings.cache import load_cache
-
     start = time.perf_counter()
     probe = probe_run(run, size)
     ctx = prepare_fold(probe, 0)  # every image is used: fold 0's split only orders them
@@ -90,9 +76,6 @@ def probe_row(run: Run, size: int) -> dict:
 
 def fold_row(run: Run, label: str) -> dict:
     """Fold 0 of the recipe: trained, predicted with its TTA, and its last model graded alone on the held-out images."""
-    from seedlings.predict import predict_fold
-    from seedlings.train import train_fold
-
     start = time.perf_counter()
     train_fold(run, 0)
     test = predict_fold(run, 0)[-1]
@@ -103,9 +86,6 @@ def fold_row(run: Run, label: str) -> dict:
 
 def predict_row(run: Run, label: str) -> dict:
     """Fold 0's trained model of `run`, predicted on the held-out images with the recipe's (other) TTA settings."""
-    from seedlings.cache import load_cache
-    from seedlings.predict import tta_probs
-
     start = time.perf_counter()
     recipe = run.recipe
     ctx = prepare_fold(run, 0)
@@ -125,10 +105,7 @@ def json_seconds(path: Path) -> float:
 
 def chain_row(run: Run, label: str) -> dict:
     """The whole chain (make submit) on the split: every fold the recipe trains, predicted, blended, written."""
-    from seedlings.images import scan_competition
-    from seedlings.submit import submit
-
-    classes = scan_competition(run.data).classes
+    classes = run.comp.classes
     start = time.perf_counter()
     csv = submit(run)
     seconds = time.perf_counter() - start
@@ -234,8 +211,6 @@ def fold_seconds(run: Run, fold: int) -> float:
 
 def own_size(holdout: Path) -> int:
     """The median longer side of the training images: the probe's 'native' size for this data."""
-    from seedlings.images import read_image, scan_competition
-
     comp = scan_competition(holdout)
     every = max(1, len(comp.train_files) // 200)  # 200 images tell the median
     sides = [max(read_image(comp.train_path(f)).shape[:2]) for f in comp.train_files[::every]]

@@ -1,24 +1,32 @@
-"""Recipes: a YAML file loaded into typed dataclasses, with dotted key=value overrides from the command line."""
+"""A recipe: typed dataclasses with every key's unit, role (trains / predicts / runs) and allowed range; recipes.py
+reads them from YAML files and key=value overrides."""
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from seedlings.errors import UserError
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
 
-# Keys a trained run may be opened with changed: they change its predictions (recorded with each prediction) or how
-# it runs, never its trained models.
-PREDICTION_KEYS = ("tta", "tta_mean", "predict_size")
-FREE_KEYS = (*PREDICTION_KEYS, "train_folds", "num_workers", "lr_find_start", "lr_find_end", "lr_find_steps")
+# What a recipe key does, declared once beside the key (a field's metadata); the run check, the free keys and what a
+# prediction is keyed by are derived from it.
+TRAINS = "trains"  # shapes the trained models: a trained run refuses another value
+PREDICTS = "predicts"  # changes predictions only: recorded with each prediction, which is made again when it changes
+RUNS = "runs"  # changes how the pipeline runs (which folds, loader processes, the LR finder), never a model
+
+CROP_SCALE = 0.8  # RandomResizedCrop's smallest area fraction: 0.35 cost 6 points at unfreezing (README: transition)
+
+
+def predicts(default: Any) -> Any:
+    return field(default=default, metadata={"role": PREDICTS})
+
+
+def runs(default: Any) -> Any:
+    return field(default=default, metadata={"role": RUNS})
 
 
 @dataclass
@@ -45,22 +53,26 @@ class Recipe:
     pretrained: str = "bundled"  # bundled | hub | path/to/weights.(pth|safetensors) | none
     drop_rate: float = 0.25  # dropout before the classifier (fast.ai's ps)
     batch_size: int = 32  # images per optimizer step
-    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw
+    optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD at fast.ai-style rates collapsed the first
+    #   unfrozen epoch on the real images; README)
     momentum: float = 0.9  # SGD momentum (adamw: beta1)
-    weight_decay: float = 1.0e-4  # L2 penalty per step, not applied to biases and norm layers
+    weight_decay: float = 1.0e-2  # decoupled (AdamW) or L2 (SGD) per step; not on biases and norm layers
     label_smoothing: float = 0.1  # cross-entropy target smoothing, 0 to 1
     layer_groups: int = 3  # parameter groups for differential learning rates (early body, late body, head)
     seed: int = 0  # training seed: weights init, shuffling, augmentation
-    tta: str = "d4"  # used by predict: none | flip | d4 | d4+scales
-    tta_mean: str = "arith"  # arith | geom: how TTA copies' probabilities are averaged
-    predict_size: int = 0  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
+    tta: str = predicts("d4")  # used by predict: none | flip | d4 | d4+scales
+    tta_mean: str = predicts("arith")  # arith | geom: how TTA copies' probabilities are averaged
+    predict_size: int = predicts(
+        0
+    )  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
     #   so a model often scores best a little above its training size (FixRes)
-    train_folds: int = 0  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
+    train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
-    crop_scale: float = 0.35  # RandomResizedCrop's smallest area fraction
+    crop_scale: float = CROP_SCALE  # RandomResizedCrop's smallest area fraction
     cache_margin: float = CACHE_MARGIN  # cached side = largest stage size x this, so crops keep detail
-    precompute_d4: bool = True  # precompute: add the 8 dihedral copies of each image as fixed samples
-    num_workers: int = -1  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
+    precompute_d4: bool = False  # precompute: add the 8 dihedral copies of each image as fixed samples (8x the
+    #   feature time; the solved head is only a warm start)
+    num_workers: int = runs(-1)  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
@@ -73,9 +85,9 @@ class Recipe:
     #   tensor operations on the model's device, the cache uploaded once) | auto: tensor on CUDA, albumentations on CPU
     skip_bad_images: bool = False  # true: unreadable images are listed and skipped; false: exit 2 naming the file
     snapshots: bool = True  # save weights at the end of every cycle for snapshot ensembles
-    lr_find_start: float = 1.0e-7  # LR finder sweep start
-    lr_find_end: float = 10.0  # LR finder sweep end
-    lr_find_steps: int = 100  # LR finder steps
+    lr_find_start: float = runs(1.0e-7)  # LR finder sweep start
+    lr_find_end: float = runs(10.0)  # LR finder sweep end
+    lr_find_steps: int = runs(100)  # LR finder steps
 
     @property
     def max_size(self) -> int:
@@ -95,67 +107,13 @@ class Recipe:
         return int(round(self.max_size * self.cache_margin))
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+def keys_with_role(role: str) -> tuple[str, ...]:
+    """The Recipe keys of one role (TRAINS, PREDICTS or RUNS); a key without one trains."""
+    return tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("role", TRAINS) == role)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check (and gently convert) one value against its annotated type; errors name the key."""
-    if tp is LR or tp == "LR":
-        return _coerce_lr(key, value)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise UserError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}.{i}", v, item_tp) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise UserError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def _coerce_lr(key: str, value: Any) -> LR:
-    if isinstance(value, bool):
-        raise UserError(f"{key}: expected a learning rate, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ):
-        return [float(v) for v in value]
-    if isinstance(value, dict) and set(value) == {"max", "mult"}:
-        return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
-    raise UserError(f"{key}: expected a number, a list of numbers or {{max, mult}}, got {value!r}")
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls, globalns={**vars(typing), "LR": LR, "Stage": Stage})
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            raise UserError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
-    return cls(**kwargs)
+PREDICTION_KEYS = keys_with_role(PREDICTS)
+FREE_KEYS = (*PREDICTION_KEYS, *keys_with_role(RUNS))  # a trained run may be opened with these changed
 
 
 MAX_SIZE = 1024  # px, largest training or prediction size: the cache then holds 4,750 images at 1,178 px (20 GB)
@@ -203,7 +161,9 @@ def check_range(key: str, value: float, low: float | None, high: float | None) -
         raise UserError(f"{key}: must be in [{shown(low, '-inf')}, {shown(high, 'inf')}], got {shown(value, '')}")
 
 
-def _validate(recipe: Recipe) -> None:
+def validate(recipe: Recipe) -> None:
+    """Every range, choice and combination a recipe must respect; the first broken one exits 2 naming its key."""
+
     def bad(key: str, why: str) -> None:
         raise UserError(f"{key}: {why}")
 
@@ -257,82 +217,6 @@ def lrs_of(lr: LR, n_groups: int) -> list[float]:
     if isinstance(lr, list):
         return list(lr)
     return [lr["max"] / lr["mult"] ** (n_groups - 1 - g) for g in range(n_groups)]
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
-    return _fix_floats(yaml.safe_load(text))
-
-
-def _fix_floats(obj: Any) -> Any:
-    """YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number."""
-    if isinstance(obj, dict):
-        return {k: _fix_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fix_floats(v) for v in obj]
-    if isinstance(obj, str):
-        try:
-            return float(obj) if any(c.isdigit() for c in obj) and obj.strip().lower() not in ("nan", "inf") else obj
-        except ValueError:
-            return obj
-    return obj
-
-
-def apply_override(values: dict, key: str, value: Any) -> None:
-    """Set a dotted key (`stages.1.size`) in a nested dict/list, creating nothing that the recipe lacks."""
-    parts = key.split(".")
-    node: Any = values
-    for i, part in enumerate(parts[:-1]):
-        path = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"{path}: no such list index (the recipe has {len(node)})")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            if part not in node:
-                if part == "stages" or part in {f.name for f in dataclasses.fields(Recipe)}:
-                    node[part] = {}
-                else:
-                    raise UserError(f"{path}: unknown key")
-            node = node[part]
-        else:
-            raise UserError(f"{path}: is not a mapping or a list")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(f"{key}: no such list index (the recipe has {len(node)})")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (None: the defaults), apply `key=value` overrides, type-check and validate."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{p}: recipe not found")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{p}: a recipe is a mapping of keys to values")
-        values = _fix_floats(values)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"{item}: an override is key=value")
-        key, text = item.split("=", 1)
-        apply_override(values, key.strip(), parse_value(text))
-    return recipe_from_dict(values)
-
-
-def recipe_from_dict(values: dict) -> Recipe:
-    """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
-    recipe = _build(Recipe, values)
-    _validate(recipe)
-    return recipe
 
 
 def recipe_dict(recipe: Recipe) -> dict:

@@ -1,8 +1,7 @@
-"""What one fold's training and prediction read (data, model, layer groups, device), and the step they share."""
+"""What one fold's training and prediction read: data, split, model, layer groups, device, and their batches."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -11,11 +10,13 @@ import torch
 from torch import nn
 
 from seedlings.cache import ImageCache, load_cache
-from seedlings.data import CachedImages, eval_transform, make_loader
+from seedlings.data import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.folds import load_folds
-from seedlings.images import Competition, scan_competition
+from seedlings.images import Competition
 from seedlings.model import create_model, layer_groups, model_mean_std
 from seedlings.run import Run
+from seedlings.step import autocast, to_device
+from seedlings.tensor_aug import DeviceBatches
 
 
 @dataclass
@@ -43,6 +44,10 @@ class FoldContext:
     def dir(self):
         return self.run.fold_dir(self.fold)
 
+    @property
+    def bf16(self) -> bool:
+        return self.device.type == "cuda" and self.recipe.bf16
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,7 +57,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     """Scan the data, load the folds and the cache, build the model (its new head seeded by (seed, fold))."""
     recipe = run.recipe
     run.check_fold(fold)
-    comp = scan_competition(run.data)
+    comp = run.comp
     folds = load_folds(run.data, run.n_folds, run.fold_seed)
     cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images)
     good = ~np.isin(np.array(comp.train_files), cache.bad)
@@ -81,31 +86,6 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     )
 
 
-def autocast(ctx: FoldContext):
-    if ctx.device.type == "cuda" and ctx.recipe.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(ctx: FoldContext, x: torch.Tensor) -> torch.Tensor:
-    x = x.to(ctx.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
-def train_step(
-    ctx: FoldContext, forward: Callable, optimizer: torch.optim.Optimizer, criterion: Callable, x, y
-) -> torch.Tensor:
-    """One optimizer step on one batch (training, the LR finder and the benchmark all take it); returns the batch's
-    mean loss as a tensor on the device (reading it is a host sync: the caller decides when)."""
-    x, y = to_device(ctx, x), y.to(ctx.device, non_blocking=True)
-    with autocast(ctx):
-        loss = criterion(forward(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def eval_loader(ctx: FoldContext, size: int, index: np.ndarray, images: np.ndarray | None = None):
     """Batches of `index` rows of the training cache (or of `images`), resized to `size`, in order."""
     ds = CachedImages(
@@ -122,7 +102,7 @@ def static_batches(ctx: FoldContext, batches: Iterator) -> Iterator[tuple[torch.
     has one shape (a new shape re-tunes cuDNN and recompiles a compiled model)."""
     full = None
     for x, _ in batches:
-        x, n = to_device(ctx, x), len(x)
+        x, n = to_device(x, ctx.device), len(x)
         full = full or n
         if ctx.device.type == "cuda" and n < full:
             x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
@@ -134,6 +114,34 @@ def predict_probs(ctx: FoldContext, forward: Callable, batches: Iterator) -> np.
     """Softmax probabilities of `forward` over (x, _) batches, as one float32 array."""
     out = []
     for x, n in static_batches(ctx, batches):
-        with autocast(ctx):
+        with autocast(ctx.device, ctx.bf16):
             out.append(forward(x)[:n].float().softmax(-1).cpu())
     return torch.cat(out).numpy()
+
+
+def augment_on_device(ctx: FoldContext) -> bool:
+    choice = ctx.recipe.augment
+    return choice == "tensor" or (choice == "auto" and ctx.device.type == "cuda")
+
+
+def training_batches(ctx: FoldContext, size: int) -> tuple[Callable[[int], Iterator], int]:
+    """(epoch -> training batches, batches per epoch): made on the device from the uploaded cache (tensor_aug), or
+    by albumentations in the loader; both draw every random number from (seed, fold, epoch, item)."""
+    recipe = ctx.recipe
+    if augment_on_device(ctx):
+        made = DeviceBatches(
+            ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], size, ctx.mean, ctx.std, recipe.crop_scale,
+            recipe.seed, ctx.fold, recipe.batch_size, ctx.device, torch.bfloat16 if ctx.bf16 else torch.float32,
+            drop_last=ctx.device.type == "cuda",  # static shapes: a ragged last batch re-tunes cuDNN (GPU only)
+        )  # fmt: skip
+        return made.epoch, len(made)
+    transform = train_transform(size, ctx.mean, ctx.std, recipe.crop_scale)
+    ds = CachedImages(ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], transform)
+    sampler = EpochSampler(len(ds), recipe.seed, ctx.fold)
+    loader = make_loader(ds, recipe.batch_size, ctx.device, sampler, recipe.num_workers)
+
+    def batches(epoch: int) -> Iterator:
+        sampler.set_epoch(epoch)
+        return iter(loader)
+
+    return batches, len(loader)

@@ -10,13 +10,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from seedlings.config import CROP_SCALE
+
 
 def item_seed(*key: int) -> int:
     """A 32-bit seed from integers (seed, fold, epoch, index): same key, same augmentation, in any worker."""
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
-def train_transform(size: int, mean: tuple, std: tuple, crop_scale: float = 0.35) -> A.Compose:
+def train_transform(size: int, mean: tuple, std: tuple, crop_scale: float = CROP_SCALE) -> A.Compose:
     """Random crop and all 8 dihedral orientations (the photos are taken from above), mild colour jitter."""
     return A.Compose([
         A.RandomResizedCrop(size=(size, size), scale=(crop_scale, 1.0), ratio=(0.75, 1.333)),

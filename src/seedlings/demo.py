@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +11,9 @@ import cv2
 import numpy as np
 
 from seedlings.errors import UserError
+from seedlings.images import REAL_TEST_IMAGES, REAL_TRAIN_COUNTS
 
-# Training images per species in the real competition (4,750 in all): the demo keeps these ratios.
-REAL_COUNTS = {
-    "Black-grass": 263, "Charlock": 390, "Cleavers": 287, "Common Chickweed": 611, "Common wheat": 221,
-    "Fat Hen": 475, "Loose Silky-bent": 654, "Maize": 221, "Scentless Mayweed": 516, "Shepherds Purse": 231,
-    "Small-flowered Cranesbill": 496, "Sugar beet": 385,
-}  # fmt: skip
-TEST_FRACTION = 794 / 4750  # real test/train ratio
+TEST_FRACTION = REAL_TEST_IMAGES / sum(REAL_TRAIN_COUNTS.values())  # real test/train ratio
 
 
 @dataclass(frozen=True)
@@ -144,8 +138,8 @@ def make_demo(out: str | Path, per_class: int = 10, seed: int = 0, min_size: int
         raise UserError(f"--per-class: must be at least 1, got {per_class}")
     if out.exists():
         raise UserError(f"{out}: already exists (a competition folder is never rewritten; remove it first)")
-    smallest = min(REAL_COUNTS.values())
-    counts = {s: max(1, round(per_class * n / smallest)) for s, n in REAL_COUNTS.items()}
+    smallest = min(REAL_TRAIN_COUNTS.values())
+    counts = {s: max(1, round(per_class * n / smallest)) for s, n in REAL_TRAIN_COUNTS.items()}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "test").mkdir(parents=True)
@@ -154,7 +148,7 @@ def make_demo(out: str | Path, per_class: int = 10, seed: int = 0, min_size: int
         return hashlib.sha256(repr((seed, *key)).encode()).hexdigest()[:9] + ".png"
 
     answers = []
-    for label, species in enumerate(REAL_COUNTS):
+    for label, species in enumerate(REAL_TRAIN_COUNTS):
         (tmp / "train" / species).mkdir(parents=True)
         n_test = max(1, round(counts[species] * TEST_FRACTION))
         for i in range(counts[species] + n_test):
@@ -173,56 +167,3 @@ def make_demo(out: str | Path, per_class: int = 10, seed: int = 0, min_size: int
     (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{f},{s}\n" for f, s in answers))
     tmp.rename(out)
     return out
-
-
-def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: int = 0) -> Path:
-    """A competition folder whose test set is a stratified share of src's labelled images (answers.csv holds their
-    labels, for `seedlings grade`), as MLE-bench does. Images are symbolic links: nothing is copied."""
-    from sklearn.model_selection import train_test_split
-
-    from seedlings.folds import dataset_key
-    from seedlings.images import scan_competition
-
-    src, out = Path(src).resolve(), Path(out)
-    if not 0 < fraction < 1:
-        raise UserError(f"--fraction: must be in (0, 1), got {fraction}")
-    if not 0 <= seed < 2**32:
-        raise UserError(f"--seed: must be in [0, {2**32 - 1}], got {seed}")
-    if out.exists():
-        raise UserError(f"{out}: already exists (remove it first)")
-    comp = scan_competition(src, need_test=False)
-    keep, held = train_test_split(
-        range(len(comp.train_files)), test_size=fraction, random_state=seed, stratify=comp.train_labels
-    )
-    names = [Path(comp.train_files[i]).name for i in held]
-    if len(set(names)) != len(names):
-        raise UserError(f"{src}: file names repeat across species; cannot flatten them into test/")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "test").mkdir(parents=True)
-    for i in sorted(keep):
-        link = tmp / "train" / comp.train_files[i]
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(comp.train_path(comp.train_files[i]))
-    answers = sorted((Path(comp.train_files[i]).name, comp.classes[comp.train_labels[i]], i) for i in held)
-    for name, _, i in answers:
-        (tmp / "test" / name).symlink_to(comp.train_path(comp.train_files[i]))
-    (tmp / "sample_submission.csv").write_text("file,species\n" + "".join(f"{n},Sugar beet\n" for n, _, _ in answers))
-    (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{n},{s}\n" for n, s, _ in answers))
-    source = {"data": str(src), "dataset_key": dataset_key(comp), "fraction": fraction, "seed": seed}
-    (tmp / "SOURCE.json").write_text(json.dumps(source, indent=1))
-    tmp.rename(out)
-    return out
-
-
-def check_holdout_source(out: Path, src: str | Path) -> None:
-    """A held-out split made earlier must still be of `src`'s labelled images (names and sizes)."""
-    from seedlings.folds import dataset_key
-    from seedlings.images import scan_competition
-
-    meta = out / "SOURCE.json"
-    if not meta.exists():
-        return  # made before SOURCE.json was written
-    made = json.loads(meta.read_text())["dataset_key"]
-    if made != dataset_key(scan_competition(src, need_test=False)):
-        raise UserError(f"{out}: made from other images than {src} holds now; delete it to split the data again")

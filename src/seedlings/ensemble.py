@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -94,23 +93,6 @@ def format_table(table: dict) -> str:
         f"{k:<{width}}  {v['micro_f1']:12.4f}  {v['log_loss']:12.4f}  {v['weight']:6.3f}" for k, v in table.items()
     ]
     return "\n".join(lines)
-
-
-def grade_members(run: Run, answers: str | Path) -> dict[str, float]:
-    """Held-out micro-F1 of every saved test prediction of a run: each fold's snapshots, each snapshot averaged over
-    the folds, and everything averaged (for competitions made by `seedlings holdout`, whose answers are known)."""
-    truth = pd.read_csv(answers).set_index("file").species
-    probs = {m: m.load("test") for m in run.members()}
-    if not probs:
-        raise UserError(f"{run.dir}: no trained fold (make train RUN={run.name})")
-    first = next(iter(probs.values()))
-    y = np.array([first.classes.index(s) for s in truth.loc[first.files]])
-    out = {m.label: micro_f1(y, p.values.argmax(1)) for m, p in probs.items()}
-    for snap in dict.fromkeys(m.name for m in probs):
-        mean = np.mean([p.values for m, p in probs.items() if m.name == snap], 0)
-        out[f"all folds, {snap}"] = micro_f1(y, mean.argmax(1))
-    out["all folds x snapshots"] = micro_f1(y, np.mean([p.values for p in probs.values()], 0).argmax(1))
-    return out
 
 
 def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import sys
@@ -11,128 +10,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
 from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.files import write_json
-from seedlings.images import check_competition, scan_competition
-
-COMPETITION = "plant-seedlings-classification"
-RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
-REAL_COUNTS = {"train": 4750, "test": 794}
-
-
-class KaggleClient(Protocol):
-    """The boundary with Kaggle; tests hand in a fake."""
-
-    def download(self, dest: Path) -> None: ...
-
-    def submit(self, csv: Path, message: str) -> None: ...
-
-    def submissions(self) -> list[dict]: ...
-
-
-WARNED: set[str] = set()  # credential files already warned about
-
-
-def _config_dir() -> Path:
-    return Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-
-
-def credentials_source() -> str:
-    """Where the kaggle API will find credentials; exit 2 with where to put them when there are none."""
-    if os.environ.get("KAGGLE_API_TOKEN"):
-        return "KAGGLE_API_TOKEN"
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return "KAGGLE_USERNAME/KAGGLE_KEY"
-    for name in ("access_token", "kaggle.json", "credentials.json"):
-        f = _config_dir() / name
-        if f.is_file():
-            if f.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) and str(f) not in WARNED:
-                WARNED.add(str(f))  # once per process, however many calls look for credentials
-                print(f"warning: {f} is readable by other users; run: chmod 600 {f}", file=sys.stderr)
-            return str(f)
-    raise UserError(
-        f"no Kaggle credentials: put kaggle.json (Account > API > Create New Token) in {_config_dir()}/ "
-        "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN; KAGGLE_CONFIG_DIR moves the folder"
-    )
-
-
-def explain_kaggle_error(e: BaseException) -> UserError:
-    """One line for what went wrong at the Kaggle boundary; never echoes the key."""
-    status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
-    text = str(e)
-    if status in (401,) or "401" in text[:80]:
-        return UserError("Kaggle refused the credentials (401): create a new API token and replace the old one")
-    if status == 403 or "403" in text[:80]:
-        return UserError(f"Kaggle answered 403: accept the competition rules first at {RULES_URL}")
-    if status == 404 or "404" in text[:80]:
-        return UserError(f"Kaggle answered 404: competition {COMPETITION!r} not found")
-    network = (ConnectionError, TimeoutError, OSError)
-    if isinstance(e, network) or "connection" in text.lower() or "resolve" in text.lower():
-        return UserError(f"cannot reach Kaggle (network failure: {type(e).__name__}); check the connection and retry")
-    return UserError(f"Kaggle call failed: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
-
-
-class RealKaggle:
-    """The kaggle package's API, authenticated on first use."""
-
-    def __init__(self) -> None:
-        credentials_source()
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            self.api = KaggleApi()
-            self.api.authenticate()
-        except SystemExit:
-            raise UserError("the kaggle package found no usable credentials (see `kaggle auth login`)") from None
-        except Exception as e:  # noqa: BLE001 - every failure becomes one line
-            raise explain_kaggle_error(e) from None
-
-    def _call(self, fn, *args, **kwargs):
-        """One call of the kaggle API with a socket timeout (its HTTP client sets none: a network that drops packets
-        would hang forever) and every failure as one line."""
-        import socket
-
-        before = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(KAGGLE_TIMEOUT_S)
-        try:
-            return fn(*args, **kwargs)
-        except SystemExit:
-            raise UserError("the kaggle package stopped (see its message above)") from None
-        except Exception as e:  # noqa: BLE001
-            raise explain_kaggle_error(e) from None
-        finally:
-            socket.setdefaulttimeout(before)
-
-    def download(self, dest: Path) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        self._call(self.api.competition_download_files, COMPETITION, path=str(dest), quiet=False)
-
-    def submit(self, csv: Path, message: str) -> None:
-        self._call(self.api.competition_submit, str(csv), message, COMPETITION)
-
-    def submissions(self) -> list[dict]:
-        subs = self._call(self.api.competition_submissions, COMPETITION) or []
-        return [submission_row(s) for s in subs if s is not None]
-
-
-def submission_row(sub) -> dict:
-    """One of the kaggle package's ApiSubmission objects as the row `make leaderboard` prints: the status enum by
-    name (complete, pending, error), scores as Kaggle gives them (strings; empty until scored)."""
-    status = getattr(sub, "status", "")
-    return {
-        "date": getattr(sub, "date", ""),
-        "description": getattr(sub, "description", "") or "",
-        "status": getattr(status, "name", str(status)).lower(),
-        "public_score": getattr(sub, "public_score", "") or "",
-        "private_score": getattr(sub, "private_score", "") or "",
-    }
-
+from seedlings.images import REAL_TEST_IMAGES, REAL_TRAIN_COUNTS, check_competition, scan_competition
+from seedlings.kaggle_client import COMPETITION, KaggleClient, RealKaggle
 
 MAX_EXPAND = 20  # extracted bytes / archive bytes allowed by default; the real bundle (PNGs) expands about 1:1
-KAGGLE_TIMEOUT_S = 120  # seconds a Kaggle call may wait on a silent network before it fails
 
 
 @dataclass
@@ -256,13 +141,10 @@ def fetch(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_train = sum(report.counts.values())
-    if (n_train, report.n_test) != (REAL_COUNTS["train"], REAL_COUNTS["test"]):
-        print(
-            f"warning: {n_train} train and {report.n_test} test images; the competition has "
-            f"{REAL_COUNTS['train']} and {REAL_COUNTS['test']}",
-            file=sys.stderr,
-        )
+    n_train, real_train = sum(report.counts.values()), sum(REAL_TRAIN_COUNTS.values())
+    if (n_train, report.n_test) != (real_train, REAL_TEST_IMAGES):
+        print(f"warning: {n_train} train and {report.n_test} test images; the competition has {real_train} and "
+              f"{REAL_TEST_IMAGES}", file=sys.stderr)  # fmt: skip
     tmp.rename(data)  # only a complete, verified folder gets the real name
     print(f"{data}: {n_train} train, {report.n_test} test images in {len(report.counts)} species; verified")
     return data

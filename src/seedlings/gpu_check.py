@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seedlings.config import CACHE_MARGIN, load_recipe
+from seedlings.config import CACHE_MARGIN, CROP_SCALE
+from seedlings.recipes import load_recipe
+from seedlings.step import autocast, train_step
 
 FULL = {"models": {"tf_efficientnet_lite0": 128, "convnext_small": 64}, "sizes": (224, 320, 384), "images": 4750}
 DRY = {"models": {"test_efficientnet": 8}, "sizes": (32,), "images": 48}
@@ -29,7 +31,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: torch.device, fn, repeat: int) -> float:
+def seconds_per_call(device: torch.device, fn, repeat: int) -> float:
     """Seconds per call of fn, after one warm-up call (cuDNN autotuning, compilation)."""
     fn()
     sync(device)
@@ -53,34 +55,30 @@ def measure(model_name: str, batch: int, size: int, n_images: int, device: torch
     model = timm.create_model(model_name, num_classes=12).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def step(x, y) -> None:
-        with autocast:
-            loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step(x, y) -> None:  # the pipeline's own training step
+        train_step(model, optimizer, criterion, x, y, device, bf16)
 
     side = int(round(size * CACHE_MARGIN))
     cache = np.random.default_rng(0).integers(0, 256, (n_images, side, side, 3), dtype=np.uint8)
-    made = DeviceBatches(cache, np.arange(n_images), np.arange(n_images) % 12, size, (0.5,) * 3, (0.5,) * 3, 0.35, 0, 0,
-                         batch, device, torch.bfloat16 if bf16 else torch.float32, drop_last=True)  # fmt: skip
+    made = DeviceBatches(cache, np.arange(n_images), np.arange(n_images) % 12, size, (0.5,) * 3, (0.5,) * 3,
+                         CROP_SCALE, 0, 0, batch, device, torch.bfloat16 if bf16 else torch.float32,
+                         drop_last=True)  # fmt: skip
     x0, y0 = next(made.epoch(0))
-    bare = batch / timed(device, lambda: step(x0, y0), steps)
+    bare = batch / seconds_per_call(device, lambda: step(x0, y0), steps)
     batches = iter(made.epoch(1))
-    loader = batch / timed(device, lambda: next(batches), min(steps, len(made) - 2))
+    loader = batch / seconds_per_call(device, lambda: next(batches), min(steps, len(made) - 2))
 
     def epoch() -> None:
         for x, y in made.epoch(2):
             step(x, y)
 
-    epoch_s = timed(device, epoch, 1)  # the warm-up epoch tunes cuDNN for every shape; the second is timed
+    epoch_s = seconds_per_call(device, epoch, 1)  # the warm-up epoch tunes cuDNN for every shape; the second is timed
     full = len(made) * batch / epoch_s
     model.eval()
-    with torch.no_grad(), autocast:
-        plain = batch / timed(device, lambda: model(x0), steps)
-        d4 = 8 * batch / timed(device, lambda: tta_predict(model, x0, "d4", stack=True), max(1, steps // 4))
+    with torch.no_grad(), autocast(device, bf16):
+        plain = batch / seconds_per_call(device, lambda: model(x0), steps)
+        d4 = 8 * batch / seconds_per_call(device, lambda: tta_predict(model, x0, "d4", stack=True), max(1, steps // 4))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     return {
         "model": model_name, "size": size, "batch": batch, "bare_img_s": bare, "loader_img_s": loader,

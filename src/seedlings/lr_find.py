@@ -10,13 +10,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from seedlings.checkpoint import load_checkpoint
 from seedlings.config import Recipe
-from seedlings.context import FoldContext, train_step
+from seedlings.context import FoldContext
 from seedlings.errors import UserError
 from seedlings.files import load_torch, save_figure
 from seedlings.model import make_optimizer
 from seedlings.run import Run
-from seedlings.train import load_checkpoint, plan_stage, train_fold
+from seedlings.step import train_step
+from seedlings.train import train_fold, trainee_for
 
 
 def sweep_lrs(start: float, end: float, steps: int) -> np.ndarray:
@@ -68,25 +70,25 @@ def lr_sweep(
     """
     saved_model = copy.deepcopy(ctx.model.state_dict())
     saved_rng = torch.get_rng_state()
-    plan = plan_stage(ctx, stage)
-    optimizer = make_optimizer(ctx.recipe, plan.opt_groups)
+    trainee = trainee_for(ctx, stage)
+    optimizer = make_optimizer(ctx.recipe, trainee.param_groups)
     peak = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep
     criterion = nn.CrossEntropyLoss(label_smoothing=ctx.recipe.label_smoothing)
     lrs, rows = sweep_lrs(start, end, steps), []
     avg, best, epoch = 0.0, float("inf"), 0
-    batches = plan.batches(epoch)
-    plan.set_modes()
+    batches = trainee.batches(epoch)
+    trainee.train_mode()
     for i, lr in enumerate(lrs):
         try:
             x, y = next(batches)
         except StopIteration:
             epoch += 1
-            batches = plan.batches(epoch)
+            batches = trainee.batches(epoch)
             x, y = next(batches)
         for g, ratio in zip(optimizer.param_groups, ratios):
             g["lr"] = lr * ratio
-        loss = train_step(ctx, plan.forward, optimizer, criterion, x, y).item()
+        loss = train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.bf16).item()
         avg = beta * avg + (1 - beta) * loss
         smoothed = avg / (1 - beta ** (i + 1))  # bias correction: early averages are not pulled towards 0
         rows.append({"step": i, "lr": float(lr), "loss": loss, "smoothed_loss": smoothed})

@@ -10,10 +10,12 @@ import torch
 from tqdm import tqdm
 
 from seedlings.cache import load_cache
-from seedlings.context import FoldContext, autocast, eval_loader, prepare_fold, static_batches
+from seedlings.config import PREDICTION_KEYS
+from seedlings.context import FoldContext, eval_loader, prepare_fold, static_batches
 from seedlings.errors import UserError
 from seedlings.files import exclusive, write_json
 from seedlings.run import Member, Probs, Run
+from seedlings.step import autocast
 from seedlings.tta import tta_predict, tta_views
 
 
@@ -24,24 +26,20 @@ def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, si
     out = []
     batches = tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None)
     for x, n in static_batches(ctx, batches):
-        with autocast(ctx):
+        with autocast(ctx.device, ctx.bf16):
             out.append(tta_predict(model, x, tta, ctx.recipe.tta_mean, stack)[:n].float().cpu())
     return torch.cat(out).numpy()
 
 
 def prediction_inputs(member: Member, run: Run, test_key: str) -> dict:
-    """What a member's probabilities depend on: its weights, the prediction keys and the test images' contents (the
-    training images cannot change under a run: opening it checks them)."""
+    """What a member's probabilities depend on: its weights, the recipe's prediction keys, the size predicted at and
+    the test images' contents (the training images cannot change under a run: opening it checks them)."""
     recipe = run.recipe
     if not member.weights.exists():
         raise UserError(f"{member.weights}: weights missing (fold {member.fold} of run {run.name!r}: train it again)")
-    return {
-        "weights_mtime_ns": member.weights.stat().st_mtime_ns,
-        "tta": recipe.tta,
-        "tta_mean": recipe.tta_mean,
-        "size": recipe.eval_size,
-        "test_images": test_key,
-    }
+    keys = {k: getattr(recipe, k) for k in PREDICTION_KEYS if k != "predict_size"}  # the size: eval_size below
+    return {"weights_mtime_ns": member.weights.stat().st_mtime_ns, **keys, "size": recipe.eval_size,
+            "test_images": test_key}  # fmt: skip
 
 
 def is_predicted(member: Member, inputs: dict) -> bool:

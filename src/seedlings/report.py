@@ -1,5 +1,5 @@
-"""runs/<run>/report/report.md and its PNGs: data, LR finder, training curves, confusion, per-class F1, blend,
-mistakes."""
+"""runs/<run>/report/report.md and its PNGs (data, LR finder, training curves, confusion, per-class F1, blend,
+mistakes), and each fold's own curves (loss.png, lr.png)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,37 @@ def worst_section(comp: Competition, oof: Probs, labels: np.ndarray, out: Path, 
     plt.close(fig)
     lines = ["## Worst out-of-fold images", "", "true species, predicted species, probability of the true one", ""]
     return [*lines, "![worst](worst.png)", "", *[f"- `{oof.files[i]}`: p={p_true[i]:.3f}" for i in worst], ""]
+
+
+def plot_fold(out: Path) -> None:
+    """loss.png (train/val loss and val micro-F1 per epoch) and lr.png (every step's LR per group); none where
+    matplotlib is not installed (a bare GPU machine): the CSVs hold the same numbers."""
+    try:
+        plt = _plt()
+    except ImportError:
+        return
+
+    m = pd.read_csv(out / "metrics.csv")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(m.epoch, m.train_loss, "o-", label="train (smoothed targets)")
+    ax[0].plot(m.epoch, m.val_loss, "o-", label="validation")
+    ax[0].set(xlabel="epoch", ylabel="loss")
+    ax[0].legend()
+    ax[1].plot(m.epoch, m.val_f1, "o-", label="micro-F1")
+    ax[1].plot(m.epoch, m.val_macro_f1, "o-", label="macro-F1")
+    ax[1].set(xlabel="epoch", ylabel="validation F1")
+    ax[1].legend()
+    fig.tight_layout()
+    save_figure(fig, out / "loss.png", dpi=90)
+    plt.close(fig)
+    if not (out / "lrs.csv").exists():  # only solved stages: no learning rates to show
+        return
+    lr = pd.read_csv(out / "lrs.csv")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for c in [c for c in lr.columns if c.startswith("lr_g")]:
+        ax.plot(lr.step, lr[c], label=c[3:])
+    ax.set(xlabel="step", ylabel="learning rate", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, out / "lr.png", dpi=90)
+    plt.close(fig)

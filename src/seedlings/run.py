@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ import pandas as pd
 import yaml
 
 from seedlings import paths
-from seedlings.config import FREE_KEYS, Recipe, recipe_dict, recipe_from_dict
+from seedlings.config import FREE_KEYS, Recipe, recipe_dict
 from seedlings.errors import UserError
 from seedlings.files import load_torch, write_csv, write_json, write_text
 from seedlings.folds import default_folds_path
 from seedlings.images import Competition, file_digest, parallel_map, scan_competition
+from seedlings.recipes import recipe_from_dict
 
 SPLIT_KEYS = ("n_folds", "fold_seed")  # recorded beside the recipe: fold k of another split is another model
 PROVENANCE_KEYS = ("git_commit", "data")  # recorded for the reader, never compared (a data folder may move)
@@ -40,6 +42,11 @@ class Run:
             raise UserError(f"--fold-seed: must be in [0, {2**32 - 1}], got {self.fold_seed}")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserError(f"--run: {self.name!r} is not a usable folder name under runs/")
+
+    @cached_property
+    def comp(self) -> Competition:
+        """The competition folder, scanned once per command (train/, test/ and the sample checked against it)."""
+        return scan_competition(self.data)
 
     @property
     def dir(self) -> Path:
@@ -104,7 +111,7 @@ class Run:
             return
         extra = {"n_folds": self.n_folds, "fold_seed": self.fold_seed, "git_commit": git_commit()}
         extra["data"] = str(Path(self.data).resolve())
-        comp = scan_competition(self.data)
+        comp = self.comp
         record = {split: digests(comp, split, {}) for split in ("train", "test")}
         record["folds"] = file_digest(default_folds_path(comp, self.n_folds, self.fold_seed))
         write_json(self.data_record_path, record)
@@ -116,7 +123,7 @@ class Run:
         if not self.data_record_path.exists():
             return  # a run recorded before data.json existed
         recorded = json.loads(self.data_record_path.read_text())
-        comp = scan_competition(self.data)
+        comp = self.comp
         changes = describe_changes(recorded["train"], digests(comp, "train", recorded["train"]))
         if changes:
             raise UserError(
@@ -130,7 +137,7 @@ class Run:
     def test_key(self) -> str:
         """A short hash of the test images' contents: predictions of other test images are made again."""
         recorded = json.loads(self.data_record_path.read_text())["test"] if self.data_record_path.exists() else {}
-        now = digests(scan_competition(self.data), "test", recorded)
+        now = digests(self.comp, "test", recorded)
         return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
     def members(self, fold: int | None = None) -> list[Member]:

@@ -11,7 +11,6 @@ import pandas as pd
 from seedlings.errors import UserError
 from seedlings.files import write_csv
 from seedlings.images import read_sample, scan_competition
-from seedlings.metrics import micro_f1
 
 
 def write_submission(path: Path, files: list[str], species: list[str], sample: Path) -> None:
@@ -71,20 +70,6 @@ def validate_submission(data: str | Path, submission: str | Path) -> int:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise UserError(f"{submission}: {shown}")
     return len(rows)
-
-
-def grade(submission: str | Path, answers: str | Path) -> float:
-    """Micro-F1 (= accuracy) of a submission against a file,species CSV of the true labels."""
-    sub = pd.read_csv(submission, dtype=str, encoding="utf-8-sig")
-    ans = pd.read_csv(answers, dtype=str, encoding="utf-8-sig")
-    for name, df in (("submission", sub), ("answers", ans)):
-        if list(df.columns) != ["file", "species"]:
-            raise UserError(f"{submission if name == 'submission' else answers}: expected columns file,species")
-    merged = ans.merge(sub, on="file", how="left", suffixes=("_true", "_pred"))
-    missing = merged.species_pred.isna().sum()
-    if missing:
-        raise UserError(f"{submission}: {missing} files of {answers} have no prediction")
-    return micro_f1(merged.species_true, merged.species_pred)
 
 
 def species_of(probs: np.ndarray, classes: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from seedlings.config import Recipe, recipe_dict
 from seedlings.ensemble import assemble, blend, format_table
 from seedlings.files import write_json
 from seedlings.folds import load_folds
-from seedlings.images import Competition, scan_competition
+from seedlings.images import Competition
 from seedlings.predict import predict_run
 from seedlings.report import write_report
 from seedlings.run import Probs, Run, git_commit, save_probs
@@ -44,7 +44,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished
     runs on the same data and folds whose members join the blend."""
     timings: dict[str, float] = {}
-    comp = scan_competition(run.data)  # sample_submission.csv against test/: checked before anything trains
+    comp = run.comp  # sample_submission.csv against test/: checked before anything trains
     with timed(timings, "folds"):
         folds = load_folds(run.data, run.n_folds, run.fold_seed)
         # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours

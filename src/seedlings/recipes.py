@@ -1,0 +1,153 @@
+"""Reading recipes: a YAML file (or a run's saved mapping) type-checked into config.Recipe, with dotted key=value
+overrides from the command line; unknown keys and wrong types exit 2 naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seedlings.config import LR, Recipe, Stage, validate
+from seedlings.errors import UserError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its annotated type; errors name the key."""
+    if tp is LR or tp == "LR":
+        return _coerce_lr(key, value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}.{i}", v, item_tp) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise UserError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_lr(key: str, value: Any) -> LR:
+    if isinstance(value, bool):
+        raise UserError(f"{key}: expected a learning rate, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        return [float(v) for v in value]
+    if isinstance(value, dict) and set(value) == {"max", "mult"}:
+        return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
+    raise UserError(f"{key}: expected a number, a list of numbers or {{max, mult}}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls, globalns={**vars(typing), "LR": LR, "Stage": Stage})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise UserError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
+    return _fix_floats(yaml.safe_load(text))
+
+
+def _fix_floats(obj: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number."""
+    if isinstance(obj, dict):
+        return {k: _fix_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_floats(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if any(c.isdigit() for c in obj) and obj.strip().lower() not in ("nan", "inf") else obj
+        except ValueError:
+            return obj
+    return obj
+
+
+def apply_override(values: dict, key: str, value: Any) -> None:
+    """Set a dotted key (`stages.1.size`) in a nested dict/list, creating nothing that the recipe lacks."""
+    parts = key.split(".")
+    node: Any = values
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"{path}: no such list index (the recipe has {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                if part == "stages" or part in {f.name for f in dataclasses.fields(Recipe)}:
+                    node[part] = {}
+                else:
+                    raise UserError(f"{path}: unknown key")
+            node = node[part]
+        else:
+            raise UserError(f"{path}: is not a mapping or a list")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"{key}: no such list index (the recipe has {len(node)})")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (None: the defaults), apply `key=value` overrides, type-check and validate."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: recipe not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{p}: a recipe is a mapping of keys to values")
+        values = _fix_floats(values)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"{item}: an override is key=value")
+        key, text = item.split("=", 1)
+        apply_override(values, key.strip(), parse_value(text))
+    return recipe_from_dict(values)
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
+    recipe = _build(Recipe, values)
+    validate(recipe)
+    return recipe
