@@ -12,18 +12,29 @@ RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
 ABLATIONS ?=# compare: 1 also runs the chain once per technique switched off (README's ablation table)
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
+SPACE    ?= configs/sweep-cpu.yaml# sweep: the search space (recipe key -> choices or a range)
+TRIALS   ?= 20# sweep: trials in the study in all, however many workers share it
+SWEEP    ?= $(basename $(notdir $(SPACE)))# sweep: study name, runs/$(SWEEP)/
+STORAGE  ?=# sweep: postgresql://user:pass@host/db across machines (default: a journal file in runs/$(SWEEP)/)
+PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
+SWEEP_FOLDS ?= 1# sweep: a trial's value is the mean validation micro-F1 over this many folds
+HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
 
 PY        := .venv/bin/python
 SEEDLINGS := .venv/bin/seedlings
 STAMP     := .venv/.installed
 COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED)
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
+SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
+	--sweep-folds $(SWEEP_FOLDS) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout)
+# the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
+JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload leaderboard demo test test-all \
-	bench gpu-wheels gpu-check lint clean
+	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,9 +67,8 @@ train: $(addprefix train-fold-,$(FOLDS)) ## train every fold in turn (FOLD=k: on
 
 # SEEDLINGS_JOBS: the -j count make runs with, so each fold takes its share of the CPU threads and loader workers
 train-fold-%: $(STAMP) folds
-	$(if $(GPUS),CUDA_VISIBLE_DEVICES=$(word $(shell echo $$(( $* % $(words $(GPUS)) + 1 ))),$(GPUS))) \
-	SEEDLINGS_JOBS=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9 | sed 's/^$$/1/') \
-	$(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
+	$(JOBS_SH); $(if $(GPUS),CUDA_VISIBLE_DEVICES=$(word $(shell echo $$(( $* % $(words $(GPUS)) + 1 ))),$(GPUS))) \
+	SEEDLINGS_JOBS=$$jobs $(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
 
 predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test}_*
 	$(SEEDLINGS) predict $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
@@ -68,6 +78,24 @@ submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, p
 
 compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
 	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations) $(ARGS)
+
+sweep-study: $(STAMP) ## create the sweep's Optuna study once, before any worker (make sweep does this first)
+	$(SEEDLINGS) sweep --create-only $(SWEEP_ARGS) $(ARGS)
+
+# make -j N sweep: N workers here (GPU k mod len(GPUS) for worker k, CPU threads shared); the same command on other
+# machines with the same STORAGE and a shared runs/ adds workers there
+sweep: sweep-study ## search recipes with Optuna: SPACE, TRIALS, STORAGE, PRUNER (make -j N sweep: N workers)
+	@$(JOBS_SH); pids=; for i in $$(seq 1 $$jobs); do \
+	  gpu=$$(echo "$(GPUS)" | awk -v i=$$i 'NF {print $$((i - 1) % NF + 1)}'); \
+	  env $${gpu:+CUDA_VISIBLE_DEVICES=$$gpu} SEEDLINGS_JOBS=$$jobs $(SEEDLINGS) sweep $(SWEEP_ARGS) $(ARGS) & \
+	  pids="$$pids $$!"; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=$$?; done; exit $$rc
+
+sweep-report: $(STAMP) ## a sweep's trials.csv, best.yaml, plots and report.md in runs/SWEEP/ (graded on a held-out split)
+	$(SEEDLINGS) sweep-report $(SWEEP_ARGS) $(ARGS)
+
+dashboard: $(STAMP) ## optuna-dashboard on the sweep's study, on 127.0.0.1 (the port is printed)
+	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)")
 
 evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with and without TTA, folds, snapshot blend
 	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)

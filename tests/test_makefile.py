@@ -11,7 +11,7 @@ from seedlings.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = (
     "setup data demo-data check-data folds lr-find train predict submit compare upload leaderboard demo test bench lint"
-    " clean gpu-wheels gpu-check"
+    " clean gpu-wheels gpu-check sweep sweep-study sweep-report dashboard"
 )
 
 
@@ -39,6 +39,9 @@ def test_help_lists_every_target():
         "upload",
         "leaderboard",
         "bench",
+        "sweep-study",
+        "sweep-report",
+        "dashboard",
     ],
 )
 def test_targets_call_known_stages(target):
@@ -84,3 +87,21 @@ def test_jobs_share_threads_and_workers(monkeypatch):
     monkeypatch.setenv("SEEDLINGS_JOBS", "")
     assert parallel_jobs() == 1 and default_workers(torch.device("cuda")) == 8
     assert default_workers(torch.device("cpu")) == 0
+
+
+def test_parallel_sweep_starts_one_worker_per_job(tmp_path):
+    """make -j 3 sweep: the study is created once, then three workers start, each told how many share the machine
+    and given GPU k mod len(GPUS)."""
+    import os
+
+    fake = tmp_path / "seedlings"
+    fake.write_text('#!/bin/sh\necho "CUDA=$CUDA_VISIBLE_DEVICES JOBS=$SEEDLINGS_JOBS $1 $2"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(
+        ["make", "-s", "-j", "3", "-W", ".venv/.installed", "sweep", f"SEEDLINGS={fake}", "GPUS=0 1", "DATA=data/demo"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""},
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0].endswith("sweep --create-only")
+    workers = ["CUDA=0 JOBS=3 sweep --data", "CUDA=0 JOBS=3 sweep --data", "CUDA=1 JOBS=3 sweep --data"]
+    assert sorted(lines[1:]) == workers

@@ -172,12 +172,16 @@ def test_checkpoint_of_another_run_is_refused(trained_fold, demo, home, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- one writer
-def test_second_writer_of_a_fold_is_refused(demo, home, capsys):
+def test_a_fold_held_by_another_writer_is_skipped_and_named(demo, home, capsys):
+    import socket
+
     from seedlings.files import exclusive
 
     with exclusive(home / "runs" / "tiny" / "fold0" / ".lock", "fold 0"):
-        err = error_of(cli("train", demo, HEAD_ONLY, "--fold", "0"), capsys)
-        assert f"fold 0 of run 'tiny' is in use by process {os.getpid()} since" in err
+        assert main(cli("train", demo, HEAD_ONLY, "--fold", "0")) == 0
+        out = capsys.readouterr().out
+        assert "fold 0: skipped," in out and f"is in use by host {socket.gethostname()} process {os.getpid()}" in out
+        assert not (home / "runs" / "tiny" / "fold0" / "done.json").exists()
         assert main(cli("train", demo, HEAD_ONLY, "--fold", "1")) == 0  # another fold: its own lock
     assert main(cli("train", demo, HEAD_ONLY, "--fold", "0")) == 0  # released
 

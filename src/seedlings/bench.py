@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -118,8 +119,6 @@ def training_row(data: Path, size: int, n_batches: int, augment: str = "albument
 
 def memory_format_row(size: int, n_batches: int) -> dict:
     """Bare tf_efficientnet_lite0 training steps, NCHW against channels_last, same batch."""
-    import timm
-
     out = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         torch.manual_seed(0)

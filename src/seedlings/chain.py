@@ -14,6 +14,7 @@ from seedlings import paths
 from seedlings.cache import load_cache
 from seedlings.config import Recipe, recipe_dict
 from seedlings.ensemble import assemble, blend, format_table
+from seedlings.errors import Busy, UserError
 from seedlings.files import write_json
 from seedlings.folds import load_folds
 from seedlings.images import Competition
@@ -51,9 +52,17 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
     if comp.ignored:
         print(f"warning: subfolders not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
+    missing = {}
     with timed(timings, "train"):
         for fold in run.folds():
-            train_fold(run, fold)
+            try:
+                train_fold(run, fold)
+            except Busy as e:  # trained by another process or host (shared runs/): blended when it is done
+                missing[fold] = str(e)
+    if len(missing) == len(run.folds()):
+        raise UserError(f"run {run.name!r}: every fold is being trained elsewhere ({'; '.join(missing.values())})")
+    for fold, why in missing.items():
+        print(f"warning: fold {fold} is not in this blend: {why}; make submit again when it is done", file=sys.stderr)
     with timed(timings, "predict"):
         members = [m for blended in [run, *others] for m in predict_run(blended)]
     with timed(timings, "blend"):
@@ -82,6 +91,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "members": table,
         "oof_files": len(files),
         "skipped_images": skipped,
+        "missing_folds": sorted(missing),
         "seconds": timings,
         "command": command or [],
     }

@@ -4,32 +4,47 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 import cv2
+import optuna_dashboard
 import torch
 
 from seedlings.baseline import linear_probe
 from seedlings.bench import bench
 from seedlings.chain import submit
 from seedlings.compare import compare
+from seedlings.config import recipe_dict
 from seedlings.context import prepare_fold
 from seedlings.data import parallel_jobs
 from seedlings.demo import make_demo
 from seedlings.ensemble import oof_summary
-from seedlings.errors import UserError
+from seedlings.errors import Busy, UserError
 from seedlings.fetch import fetch
 from seedlings.files import write_csv
 from seedlings.folds import load_folds, make_folds
-from seedlings.holdout import grade, grade_members, make_holdout
-from seedlings.images import check_competition
+from seedlings.holdout import ensure_holdout, grade, grade_members, make_holdout
+from seedlings.images import check_competition, scan_competition
 from seedlings.kaggle_client import leaderboard, upload
 from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
 from seedlings.predict import predict_run
 from seedlings.recipes import load_recipe
 from seedlings.run import Run, open_run, saved_run
 from seedlings.submission import validate_submission
+from seedlings.sweep import (
+    GRACE_S,
+    HEARTBEAT_S,
+    PRUNERS,
+    Sweep,
+    load_space,
+    open_study,
+    run_worker,
+    safe_url,
+    storage_of,
+)
+from seedlings.sweep_report import finish_sweep, write_sweep_report
 from seedlings.train import train_fold
 
 DEFAULT_DATA = "data/plant-seedlings-classification"
@@ -46,6 +61,23 @@ def _run_args(p: argparse.ArgumentParser, fold: bool = True) -> None:
     if fold:
         p.add_argument("--fold", type=int, default=None, help="one fold only")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted: stages.1.size=160")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    """The Makefile's SPACE, TRIALS, SWEEP, STORAGE, PRUNER, SWEEP_FOLDS, HOLDOUT beside the run's arguments."""
+    _run_args(p, fold=False)
+    p.add_argument("--space", required=True, help="search space (YAML): recipe key -> choices or a range")
+    p.add_argument("--trials", type=int, default=20, help="trials in the study in all, however many workers share it")
+    p.add_argument("--sweep", default=None, help="study name and folder runs/<sweep>/ (default: the space's file name)")
+    p.add_argument("--storage", default="", help="postgresql://... or mysql://... across machines (default: a journal "
+                   "file in runs/<sweep>/, one machine)")  # fmt: skip
+    p.add_argument("--pruner", choices=PRUNERS, default="sha", help="sha (successive halving), hyperband or none")
+    p.add_argument("--min-resource", type=int, default=2, help="epochs before a trial may be pruned")
+    p.add_argument("--reduction-factor", type=int, default=3, help="the pruner keeps 1/this at each rung")
+    p.add_argument("--sweep-folds", type=int, default=1, help="a trial's value: mean val micro-F1 over this many folds")
+    p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")
+    p.add_argument("--grace", type=int, default=GRACE_S, help="seconds without one before a trial is retried (RDB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes-only", action="store_true", help="only the linear probes (no training)")
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
 
+    p = sub.add_parser("sweep", help="one worker of an Optuna study over recipes (make -j N sweep: N workers)")
+    _sweep_args(p)
+    p.add_argument("--create-only", action="store_true", help="create the study (once, before any worker) and stop")
+    p = sub.add_parser("sweep-report", help="a study's trials.csv, best.yaml, plots and report.md")
+    _sweep_args(p)
+    p = sub.add_parser("dashboard", help="optuna-dashboard on a sweep's study, bound to 127.0.0.1")
+    p.add_argument("--sweep", required=True, help="the sweep's name (runs/<sweep>/)")
+    p.add_argument("--storage", default="", help="the study's storage URL (default: the sweep's journal file)")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one, printed)")
+
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
     p.add_argument("--data", default=None, help="a competition folder of real images to measure too")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
@@ -186,6 +228,8 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
     command = args.command
     if command in ("validate-submission", "grade", "upload", "leaderboard", "bench"):
         return dispatch_tools(args)
+    if command in ("sweep", "sweep-report", "dashboard"):
+        return dispatch_sweep(args)
     recipe = load_recipe(args.config, args.overrides)
     fold = getattr(args, "fold", None)
     if command in ("probe", "compare"):  # baselines and the held-out split: they never open the run trained on DATA
@@ -199,7 +243,11 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
             if k not in run.folds():
                 print(f"fold {k}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
                 continue
-            final = train_fold(run, k)
+            try:
+                final = train_fold(run, k)
+            except Busy as e:  # another process or host trains it: each fold is trained once
+                print(f"fold {k}: skipped, {e}")
+                continue
             print(f"fold {k}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
     elif command == "predict":
         predict_run(run, [fold] if fold is not None else None)
@@ -244,6 +292,62 @@ def lr_find(run: Run, fold: int, stage: int | None) -> None:
     print(f"stage {stage}, fold {fold}, from the weights that stage starts with")
     print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
     print(f"{png}, {csv}: {len(df)} steps")
+
+
+def sweep_of(args: argparse.Namespace) -> Sweep:
+    """The sweep of the command line: base recipe (CONFIG + ARGS), space, data (or compare's held-out split of it)."""
+    checks = {
+        "--trials": args.trials,
+        "--sweep-folds": args.sweep_folds,
+        "--min-resource": args.min_resource,
+        "--reduction-factor": args.reduction_factor - 1,
+        "--heartbeat": args.heartbeat,
+        "--grace": args.grace,
+    }
+    for flag, value in checks.items():
+        if value < 1:
+            raise UserError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
+    if args.grace <= args.heartbeat:
+        raise UserError(f"--grace: must exceed --heartbeat ({args.heartbeat} s), got {args.grace}")
+    recipe = load_recipe(args.config, args.overrides)
+    data = ensure_holdout(args.data, 0.2, 0) if args.holdout else Path(args.data)
+    name = args.sweep or Path(args.space).stem
+    Run(name, data, recipe, args.n_folds, args.fold_seed).check_fold(args.sweep_folds - 1)  # names and split checked
+    base = recipe_dict(recipe)
+    return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
+                 args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
+                 heartbeat=args.heartbeat, grace=args.grace)  # fmt: skip
+
+
+def dispatch_sweep(args: argparse.Namespace) -> int | None:
+    if args.command == "dashboard":
+        return dashboard(args.sweep, args.storage, args.port)
+    sweep = sweep_of(args)
+    scan_competition(sweep.data)  # a missing or broken data folder stops here, not in every trial
+    if args.command == "sweep" and args.create_only:
+        open_study(sweep)
+        print(f"study {sweep.name!r}: ready in {sweep.storage and safe_url(sweep.storage) or sweep.journal}")
+    elif args.command == "sweep":
+        ran = run_worker(sweep)
+        print(f"study {sweep.name!r}: this worker ran {ran} trial(s); the study holds {sweep.trials}")
+        finish_sweep(sweep)
+    else:
+        write_sweep_report(sweep, open_study(sweep))
+    return 0
+
+
+def dashboard(name: str, storage: str, port: int) -> int:
+    """optuna-dashboard on the sweep's storage, on 127.0.0.1 only (it has no authentication)."""
+    sweep = Sweep(name, Path("."), {}, {}, 0, storage=storage)
+    if not storage and not sweep.journal.exists():
+        raise UserError(f"{sweep.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    print(f"optuna-dashboard for sweep {name!r}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
+    optuna_dashboard.run_server(storage_of(sweep), host="127.0.0.1", port=port)
+    return 0
 
 
 def dispatch_tools(args: argparse.Namespace) -> int | None:

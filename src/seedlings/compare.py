@@ -170,17 +170,22 @@ def compare(
     rows = [probe_row(held, s) for s in dict.fromkeys(sizes)]
     if probes_only:
         return finish(rows, held)
-    # the chain first: its fold 0 is then already trained and predicted, and the fold row only grades it (its
-    # seconds are the chain's fold-0 training and prediction, read back from the run)
-    chain_start = time.perf_counter()
-    chain = chain_row(held, "recipe")
-    chain["seconds"] = round(time.perf_counter() - chain_start, 1)
-    fold = fold_row(held, "recipe")
-    fold["seconds"] = round(fold_seconds(held, 0), 1)
-    rows += [fold, chain]
+    rows += recipe_rows(held, "recipe")
     if ablations:  # fold 0 alone for each: the chain's cost would be the folds' count times this
         rows += [ablation_row(held, i, name, overrides) for i, (name, overrides) in enumerate(ABLATIONS.items())]
     return finish(rows, held)
+
+
+def recipe_rows(run: Run, label: str) -> list[dict]:
+    """Fold 0 alone and the whole chain of one recipe on a held-out split, graded on its answers."""
+    # the chain first: its fold 0 is then already trained and predicted, and the fold row only grades it (its
+    # seconds are the chain's fold-0 training and prediction, read back from the run)
+    chain_start = time.perf_counter()
+    chain = chain_row(run, label)
+    chain["seconds"] = round(time.perf_counter() - chain_start, 1)
+    fold = fold_row(run, label)
+    fold["seconds"] = round(fold_seconds(run, 0), 1)
+    return [fold, chain]
 
 
 def ablation_row(held: Run, i: int, name: str, overrides: list[str]) -> dict:

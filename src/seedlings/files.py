@@ -7,17 +7,21 @@ the next write of the same path removes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from seedlings.errors import UserError
+from seedlings.errors import Busy, UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -111,15 +115,11 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
 
 
 def save_torch(path: str | Path, obj) -> Path:
-    import torch
-
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def cpu_copy(obj):
     """Tensors (in dicts, lists) copied to the host: what a background save writes can no longer change."""
-    import torch
-
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -134,8 +134,6 @@ class BackgroundSaver:
     written. Callers pass host copies (cpu_copy); `wait()` before anything reads the files, and at the end."""
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending = None
 
@@ -156,8 +154,6 @@ class BackgroundSaver:
 def load_torch(path: str | Path, what: str, device="cpu"):
     """A file torch.save wrote (weights only: nothing executes); a truncated, foreign or unsafe one exits 2 naming
     it and what it was (`weights`, `features`, `checkpoint`)."""
-    import torch
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: {what} missing")
@@ -169,10 +165,8 @@ def load_torch(path: str | Path, what: str, device="cpu"):
 
 @contextmanager
 def exclusive(lock: Path, what: str) -> Iterator[None]:
-    """One writer at a time: an advisory lock on `lock` held for the block; a second process exits 2 saying who
-    holds it (another fold, another run: other lock files, so `make -j` keeps working)."""
-    import fcntl
-
+    """One writer at a time: an advisory lock on `lock` held for the block; a second process gets Busy saying who
+    holds it, host and process (another fold, another run: other lock files, so `make -j` keeps working)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         try:
@@ -180,10 +174,10 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise UserError(f"{lock.parent}: {what} is in use by {holder}; wait for it to end or stop it") from None
+            raise Busy(f"{lock.parent}: {what} is in use by {holder}; wait for it to end or stop it") from None
         f.seek(0)
         f.truncate()
-        f.write(f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(f"host {socket.gethostname()} process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         try:
             yield

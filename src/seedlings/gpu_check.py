@@ -16,11 +16,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
+from seedlings import paths
 from seedlings.config import CACHE_MARGIN, CROP_SCALE
+from seedlings.demo import make_demo
 from seedlings.recipes import load_recipe
+from seedlings.run import Run
 from seedlings.step import autocast, train_step
+from seedlings.tensor_aug import DeviceBatches
+from seedlings.train import train_fold
+from seedlings.tta import tta_predict
 
 FULL = {"models": {"tf_efficientnet_lite0": 128, "convnext_small": 64}, "sizes": (224, 320, 384), "images": 4750}
 DRY = {"models": {"test_efficientnet": 8}, "sizes": (32,), "images": 48}
@@ -44,11 +51,6 @@ def seconds_per_call(device: torch.device, fn, repeat: int) -> float:
 
 def measure(model_name: str, batch: int, size: int, n_images: int, device: torch.device, steps: int) -> dict:
     """One row of the table: bare, loader, full epoch, prediction, memory."""
-    import timm
-
-    from seedlings.tensor_aug import DeviceBatches
-    from seedlings.tta import tta_predict
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bf16 = device.type == "cuda"
@@ -89,11 +91,6 @@ def measure(model_name: str, batch: int, size: int, n_images: int, device: torch
 
 def end_to_end(out: Path, dry: bool, device: torch.device) -> dict:
     """One fold of a generated competition, configs/gpu.yaml shortened, weights none: seconds for the whole fold."""
-    from seedlings import paths
-    from seedlings.demo import make_demo
-    from seedlings.run import Run
-    from seedlings.train import train_fold
-
     data = out / "demo-comp"
     if not data.exists():
         make_demo(data, per_class=5 if dry else 60, seed=0, max_size=300 if dry else 600)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
+from tqdm import tqdm
 
 from seedlings.errors import UserError
 
@@ -128,8 +131,6 @@ def list_test(root: Path) -> tuple[list[str], list[str]]:
 
 def read_sample(root: str | Path) -> list[str]:
     """The test files sample_submission.csv lists, in its order (Kaggle grades rows by `file`)."""
-    import pandas as pd
-
     path = Path(root) / "sample_submission.csv"
     if not path.is_file():
         raise UserError(f"{path}: missing")
@@ -174,10 +175,6 @@ def listing_hash(paths: list[Path], names: list[str], with_mtime: bool) -> str:
 
 def parallel_imap(fn, items: list, desc: str, workers: int | None = None):
     """Yield fn(item) in order, computed on every core, with a progress bar; fn must be a module-level function."""
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(items) < 64:  # a pool costs more than it saves on a handful of files
         yield from (fn(x) for x in tqdm(items, desc=desc, leave=False, disable=True if len(items) < 64 else None))

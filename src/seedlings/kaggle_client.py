@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -88,8 +89,6 @@ class RealKaggle:
     def _call(self, fn, *args, **kwargs):
         """One call of the kaggle API with a socket timeout (its HTTP client sets none: a network that drops packets
         would hang forever) and every failure as one line."""
-        import socket
-
         before = socket.getdefaulttimeout()
         socket.setdefaulttimeout(KAGGLE_TIMEOUT_S)
         try:

@@ -15,7 +15,8 @@ from seedlings.metrics import micro_f1
 from seedlings.run import Probs, Run
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +52,7 @@ def write_report(
 
 
 def data_section(comp: Competition, out: Path) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     counts = pd.Series(comp.train_labels).value_counts().sort_index()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.barh([comp.classes[i] for i in counts.index], counts.values)
@@ -74,7 +75,7 @@ def training_section(run: Run) -> list[str]:
 
 def oof_section(oof: Probs, labels: np.ndarray, out: Path) -> list[str]:
     """The blend's out-of-fold confusion matrix and per-class F1."""
-    plt, classes = _plt(), oof.classes
+    plt, classes = pyplot(), oof.classes
     pred = oof.values.argmax(1)
     cm = confusion_matrix(labels, pred, labels=range(len(classes)))
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -97,7 +98,7 @@ def oof_section(oof: Probs, labels: np.ndarray, out: Path) -> list[str]:
 
 def worst_section(comp: Competition, oof: Probs, labels: np.ndarray, out: Path, n_worst: int) -> list[str]:
     """The training images the blend gave the lowest probability of their true species."""
-    plt, classes = _plt(), oof.classes
+    plt, classes = pyplot(), oof.classes
     p_true = oof.values[np.arange(len(labels)), labels]
     pred = oof.values.argmax(1)
     worst = np.argsort(p_true, kind="stable")[:n_worst]
@@ -120,7 +121,7 @@ def plot_fold(out: Path) -> None:
     """loss.png (train/val loss and val micro-F1 per epoch) and lr.png (every step's LR per group); none where
     matplotlib is not installed (a bare GPU machine): the CSVs hold the same numbers."""
     try:
-        plt = _plt()
+        plt = pyplot()
     except ImportError:
         return
 

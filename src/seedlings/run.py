@@ -40,7 +40,7 @@ class Run:
             raise UserError(f"--n-folds: must be in [2, 100], got {self.n_folds}")
         if not 0 <= self.fold_seed < 2**32:
             raise UserError(f"--fold-seed: must be in [0, {2**32 - 1}], got {self.fold_seed}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
+        if not self.name or any(not part or part.startswith(".") for part in self.name.split("/")):
             raise UserError(f"--run: {self.name!r} is not a usable folder name under runs/")
 
     @cached_property

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from seedlings.checkpoint import FoldLog, resume_from_checkpoint
 from seedlings.config import lrs_of
 from seedlings.context import FoldContext, eval_loader, predict_probs, prepare_fold, training_batches
-from seedlings.errors import UserError
+from seedlings.errors import Busy, UserError
 from seedlings.features import features_for, fit_head
 from seedlings.files import exclusive, save_torch, write_json
 from seedlings.metrics import val_scores
@@ -52,6 +52,8 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
             ctx = prepare_fold(run, fold)
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
             return fit_fold(ctx, until_stage, on_epoch)
+    except Busy:
+        raise  # the folder and its lock file are the holder's
     except UserError:
         remove_if_empty(out)  # refused before anything was written: no folder of the fold, nor of the run
         remove_if_empty(run.dir)

@@ -1,0 +1,163 @@
+"""`make sweep-report`: a study's trials.csv, the best trial's recipe as best.yaml, Optuna's plots and report.md (which
+keys mattered, how many epochs pruning saved); on a held-out split, the best and the base recipe graded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from seedlings.compare import format_compare, recipe_rows
+from seedlings.config import recipe_dict
+from seedlings.files import save_figure, write_csv, write_text
+from seedlings.recipes import recipe_from_dict
+from seedlings.report import pyplot
+from seedlings.run import open_run
+from seedlings.sweep import Sweep, SweepLock, open_study, recipe_with
+
+PLOTS = {
+    "history": ("optimization history", optuna.visualization.matplotlib.plot_optimization_history),
+    "importances": ("parameter importances", optuna.visualization.matplotlib.plot_param_importances),
+    "parallel": ("parallel coordinates", optuna.visualization.matplotlib.plot_parallel_coordinate),
+}
+
+
+def trials_table(trials: list[FrozenTrial]) -> pd.DataFrame:
+    """One row per trial: number, state, parameters, value, epochs run of those planned, seconds, worker host."""
+    rows = []
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else np.nan
+        rows.append({
+            "number": t.number, "state": t.state.name.lower(), **{f"param {k}": v for k, v in t.params.items()},
+            "value": t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else np.nan,
+            "epochs": t.user_attrs.get("epochs", 0), "planned_epochs": t.user_attrs.get("planned_epochs", np.nan),
+            "seconds": seconds, "host": t.user_attrs.get("host", ""),
+            "retry_of": t.system_attrs.get("failed_trial", ""), "error": t.user_attrs.get("error", ""),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def pruning_savings(table: pd.DataFrame) -> tuple[int, int]:
+    """(epochs run, epochs the same trials would have run to the end), over trials that ran."""
+    ran = table[table.state.isin(["complete", "pruned"])]
+    return int(ran.epochs.sum()), int(ran.planned_epochs.sum())
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """fANOVA importance of each key for the value (needs two finished trials that differ)."""
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return {}
+
+
+def write_plots(study: optuna.Study, out: Path) -> list[str]:
+    lines = []
+    for name, (title, plot) in PLOTS.items():
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
+            lines.append(f"- {title}: not drawn ({e})")
+            continue
+        fig = (ax if not isinstance(ax, np.ndarray) else ax.flat[0]).get_figure()
+        fig.set_size_inches(9, 5)
+        fig.tight_layout()
+        save_figure(fig, out / f"{name}.png", dpi=80)
+        pyplot().close(fig)
+        lines.append(f"![{title}]({name}.png)")
+    return lines
+
+
+def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:
+    recipe = recipe_with(sweep.base, best.params)
+    head = (f"# The best recipe of sweep {sweep.name!r}: trial {best.number}, validation micro-F1 {best.value:.4f}"
+            f" (mean over {sweep.sweep_folds} fold(s)).\n# make submit CONFIG={out}\n")  # fmt: skip
+    return write_text(out, head + yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+
+
+def grade_on_holdout(sweep: Sweep, best: FrozenTrial) -> pd.DataFrame | None:
+    """On a held-out split (answers.csv beside the data), fold 0 and the whole chain of the base recipe and of the
+    best, each trained afresh in runs/<sweep>/{base,best}, graded once: kept in graded.csv for that best trial."""
+    if not (Path(sweep.data) / "answers.csv").exists():
+        return None
+    graded = sweep.dir / "graded.csv"
+    if graded.exists():
+        table = pd.read_csv(graded)
+        if int(table.best_trial.iloc[0]) == best.number:
+            return table
+    rows = []
+    for label, recipe in (
+        ("base recipe", recipe_from_dict(sweep.base)),
+        (f"best (trial {best.number})", recipe_with(sweep.base, best.params)),
+    ):
+        name = f"{sweep.name}/{'base' if label == 'base recipe' else f'best-{best.number}'}"
+        rows += recipe_rows(open_run(name, sweep.data, recipe, sweep.n_folds, sweep.fold_seed), label)
+    table = pd.DataFrame(rows).assign(best_trial=best.number)
+    write_csv(graded, table, float_format="%.4f")
+    return table
+
+
+def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) -> Path:
+    out = sweep.dir
+    trials = study.get_trials()
+    table = trials_table(trials)
+    write_csv(out / "trials.csv", table)
+    best = best_trial(trials)
+    lines = [f"# Sweep `{sweep.name}`", "", f"Data: `{sweep.data}`; objective: validation micro-F1, mean over the "
+             f"first {sweep.sweep_folds} fold(s) of {sweep.n_folds}; pruner: {sweep.pruner}.", ""]  # fmt: skip
+    counts = table.state.value_counts().to_dict() if len(table) else {}
+    lines += [f"Trials: {len(table)} ({', '.join(f'{n} {s}' for s, n in counts.items())}); `trials.csv`.", ""]
+    run, planned = pruning_savings(table) if len(table) else (0, 0)
+    if planned:
+        lines += [f"Epochs: {run} run of the {planned} these trials would have run to the end: pruning saved "
+                  f"{1 - run / planned:.0%}.", ""]  # fmt: skip
+    if best is not None:
+        best_yaml = write_best_yaml(sweep, best, out / "best.yaml")
+        params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
+        lines += ["## Best trial", "", f"Trial {best.number}: {best.value:.4f} with {params}; its whole recipe: "
+                  f"`{best_yaml}` (`make submit CONFIG={best_yaml}`).", ""]  # fmt: skip
+    weights = importances(study)
+    if weights:
+        lines += ["## Which keys mattered", "", "fANOVA importance of each key for the value (sums to 1):", ""]
+        lines += ["| key | importance |", "|---|---|", *[f"| `{k}` | {v:.2f} |" for k, v in weights.items()], ""]
+    lines += ["## Plots", "", *write_plots(study, out), ""]
+    if grade and best is not None:
+        graded = grade_on_holdout(sweep, best)
+        if graded is not None:
+            lines += ["## Held-out grade (once, after the search)", "", "```",
+                      format_compare(graded, Path(sweep.data)), "```", ""]  # fmt: skip
+    report = write_text(out / "report.md", "\n".join(lines))
+    print(f"{report}: {len(table)} trials" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))
+    return report
+
+
+def sweep_from_study(study: optuna.Study, name: str, storage: str, data: str | Path | None = None) -> Sweep:
+    """The Sweep a study was created with (its base recipe, space and folds recorded in the study)."""
+    settings = study.user_attrs["settings"]
+    space = {k: optuna.distributions.json_to_distribution(v) for k, v in settings["space"].items()}
+    data = data if data is not None else study.user_attrs.get("data_path", settings["data"])
+    return Sweep(name, Path(data), settings["base"], space, int(study.user_attrs.get("trials", 0)),
+                 settings["n_folds"], settings["fold_seed"], settings["sweep_folds"], storage,
+                 study.user_attrs.get("pruner", "sha"))  # fmt: skip
+
+
+def finish_sweep(sweep: Sweep) -> None:
+    """A worker that finds no trial left to run: the report, once the last running trial has ended (written by
+    whichever worker gets there; the held-out grade is kept, so later ones only rewrite the tables)."""
+    lock = SweepLock(sweep)
+    study = open_study(sweep, lock)
+    with lock.held_for():
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            print(f"study {sweep.name!r}: trials still running elsewhere; the last worker writes the report")
+            return
+        write_sweep_report(sweep, study)

@@ -1,0 +1,266 @@
+"""`make sweep` on Optuna: workers sharing one study (journal file, real PostgreSQL), pruning, a dead worker's trial
+retried and resumed, the report and best.yaml, bad input, the dashboard; folds of one run spread over processes."""
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from glob import glob
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import DEFAULTS, TINY
+from seedlings.cli import main
+from seedlings.recipes import load_recipe
+
+STAGES = (
+    "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+    " {size: 32, freeze: false, lr: 0.003, n_cycles: 1, cycle_len: %d, cycle_mult: 1}]"
+)
+SPACE = "stages.1.lr: {low: 1.0e-4, high: 3.0e-2, log: true}\ndrop_rate: [0.1, 0.3]\n"
+
+
+def sweep_cmd(data, space, trials, *extra, epochs=3, command="sweep"):
+    args = [command, "--data", str(data), "--config", DEFAULTS, "--n-folds", "3", "--space", str(space)]
+    args += ["--trials", str(trials), "--sweep", "s", "--min-resource", "1", "--reduction-factor", "2", *extra]
+    return [*args, *TINY, STAGES % epochs]
+
+
+def worker(args, home, cwd, jobs=3):
+    env = {**os.environ, "SEEDLINGS_HOME": str(home), "SEEDLINGS_JOBS": str(jobs), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "seedlings.cli", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def data(demo):
+    """The demo without its answers: no held-out grade after the search (that is make compare's job, and minutes)."""
+    (demo / "answers.csv").unlink()
+    return demo
+
+
+def space_file(tmp_path, text=SPACE):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def finished_trials(storage):
+    study = optuna.load_study(study_name="s", storage=storage)
+    return study.get_trials()
+
+
+def journal(home):
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(home / "runs" / "s" / "study.journal")))
+
+
+def run_workers(n, args, home, cwds, timeout=600):
+    procs = [worker(args, home, cwds[i % len(cwds)]) for i in range(n)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, "\n".join(o[-2000:] for o in outs)
+    return outs
+
+
+def test_three_workers_on_a_journal_file_share_one_study(data, home, tmp_path):
+    """Three processes on one machine, one journal file: exactly TRIALS trials, each number once, every one a real
+    run under the sweep trained by train_fold, some pruned; best.yaml is a recipe make submit runs."""
+    trials = 8
+    run_workers(3, sweep_cmd(data, space_file(tmp_path), trials), home, [tmp_path])
+    done = finished_trials(journal(home))
+    assert sorted(t.number for t in done) == list(range(trials))
+    states = [t.state.name for t in done]
+    assert set(states) <= {"COMPLETE", "PRUNED"} and "PRUNED" in states and "COMPLETE" in states
+    for t in done:
+        fold = home / "runs" / "s" / f"trial-{t.number:04d}" / "fold0"
+        rows = pd.read_csv(fold / "metrics.csv")
+        assert t.user_attrs["epochs"] == len(rows) - 1  # the solved head is a row, not an epoch
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(json.loads((fold / "done.json").read_text())["val_f1"])
+        else:  # a pruned trial keeps its last score and how far it got
+            assert t.value == pytest.approx(rows.val_f1.iloc[-1]) and not (fold / "done.json").exists()
+    table = pd.read_csv(home / "runs" / "s" / "trials.csv")
+    assert table.number.tolist() == list(range(trials)) and (table.host == socket.gethostname()).all()
+    assert {"param stages.1.lr", "param drop_rate", "value", "epochs", "seconds"} <= set(table.columns)
+    report = (home / "runs" / "s" / "report.md").read_text()
+    assert "pruning saved" in report and (home / "runs" / "s" / "history.png").stat().st_size > 1000
+    best = home / "runs" / "s" / "best.yaml"
+    top = max((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    recipe = load_recipe(best)
+    assert recipe.drop_rate == top.params["drop_rate"]
+    assert recipe.stages[1].lr == pytest.approx(top.params["stages.1.lr"])
+    assert main(["submit", "--data", str(data), "--config", str(best), "--run", "from-sweep", "--n-folds", "3"]) == 0
+    assert (home / "submissions" / "from-sweep.csv").is_file()
+    # a finished sweep run again does no work and prints its report
+    again = run_workers(1, sweep_cmd(data, space_file(tmp_path), trials), home, [tmp_path])[0]
+    assert "ran 0 trial(s)" in again and "report.md" in again
+    assert len(finished_trials(journal(home))) == trials
+
+
+# ------------------------------------------------------------------------------------------------------ PostgreSQL
+def server_binaries() -> Path | None:
+    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    return Path(found[-1]).parent if found[-1] else None
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on a unix socket, run by an unprivileged user (the Debian package's `postgres`
+    when the tests run as root), removed afterwards. .ci/run installs the server package when it is missing."""
+    bins = server_binaries()
+    if bins is None:
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # short: a unix socket path has about 100 bytes
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    pgdata = folder / "data"
+
+    def pg(*cmd):
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=60)
+
+    pg(str(bins / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-k {folder} -c listen_addresses='' -F -c max_connections=50"
+    pg(str(bins / "pg_ctl"), "-D", str(pgdata), "-o", options, "-w", "-l", str(folder / "log"), "start")
+    try:
+        pg(str(bins / "createdb"), "-h", str(folder), "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@/optuna?host={folder}"
+    finally:
+        subprocess.run([*as_user, str(bins / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_path, postgres):
+    """Workers standing in for machines (their own working folders, the runs/ folder shared by path) on one real
+    PostgreSQL server: the study is created once, under a lock, and ends at exactly TRIALS trials."""
+    cwds = [tmp_path / f"machine{i}" for i in range(3)]
+    for c in cwds:
+        c.mkdir()
+    trials = 6
+    run_workers(3, sweep_cmd(data, space_file(tmp_path), trials, "--storage", postgres), home, cwds)
+    done = finished_trials(postgres)
+    assert sorted(t.number for t in done) == list(range(trials))
+    assert {t.state.name for t in done} <= {"COMPLETE", "PRUNED"}
+    assert (home / "runs" / "s" / "trials.csv").is_file() and not (home / "runs" / "s" / "study.journal").exists()
+
+
+def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, postgres):
+    """SIGKILL mid-trial: once the heartbeat's grace is over the next worker fails the trial, retries it with the same
+    parameters in the same run folder, resumes from the epoch checkpoint, and ends where an uninterrupted trial does."""
+    space = space_file(tmp_path, "drop_rate: [0.2]\n")  # one choice: the retry and the reference train the same
+    epochs = 6
+    args = sweep_cmd(data, space, 1, "--storage", postgres, "--heartbeat", "1", "--grace", "3", "--pruner", "none",
+                     epochs=epochs)  # fmt: skip
+    first = worker(args, home, tmp_path)
+    metrics = home / "runs" / "s" / "trial-0000" / "fold0" / "metrics.csv"
+    deadline = time.time() + 300
+    while first.poll() is None and time.time() < deadline:  # killed once three epochs are checkpointed
+        if metrics.exists() and len(pd.read_csv(metrics)) >= 4:
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(4)  # the grace period passes without a heartbeat
+    out = run_workers(1, args, home, [tmp_path])[0]
+    assert "resuming at stage 1" in out
+    trials = {t.number: t for t in finished_trials(postgres)}
+    assert trials[0].state.name == "FAIL" and trials[1].state.name == "COMPLETE"
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+    assert trials[0].user_attrs["epochs"] + trials[1].user_attrs["epochs"] < 2 * epochs
+    ref = ["train", "--data", str(data), "--config", DEFAULTS, "--n-folds", "3", "--run", "ref", "--fold", "0"]
+    run_workers(1, [*ref, *TINY, STAGES % epochs, "drop_rate=0.2"], home, [tmp_path])  # as the workers ran: 3 jobs
+    reference = json.loads((home / "runs" / "ref" / "fold0" / "done.json").read_text())["val_f1"]
+    assert trials[1].value == pytest.approx(reference, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("text,named", [
+    ("no_such_key: [1, 2]\n", "no_such_key"),
+    ("drop_rate: []\n", "empty list"),
+    ("crop_scale: {low: 0.9, high: 0.5}\n", "above high"),
+    ("crop_scale: {low: 0.5, high: 1.5}\n", "crop_scale: must be in"),
+    ("tta: [d4, none]\n", "changes predictions"),
+    ("stages.1.cycle_len: {low: 1, high: 3, sted: 1}\n", "expected a list of choices"),
+])  # fmt: skip
+def test_bad_spaces_exit_2_naming_the_key(data, tmp_path, home, capsys, text, named):
+    assert main(sweep_cmd(data, space_file(tmp_path, text), 2)) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not (home / "runs" / "s" / "trial-0000").exists()
+
+
+def test_unreachable_storage_names_the_host_not_the_password(data, tmp_path, capsys):
+    url = "postgresql://sweeper:hunter2@127.0.0.1:9/optuna"
+    assert main(sweep_cmd(data, space_file(tmp_path), 2, "--storage", url)) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1" in err and "hunter2" not in err
+
+
+def test_a_journal_file_is_refused_to_a_second_machine(data, tmp_path, home, capsys):
+    (home / "runs" / "s").mkdir(parents=True)
+    (home / "runs" / "s" / "hosts.json").write_text(json.dumps(["another-host"]))
+    assert main(sweep_cmd(data, space_file(tmp_path), 2)) == 2
+    assert "postgresql" in capsys.readouterr().err
+
+
+def test_a_refused_trial_recipe_fails_that_trial_and_the_sweep_goes_on(data, tmp_path, home):
+    """warmup 2 is fine with cycle_len 3 (each bound alone), but not with 2: that trial fails with its reason."""
+    space = space_file(tmp_path, "stages.1.warmup: [0.0, 2.0]\nstages.1.cycle_len: [2, 3]\n")
+    run_workers(1, sweep_cmd(data, space, 4, "--pruner", "none"), home, [tmp_path])
+    trials = finished_trials(journal(home))
+    assert len(trials) == 4
+    for t in trials:
+        bad = t.params["stages.1.warmup"] >= t.params["stages.1.cycle_len"]
+        assert (t.state.name == "FAIL") == bad and ("warmup" in t.user_attrs.get("error", "")) == bad
+
+
+# ------------------------------------------------------------------------------------------------------ dashboard
+def test_dashboard_serves_the_study_on_loopback(data, tmp_path, home):
+    run_workers(1, sweep_cmd(data, space_file(tmp_path), 2), home, [tmp_path])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = worker(["dashboard", "--sweep", "s", "--port", str(port)], home, tmp_path)
+    try:
+        assert f"http://127.0.0.1:{port}/" in proc.stdout.readline()
+        deadline, studies = time.time() + 60, None
+        while studies is None and time.time() < deadline:
+            try:
+                studies = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5))
+            except OSError:
+                time.sleep(0.3)
+        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "s"]
+        detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}"))
+        assert sorted(t["number"] for t in detail["trials"]) == [0, 1]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------------- one run over several machines
+def test_two_train_processes_over_one_shared_run_train_each_fold_once(demo_master, home, tmp_path):
+    """`make train` started on two machines at once (two working folders, runs/ shared): every fold is trained by
+    exactly one of them; a fold the other holds is skipped and named, not an error."""
+    args = ["train", "--data", str(demo_master), "--config", DEFAULTS, "--n-folds", "3", "--run", "shared", *TINY]
+    cwds = [tmp_path / "a", tmp_path / "b"]
+    for c in cwds:
+        c.mkdir()
+    outs = run_workers(2, args, home, cwds)
+    rows = sum(len(pd.read_csv(home / "runs" / "shared" / f"fold{k}" / "metrics.csv")) for k in range(3))
+    trained = sum(o.count("\nepoch ") + o.startswith("epoch ") for o in outs)
+    assert trained == rows  # no epoch was trained twice
+    assert all((home / "runs" / "shared" / f"fold{k}" / "done.json").exists() for k in range(3))
