@@ -8,7 +8,8 @@ from seedlings.recipes import load_recipe
 
 
 @pytest.mark.parametrize(
-    "name,n_tensors,width", [("tf_efficientnet_lite0", 296, 1280), ("tf_efficientnet_lite2", 386, 1280)]
+    "name,n_tensors,width",
+    [("tf_efficientnet_lite0", 296, 1280), ("tf_efficientnet_lite1", 386, 1280), ("tf_efficientnet_lite2", 386, 1280)],
 )
 def test_bundled_weights_land_in_every_tensor(name, n_tensors, width):
     import importlib

@@ -25,9 +25,27 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
-def _load(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+# OpenCV HSV (hue 0-180) of the seedlings' leaves: yellow-green to blue-green, not too dark or grey
+GREEN_LOW, GREEN_HIGH = (25, 40, 40), (95, 255, 255)
+MIN_PLANT = 0.002  # a mask keeping less of the image than this found no plant: the image is kept as it is
+
+
+def green_only(img: np.ndarray) -> np.ndarray:
+    """The plant on black: pixels outside the green HSV range set to 0, the mask closed and grown a little so that
+    thin stems and leaf edges stay (plant_mask: green)."""
+    mask = cv2.inRange(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), GREEN_LOW, GREEN_HIGH)
+    k = max(3, round(min(img.shape[:2]) / 60) | 1)  # odd, about 1/60 of the side
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel), kernel)
+    if (mask > 0).mean() < MIN_PLANT:
+        return img
+    return img * (mask[..., None] > 0).astype(np.uint8)
+
+
+def _load(path: Path, size: int, mask: str = "none") -> tuple[np.ndarray | None, str | None]:
     try:
-        return resize_square(read_image(path), size), None
+        img = read_image(path)
+        return resize_square(green_only(img) if mask == "green" else img, size), None
     except UserError as e:
         return None, str(e)
 
@@ -41,22 +59,25 @@ class ImageCache:
     bad: list[str]  # files that could not be decoded (skip_bad_images: true); their pixels are zeros
 
 
-def cache_paths(comp: Competition, split: str, size: int) -> tuple[Path, Path]:
+def cache_paths(comp: Competition, split: str, size: int, mask: str = "none") -> tuple[Path, Path]:
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
     key = listing_hash([where(f) for f in files], files, with_mtime=True)  # a changed file changes the key
-    stem = f"{comp.root.resolve().name}-{key}-{split}-{size}px-v{CACHE_VERSION}"
+    masked = "" if mask == "none" else f"-{mask}"
+    stem = f"{comp.root.resolve().name}-{key}-{split}-{size}px{masked}-v{CACHE_VERSION}"
     return paths.cache_dir() / f"{stem}.u8", paths.cache_dir() / f"{stem}.json"
 
 
-def load_cache(comp: Competition, split: str, size: int, skip_bad_images: bool = False) -> ImageCache:
-    """Open the cache of (dataset, split, size), building it first when missing (on every core)."""
-    data_path, meta_path = cache_paths(comp, split, size)
+def load_cache(
+    comp: Competition, split: str, size: int, skip_bad_images: bool = False, mask: str = "none"
+) -> ImageCache:
+    """Open the cache of (dataset, split, size, plant mask), building it first when missing (on every core)."""
+    data_path, meta_path = cache_paths(comp, split, size, mask)
     files = comp.train_files if split == "train" else comp.test_files
     expected = max(1, len(files)) * size * size * 3
     # the .json is written last: its presence means the array is complete (unless something truncated it since)
     if not meta_path.exists() or not data_path.exists() or data_path.stat().st_size != expected:
-        build_cache(comp, split, size, skip_bad_images, data_path, meta_path)
+        build_cache(comp, split, size, skip_bad_images, data_path, meta_path, mask)
     meta = json.loads(meta_path.read_text())
     if meta["bad"] and not skip_bad_images:
         raise UserError(meta["bad"][0]["error"] + " (the cache was built with skip_bad_images: true)")
@@ -65,7 +86,13 @@ def load_cache(comp: Competition, split: str, size: int, skip_bad_images: bool =
 
 
 def build_cache(
-    comp: Competition, split: str, size: int, skip_bad_images: bool, data_path: Path, meta_path: Path
+    comp: Competition,
+    split: str,
+    size: int,
+    skip_bad_images: bool,
+    data_path: Path,
+    meta_path: Path,
+    mask: str = "none",
 ) -> None:
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
@@ -74,7 +101,7 @@ def build_cache(
     check_free_space(data_path, max(1, len(files)) * size * size * 3)
     with atomic_path(data_path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
-        loader = partial(_load, size=size)
+        loader = partial(_load, size=size, mask=mask)
         for i, (img, err) in enumerate(parallel_imap(loader, [where(f) for f in files], desc=f"cache {split}")):
             if err is not None:
                 if not skip_bad_images:

@@ -34,7 +34,7 @@ def timed(timings: dict, step: str) -> Iterator[None]:
 
 def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
     """The split's unreadable images (skip_bad_images: true; otherwise the first exits 2), named where they go."""
-    bad = load_cache(comp, split, recipe.cache_size, recipe.skip_bad_images).bad
+    bad = load_cache(comp, split, recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask).bad
     if bad:
         what = "left out of training" if split == "train" else "predicted from a blank image"
         print(f"warning: {len(bad)} unreadable {split} images {what}: {', '.join(bad)}", file=sys.stderr)

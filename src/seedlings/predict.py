@@ -64,7 +64,7 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
     last = run.members(fold)[-1]
     recipe, size = run.recipe, run.recipe.eval_size
     ctx = prepare_fold(run, fold)
-    test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images)
+    test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
     for m in todo:
         ctx.model.load_state_dict(m.state_dict(ctx.device))

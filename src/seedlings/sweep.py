@@ -59,8 +59,8 @@ class Sweep:
     sweep_folds: int = 1  # a trial's value: mean validation micro-F1 over its first sweep_folds folds
     storage: str = ""  # "" : a journal file in the sweep's folder; postgresql://..., mysql://... across machines
     pruner: str = "sha"
-    min_resource: int = 2  # epochs a trial trains before the pruner may stop it
-    reduction_factor: int = 3  # successive halving keeps the best 1/reduction_factor at each rung
+    min_resource: int = 4  # metrics rows (a solved head, then epochs) before the pruner may stop a trial
+    reduction_factor: int = 2  # successive halving keeps the best 1/reduction_factor at each rung
     seed: int = 0  # the sampler's seed (each worker adds its own number)
     heartbeat: int = HEARTBEAT_S
     grace: int = GRACE_S

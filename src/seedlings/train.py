@@ -25,6 +25,7 @@ from seedlings.errors import Busy, UserError
 from seedlings.features import features_for, fit_head
 from seedlings.files import exclusive, save_torch, write_json
 from seedlings.metrics import val_scores
+from seedlings.mixing import mix_batch, mixed_criterion
 from seedlings.model import is_norm_param, make_optimizer, param_groups
 from seedlings.report import plot_fold
 from seedlings.run import Run
@@ -120,7 +121,12 @@ def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, e
         lrs = {g["layer_group"]: g["lr"] for g in reversed(optimizer.param_groups) if g["params"]}
         lr_rows.append({"step": len(lr_rows), "epoch": epoch, "stage": stage_i,
                         **{f"lr_g{g}": lrs.get(g, 0.0) for g in range(recipe.layer_groups)}})  # fmt: skip
-        loss = train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.bf16)
+        step_loss = criterion
+        if trainee.mixes:  # mixup / cutmix: the batch's pairs and weights from (seed, fold, epoch, step)
+            key = (recipe.seed, ctx.fold, epoch, len(lr_rows))
+            x, y_a, y_b, lam = mix_batch(x, y, recipe.mixup_alpha, recipe.cutmix_alpha, key)
+            step_loss = mixed_criterion(criterion, y_a, y_b, lam)
+        loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.bf16)
         scheduler.step()
         seen += len(y)
         total_loss += loss * len(y)
@@ -142,9 +148,11 @@ class WholeNet:
         recipe, stage = ctx.recipe, ctx.recipe.stages[stage_i]
         self.ctx, self.stage = ctx, stage
         lrs = lrs_of(stage.lr, recipe.layer_groups)
-        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, stage.freeze, recipe.train_bn)
+        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, stage.freeze, recipe.train_bn,
+                                         stage.frozen_groups)  # fmt: skip
         self.batches, self.steps_per_epoch = training_batches(ctx, stage.size)
         self.forward = torch.compile(ctx.model) if recipe.compile else ctx.model
+        self.mixes = bool(recipe.mixup_alpha or recipe.cutmix_alpha)
 
     def train_mode(self) -> None:
         ctx = self.ctx
@@ -153,8 +161,12 @@ class WholeNet:
             for m in ctx.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        elif self.stage.freeze and not ctx.recipe.train_bn:  # frozen norm layers keep their running statistics too
-            for m in frozen_norm_modules(ctx):
+            return
+        if self.stage.freeze and not ctx.recipe.train_bn:  # frozen norm layers keep their running statistics too
+            for m in frozen_norm_modules(ctx, len(ctx.groups) - 1):
+                m.eval()
+        elif self.stage.frozen_groups:  # so do the norms of the groups that stay frozen
+            for m in frozen_norm_modules(ctx, self.stage.frozen_groups):
                 m.eval()
 
     def val_probs(self) -> np.ndarray:
@@ -162,8 +174,9 @@ class WholeNet:
         return predict_probs(self.ctx, self.forward, iter(eval_loader(self.ctx, self.stage.size, self.ctx.val_idx)))
 
 
-def frozen_norm_modules(ctx: FoldContext) -> list[nn.Module]:
-    names = {n.rsplit(".", 1)[0] for g in ctx.groups[:-1] for n in g if is_norm_param(ctx.model, n)}
+def frozen_norm_modules(ctx: FoldContext, n_groups: int) -> list[nn.Module]:
+    """The norm layers of the first n_groups layer groups."""
+    names = {n.rsplit(".", 1)[0] for g in ctx.groups[:n_groups] for n in g if is_norm_param(ctx.model, n)}
     return [ctx.model.get_submodule(n) for n in sorted(names)]
 
 
@@ -186,6 +199,7 @@ class HeadOnFeatures:
         self.y_train = torch.from_numpy(np.repeat(ctx.labels[ctx.train_idx], n_views))
         self.x_val = feats[ctx.val_idx, 0]  # the image as it is
         self.steps_per_epoch = -(-len(self.x_train) // recipe.batch_size)
+        self.mixes = False  # pooled features are not images: nothing to mix
 
     def batches(self, epoch: int) -> Iterator:
         recipe = self.ctx.recipe

@@ -1,0 +1,104 @@
+"""The recipe's optional levers: frozen leading layer groups, mixup/cutmix, the green plant mask, stochastic depth."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_run
+from seedlings.cache import green_only, load_cache
+from seedlings.context import prepare_fold
+from seedlings.errors import UserError
+from seedlings.mixing import mix_batch, mixed_criterion
+from seedlings.recipes import load_recipe
+from seedlings.train import WholeNet, train_fold
+
+UNFROZEN = "stages=[{size: 32, freeze: false, lr: 0.01, n_cycles: 1, cycle_len: %d, cycle_mult: 1}]"
+
+
+def test_frozen_groups_train_nothing_and_the_rest_trains(demo_master, home):
+    """frozen_groups: 2 of 4: the first two groups' weights (norms included) end as they began, the others move."""
+    run = tiny_run(demo_master, "fz", UNFROZEN % 1, "layer_groups=4", "stages.0.frozen_groups=2")
+    ctx = prepare_fold(run, 0)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    train_fold(run, 0)
+    after = torch.load(run.fold_dir(0) / "final.pt", weights_only=True)
+    names = [[n for n in g if n in before] for g in ctx.groups]
+    assert all(torch.equal(after[n], before[n]) for g in names[:2] for n in g)
+    for g in names[2:]:
+        assert any(not torch.equal(after[n], before[n]) for n in g)
+    lrs = pd.read_csv(run.fold_dir(0) / "lrs.csv")
+    assert (lrs.lr_g0 == 0).all() and (lrs.lr_g1 == 0).all() and (lrs.lr_g3 > 0).any()
+    trainee = WholeNet(prepare_fold(run, 1), 0)
+    params = dict(trainee.ctx.model.named_parameters())
+    assert not any(params[n].requires_grad for g in trainee.ctx.groups[:2] for n in g)
+    assert trainee.param_groups[0]["params"] == [] and trainee.param_groups[-1]["params"]
+
+
+def test_frozen_groups_must_leave_the_head(tmp_path):
+    with pytest.raises(UserError, match="stages.0.frozen_groups: must be below layer_groups"):
+        load_recipe(None, ["layer_groups=3", "stages=[{size: 64, frozen_groups: 3}]"])
+
+
+def test_mixup_blends_pairs_and_weights_the_loss():
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    y = torch.tensor([0, 1, 2, 3])
+    mixed, y_a, y_b, lam = mix_batch(x, y, 0.4, 0.0, (0, 0, 0, 5))
+    assert torch.equal(y_a, y) and torch.equal(y_b, y.flip(0)) and 0 <= lam <= 1
+    torch.testing.assert_close(mixed[:, 0, 0, 0], lam * y.float() + (1 - lam) * y.flip(0).float())
+    again = mix_batch(x, y, 0.4, 0.0, (0, 0, 0, 5))
+    assert again[3] == lam and torch.equal(again[0], mixed)  # the same key mixes the same way (resume)
+    logits = torch.randn(4, 4)
+    ce = torch.nn.CrossEntropyLoss()
+    expected = lam * ce(logits, y) + (1 - lam) * ce(logits, y.flip(0))
+    torch.testing.assert_close(mixed_criterion(ce, y_a, y_b, lam)(logits, y), expected)
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_weight():
+    x = torch.zeros(2, 3, 20, 20)
+    x[1] = 1.0
+    y = torch.tensor([0, 1])
+    for step in range(20):
+        mixed, _, _, kept = mix_batch(x, y, 0.0, 1.0, (0, 0, 0, step))
+        pasted = float(mixed[0, 0].mean())  # image 0 is zeros: the box of image 1's ones is what was pasted
+        assert pasted == pytest.approx(1 - kept, abs=1e-6)
+        assert float(mixed[1, 0].mean()) == pytest.approx(kept, abs=1e-6)
+
+
+def test_mixing_trains_and_resumes_the_same(demo_master, home):
+    """A fold with mixup and cutmix trains; the same recipe trained twice gives the same scores (seeded mixing)."""
+    a = tiny_run(demo_master, "mix-a", UNFROZEN % 2, "mixup_alpha=0.4", "cutmix_alpha=1.0")
+    b = tiny_run(demo_master, "mix-b", UNFROZEN % 2, "mixup_alpha=0.4", "cutmix_alpha=1.0")
+    plain = tiny_run(demo_master, "plain", UNFROZEN % 2)
+    ra, rb, rp = train_fold(a, 0), train_fold(b, 0), train_fold(plain, 0)
+    assert ra["val_loss"] == pytest.approx(rb["val_loss"]) and ra["val_loss"] != pytest.approx(rp["val_loss"])
+
+
+def test_green_mask_keeps_the_plant_and_blacks_out_the_gravel():
+    img = np.full((100, 100, 3), (150, 120, 90), np.uint8)  # brown soil
+    img[30:70, 40:60] = (60, 170, 60)  # a green leaf
+    out = green_only(img)
+    assert (out[35:65, 45:55] == img[35:65, 45:55]).all()  # the leaf kept
+    assert (out[:10, :10] == 0).all() and (out[90:, 90:] == 0).all()  # the soil gone
+    bare = np.full((100, 100, 3), (150, 120, 90), np.uint8)
+    assert (green_only(bare) == bare).all()  # no plant found: the image as it is
+
+
+def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
+    from seedlings.images import scan_competition
+
+    comp = scan_competition(demo_master)
+    plain, masked = load_cache(comp, "train", 36), load_cache(comp, "train", 36, mask="green")
+    assert plain.images.shape == masked.images.shape and not np.array_equal(plain.images, masked.images)
+    assert (np.asarray(masked.images) == 0).mean() > (np.asarray(plain.images) == 0).mean()
+    run = tiny_run(demo_master, "masked", "plant_mask=green", UNFROZEN % 1)
+    assert 0 <= train_fold(run, 0)["val_f1"] <= 1
+
+
+def test_drop_path_reaches_the_model(demo_master, home):
+    from seedlings.model import create_model
+
+    model = create_model(load_recipe(None, ["model=test_efficientnet", "pretrained=none", "bn_stats=batch",
+                                            "drop_path_rate=0.2"]), 12)  # fmt: skip
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) > 0
