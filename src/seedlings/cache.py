@@ -76,13 +76,25 @@ def load_cache(
     files = comp.train_files if split == "train" else comp.test_files
     expected = max(1, len(files)) * size * size * 3
     # the .json is written last: its presence means the array is complete (unless something truncated it since)
-    if not meta_path.exists() or not data_path.exists() or data_path.stat().st_size != expected:
+    if (
+        not meta_path.exists()
+        or not data_path.exists()
+        or data_path.stat().st_size != expected
+        or not readable(meta_path)
+    ):
         build_cache(comp, split, size, skip_bad_images, data_path, meta_path, mask)
     meta = json.loads(meta_path.read_text())
     if meta["bad"] and not skip_bad_images:
         raise UserError(meta["bad"][0]["error"] + " (the cache was built with skip_bad_images: true)")
     images = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(files), size, size, 3))
     return ImageCache(images, files, [b["file"] for b in meta["bad"]])
+
+
+def readable(meta_path: Path) -> bool:
+    try:
+        return "bad" in json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return False  # damaged: the cache is built again
 
 
 def build_cache(

@@ -51,7 +51,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours
         skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
     if comp.ignored:
-        print(f"warning: subfolders not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
+        print(f"warning: not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
     missing = {}
     with timed(timings, "train"):
         for fold in run.folds():

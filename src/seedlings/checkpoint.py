@@ -3,14 +3,16 @@ scheduler, RNG state, position, and the metrics and learning rates so far."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from seedlings.context import FoldContext
 from seedlings.errors import UserError
-from seedlings.files import BackgroundSaver, cpu_copy, load_torch, save_torch, write_csv
+from seedlings.files import BackgroundSaver, cpu_copy, file_sha256, load_torch, save_torch, write_csv, write_json
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
 
@@ -55,7 +57,19 @@ def resume_from_checkpoint(ctx: FoldContext) -> dict | None:
     ctx.model.load_state_dict(ckpt["model"])
     set_rng_state(ckpt["rng"])
     print(f"{ctx.dir}: resuming at stage {ckpt['stage']}, epoch {ckpt['epoch']} of that stage")
+    threads = ckpt.get("threads")
+    if threads and threads != torch.get_num_threads():  # CPU results depend on the thread count: keep the fold's own
+        print(f"{ctx.dir}: trained with {threads} CPU threads so far: resuming with them")
+        torch.set_num_threads(threads)
     return ckpt
+
+
+def record_weights(fold_dir: Path, weights: Path) -> None:
+    """weights.json: the sha256 of each weights file the fold saved (snapshots, final.pt), which predict checks: a
+    file copied from another run or damaged since is refused, not predicted with."""
+    record = fold_dir / "weights.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    write_json(record, {**saved, weights.name: file_sha256(weights)})
 
 
 @dataclass
@@ -74,7 +88,9 @@ class FoldLog:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         out, state = self.ctx.dir, cpu_copy(self.ctx.model.state_dict())
         if self.ctx.recipe.snapshots and epoch + 1 in ends:
-            save_torch(out / "snapshots" / f"stage{stage_i}-cycle{ends.index(epoch + 1)}.pt", state)
+            record_weights(
+                out, save_torch(out / "snapshots" / f"stage{stage_i}-cycle{ends.index(epoch + 1)}.pt", state)
+            )
         at_stage_end = epoch + 1 == ends[-1]
         # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
         self.saver.save(
@@ -88,6 +104,7 @@ class FoldLog:
                 "stage": stage_i + 1 if at_stage_end else stage_i,
                 "epoch": 0 if at_stage_end else epoch + 1,
                 "rng": rng_state(),
+                "threads": torch.get_num_threads(),
                 "metrics": list(self.metrics),
                 "lrs": list(self.lrs),
             },

@@ -7,7 +7,6 @@ micro-F1, macro-F1 and the wall seconds it took on this machine.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from seedlings.chain import submit
 from seedlings.config import PREDICTION_KEYS, Recipe, lrs_of, recipe_dict
 from seedlings.context import prepare_fold
 from seedlings.features import fit_logistic
-from seedlings.files import write_csv
+from seedlings.files import read_json, write_csv
 from seedlings.holdout import answers_of, ensure_holdout
 from seedlings.images import read_image, scan_competition
 from seedlings.metrics import macro_f1, micro_f1
@@ -100,7 +99,7 @@ def predict_row(run: Run, label: str) -> dict:
 
 
 def json_seconds(path: Path) -> float:
-    return float(json.loads(path.read_text())["seconds"])
+    return float(read_json(path, "record", "delete it and run again", ("seconds",))["seconds"])
 
 
 def chain_row(run: Run, label: str) -> dict:

@@ -71,6 +71,33 @@ class EpochSampler(Sampler):
         return iter([(int(i), item_seed(self.seed, self.fold, self.epoch, int(i))) for i in order])
 
 
+def batch_slices(n: int, batch_size: int, drop_last: bool = False) -> list[slice]:
+    """An epoch's batches as slices of its order. A last batch of one image joins the batch before it (a batch norm
+    that follows the batches cannot normalise one image, on any device); with drop_last a short last batch is left out
+    (static shapes on CUDA)."""
+    slices = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if drop_last and len(slices) > 1 and n % batch_size:
+        slices.pop()
+    elif len(slices) > 1 and slices[-1].stop - slices[-1].start == 1:
+        last = slices.pop()
+        slices[-1] = slice(slices[-1].start, last.stop)
+    return slices
+
+
+class EpochBatches(Sampler):
+    """EpochSampler's items in batches (batch_slices): a DataLoader's batch_sampler."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool = False):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __len__(self) -> int:
+        return len(batch_slices(len(self.sampler), self.batch_size, self.drop_last))
+
+    def __iter__(self):
+        items = list(self.sampler)
+        return iter([items[s] for s in batch_slices(len(items), self.batch_size, self.drop_last)])
+
+
 def parallel_jobs() -> int:
     """Folds trained at once on this machine (`make -j N train` sets SEEDLINGS_JOBS): each takes 1/N of the cores."""
     try:
@@ -98,14 +125,8 @@ def make_loader(
     workers = default_workers(device) if num_workers < 0 else num_workers
     # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG at every epoch,
     # which would shift dropout masks between otherwise identical runs (our randomness comes from EpochSampler)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(0),
-    )
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+              "generator": torch.Generator().manual_seed(0)}  # fmt: skip
+    if sampler is not None:  # training: batches that never leave one image alone
+        return DataLoader(ds, batch_sampler=EpochBatches(sampler, batch_size, drop_last), **common)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=drop_last, **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import stat
 import sys
@@ -117,6 +118,8 @@ def fetch(
     """Make `data` a verified competition folder: download (or take `archive`), extract, check, write MANIFEST.json.
     Nothing is left behind by a failure: the folder appears under its name complete or not at all."""
     data = Path(data)
+    if not (math.isfinite(max_expand) and 0 < max_expand <= 1e6):
+        raise UserError(f"--max-expand: extracted bytes per archive byte, a number in (0, 1e6], got {max_expand}")
     if data.exists():
         if archive is not None:
             print(f"note: {data} exists, so {archive} was not unpacked; delete {data} to unpack it", file=sys.stderr)
@@ -134,12 +137,16 @@ def fetch(
     budget = Budget(limit, limit)
     tmp = data.with_name(data.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in reversed(data.resolve().parents) if not p.exists()]  # folders this call creates
     try:
         unpack_bundle(source, data.with_name(data.name + ".unpack"), tmp, budget)
         report, digests = check_competition(tmp, with_digests=True)
         write_manifest(tmp, report, digests)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):  # deepest first; only if still empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     n_train, real_train = sum(report.counts.values()), sum(REAL_TRAIN_COUNTS.values())
     if (n_train, report.n_test) != (real_train, REAL_TEST_IMAGES):

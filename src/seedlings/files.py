@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -59,7 +60,16 @@ def check_free_space(path: Path, needed: int) -> None:
     """Exit 2 before writing `needed` bytes to `path` where the disk cannot hold them (with 1% and 64 MiB spare)."""
     free = free_bytes(path.parent)
     if free < needed * 1.01 + (64 << 20):
-        raise UserError(f"{path}: needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free on its disk; free space first")
+        raise UserError(f"{path}: needs {size_text(needed)} (and 64 MB spare), {size_text(free)} free on its disk; "
+                        "free space first")  # fmt: skip
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 3.2 GB, 41 MB, 512 kB, 80 bytes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{1 if n < 10 * scale else 0}f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 @contextmanager
@@ -86,6 +96,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise UserError(
                 f"{path}: disk full ({written:,} bytes written, {free:,} free); free space and run again"
             ) from None
+        if isinstance(e, OSError) and e.filename == str(tmp):  # the reader wants the file asked for, not our tmp name
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -102,6 +114,28 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=1))
+
+
+def read_json(path: str | Path, what: str, fix: str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON file the pipeline wrote, with `keys`; a damaged one (cut short, emptied, edited) exits 2 naming it, what
+    it was and `fix`, the command or step that repairs it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: damaged {what} (not readable JSON); {fix}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or missing:
+        raise UserError(f"{path}: damaged {what} (no {', '.join(missing) or 'mapping'}); {fix}")
+    return obj
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_csv(path: str | Path, df: pd.DataFrame, **to_csv) -> Path:

@@ -17,6 +17,7 @@ from seedlings.folds import dataset_key
 from seedlings.images import scan_competition
 from seedlings.metrics import micro_f1
 from seedlings.run import Run
+from seedlings.submission import read_rows
 
 
 def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: int = 0) -> Path:
@@ -82,17 +83,34 @@ def answers_of(holdout: Path, files: list[str], classes: list[str]) -> np.ndarra
 
 
 def grade(submission: str | Path, answers: str | Path) -> float:
-    """Micro-F1 (= accuracy) of a submission against a file,species CSV of the true labels."""
-    sub = pd.read_csv(submission, dtype=str, encoding="utf-8-sig")
-    ans = pd.read_csv(answers, dtype=str, encoding="utf-8-sig")
-    for name, df in (("submission", sub), ("answers", ans)):
-        if list(df.columns) != ["file", "species"]:
-            raise UserError(f"{submission if name == 'submission' else answers}: expected columns file,species")
-    merged = ans.merge(sub, on="file", how="left", suffixes=("_true", "_pred"))
-    missing = merged.species_pred.isna().sum()
+    """Micro-F1 (= accuracy) of a submission against a file,species CSV of the true labels; either file malformed
+    (a file listed twice, a row of other than two fields, empty, not UTF-8 text) exits 2 naming it and the line."""
+    predicted, truth = read_labels(Path(submission)), read_labels(Path(answers))
+    missing = [f for f in truth if f not in predicted]
     if missing:
-        raise UserError(f"{submission}: {missing} files of {answers} have no prediction")
-    return micro_f1(merged.species_true, merged.species_pred)
+        raise UserError(f"{submission}: {len(missing)} files of {answers} have no prediction, e.g. {missing[0]}")
+    extra = [f for f in predicted if f not in truth]
+    if extra:
+        raise UserError(f"{submission}: {len(extra)} files that {answers} does not list, e.g. {extra[0]}")
+    return micro_f1([truth[f] for f in truth], [predicted[f] for f in truth])
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """{file: species} of a file,species CSV, every row checked."""
+    header, rows = read_rows(path)
+    if [h.strip() for h in header] != ["file", "species"]:
+        raise UserError(f"{path}: header is {','.join(header)!r}, expected 'file,species'")
+    out: dict[str, str] = {}
+    for i, row in enumerate(rows, start=2):
+        if len(row) != 2 or not all(row):
+            raise UserError(f"{path}: line {i}: {len(row)} fields{' (one empty)' if len(row) == 2 else ''}, "
+                            "expected file,species")  # fmt: skip
+        if row[0] in out:
+            raise UserError(f"{path}: line {i}: {row[0]} is listed twice")
+        out[row[0]] = row[1]
+    if not out:
+        raise UserError(f"{path}: no rows under the header")
+    return out
 
 
 def grade_members(run: Run, answers: str | Path) -> dict[str, float]:

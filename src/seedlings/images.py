@@ -70,7 +70,7 @@ class Competition:
     train_files: list[str]  # "<Species>/<name>.png"
     train_labels: list[int]
     test_files: list[str]  # "<name>.png"
-    ignored: tuple[str, ...] = ()  # subfolders inside species folders or test/: not part of the competition
+    ignored: tuple[str, ...] = ()  # subfolders inside species folders or test/, links to nothing: not read
 
     def train_path(self, rel: str) -> Path:
         return self.root / "train" / rel
@@ -83,7 +83,9 @@ def list_folder(folder: Path) -> tuple[list[str], list[str]]:
     """(file names, subfolder notes) of one folder: files sorted, each subfolder as `path/ (N files)`."""
     files, subfolders = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
+        if p.is_symlink() and not p.exists():
+            subfolders.append(f"{p} (a link to nothing: {os.readlink(p)})")
+        elif p.is_dir() and not p.name.startswith("."):
             subfolders.append(f"{p}/ ({sum(1 for q in p.rglob('*') if _listed(q))} files)")
         elif _listed(p):
             files.append(p.name)
@@ -224,8 +226,12 @@ class DataReport:
         if self.bad:
             out.append(f"skipped {len(self.bad)} unreadable files:")
             out += ["  " + b for b in self.bad]
+        conflicts = [g for g in self.duplicates if len({n.split("/")[1] for n in g if n.startswith("train/")}) > 1]
+        if conflicts:
+            out.append(f"conflicting labels: {len(conflicts)} groups of identical images under different species:")
+            out += ["  " + " = ".join(g) for g in conflicts[:20]]
         if self.ignored:
-            out.append(f"ignored {len(self.ignored)} subfolders (species folders and test/ hold images directly):")
+            out.append(f"ignored {len(self.ignored)} entries (species folders and test/ hold image files directly):")
             out += ["  " + s for s in self.ignored]
         return out
 

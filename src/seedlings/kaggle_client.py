@@ -3,11 +3,14 @@ uploading a submission and listing your submissions with their scores."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import socket
 import stat
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +20,14 @@ from seedlings.errors import UserError
 COMPETITION = "plant-seedlings-classification"
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
 KAGGLE_TIMEOUT_S = 120  # seconds a Kaggle call may wait on a silent network before it fails
+
+
+def kaggle_timeout() -> float:
+    """KAGGLE_TIMEOUT_S, or $SEEDLINGS_KAGGLE_TIMEOUT (seconds) where set."""
+    try:
+        return max(1.0, float(os.environ.get("SEEDLINGS_KAGGLE_TIMEOUT", KAGGLE_TIMEOUT_S)))
+    except ValueError:
+        return KAGGLE_TIMEOUT_S
 
 
 class KaggleClient(Protocol):
@@ -48,11 +59,24 @@ def credentials_source() -> str:
             if f.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) and str(f) not in WARNED:
                 WARNED.add(str(f))  # once per process, however many calls look for credentials
                 print(f"warning: {f} is readable by other users; run: chmod 600 {f}", file=sys.stderr)
+            if name == "kaggle.json":
+                check_kaggle_json(f)
             return str(f)
     raise UserError(
         f"no Kaggle credentials: put kaggle.json (Account > API > Create New Token) in {_config_dir()}/ "
         "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN; KAGGLE_CONFIG_DIR moves the folder"
     )
+
+
+def check_kaggle_json(path: Path) -> None:
+    """The kaggle package ignores a kaggle.json it cannot read and then reports no credentials at all: name it."""
+    try:
+        token = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        token = None
+    if not (isinstance(token, dict) and token.get("username") and token.get("key")):
+        raise UserError(f'{path}: not a usable Kaggle token (expected {{"username": ..., "key": ...}}); create a new '
+                        "one (Account > API > Create New Token) and replace it")  # fmt: skip
 
 
 def explain_kaggle_error(e: BaseException) -> UserError:
@@ -75,34 +99,60 @@ class RealKaggle:
     """The kaggle package's API, authenticated on first use."""
 
     def __init__(self) -> None:
-        credentials_source()
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
+        source = credentials_source()
+        # the package prints its own warning about a loose kaggle.json, at import and again at authentication (ours
+        # was printed once already): kept out
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            try:
+                from kaggle.api.kaggle_api_extended import KaggleApi
 
-            self.api = KaggleApi()
-            self.api.authenticate()
-        except SystemExit:
-            raise UserError("the kaggle package found no usable credentials (see `kaggle auth login`)") from None
-        except Exception as e:  # noqa: BLE001 - every failure becomes one line
-            raise explain_kaggle_error(e) from None
+                self.api = KaggleApi()
+                self._call(self.api.authenticate)
+            except SystemExit:  # the package authenticates when imported, and exits when it cannot
+                raise UserError(f"the kaggle package found no usable credentials in {source}") from None
+            except UserError as e:
+                if "stopped" in str(e):
+                    raise UserError(f"the kaggle package found no usable credentials in {source}") from None
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure becomes one line
+                raise explain_kaggle_error(e) from None
+        for line in said.getvalue().splitlines():
+            if "readable by other users" not in line:
+                print(line)
 
-    def _call(self, fn, *args, **kwargs):
-        """One call of the kaggle API with a socket timeout (its HTTP client sets none: a network that drops packets
-        would hang forever) and every failure as one line."""
-        before = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(KAGGLE_TIMEOUT_S)
-        try:
-            return fn(*args, **kwargs)
-        except SystemExit:
-            raise UserError("the kaggle package stopped (see its message above)") from None
-        except Exception as e:  # noqa: BLE001
-            raise explain_kaggle_error(e) from None
-        finally:
-            socket.setdefaulttimeout(before)
+    def _call(self, fn, *args, progress: Path | None = None, **kwargs):
+        """One call of the kaggle API, every failure as one line. Its HTTP layer passes no timeout of its own, so a
+        proxy or network that accepts and stays silent would hang it forever: the call runs in a thread that is given
+        kaggle_timeout() seconds, or with `progress` (a download's folder) that long without a byte arriving."""
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                result["error"] = e
+
+        worker = threading.Thread(target=run, name="kaggle-call", daemon=True)  # daemon: a hung call ends with us
+        worker.start()
+        limit, size, quiet_since = kaggle_timeout(), -1, time.monotonic()
+        while worker.is_alive():
+            worker.join(0.2)
+            now = folder_bytes(progress) if progress is not None else size
+            if now != size:
+                size, quiet_since = now, time.monotonic()
+            if time.monotonic() - quiet_since > limit:
+                raise UserError(f"Kaggle did not answer within {limit:.0f} s (network, firewall or HTTPS_PROXY silent);"
+                                " check the connection and retry")  # fmt: skip
+        error = result.get("error")
+        if isinstance(error, SystemExit):
+            raise UserError("the kaggle package stopped (see its message above)")
+        if error is not None:
+            raise explain_kaggle_error(error)
+        return result.get("value")
 
     def download(self, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
-        self._call(self.api.competition_download_files, COMPETITION, path=str(dest), quiet=False)
+        self._call(self.api.competition_download_files, COMPETITION, path=str(dest), quiet=False, progress=dest)
 
     def submit(self, csv: Path, message: str) -> None:
         self._call(self.api.competition_submit, str(csv), message, COMPETITION)
@@ -110,6 +160,10 @@ class RealKaggle:
     def submissions(self) -> list[dict]:
         subs = self._call(self.api.competition_submissions, COMPETITION) or []
         return [submission_row(s) for s in subs if s is not None]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def submission_row(sub) -> dict:

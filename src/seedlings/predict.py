@@ -13,7 +13,7 @@ from seedlings.cache import load_cache
 from seedlings.config import PREDICTION_KEYS
 from seedlings.context import FoldContext, eval_loader, prepare_fold, static_batches
 from seedlings.errors import UserError
-from seedlings.files import exclusive, write_json
+from seedlings.files import exclusive, file_sha256, write_json
 from seedlings.run import Member, Probs, Run
 from seedlings.step import autocast
 from seedlings.tta import tta_predict, tta_views
@@ -36,15 +36,24 @@ def prediction_inputs(member: Member, run: Run, test_key: str) -> dict:
     the test images' contents (the training images cannot change under a run: opening it checks them)."""
     recipe = run.recipe
     if not member.weights.exists():
-        raise UserError(f"{member.weights}: weights missing (fold {member.fold} of run {run.name!r}: train it again)")
+        raise UserError(f"{member.weights}: weights of fold {member.fold} of run {run.name!r} missing; "
+                        f"{member.retrain}")  # fmt: skip
     keys = {k: getattr(recipe, k) for k in PREDICTION_KEYS if k != "predict_size"}  # the size: eval_size below
     return {"weights_mtime_ns": member.weights.stat().st_mtime_ns, **keys, "size": recipe.eval_size,
             "test_images": test_key}  # fmt: skip
 
 
 def is_predicted(member: Member, inputs: dict) -> bool:
-    meta = member.meta_path
-    return meta.exists() and json.loads(meta.read_text()).get("inputs") == inputs
+    """Predicted from these inputs, and every probability file still what was written (a file cut short, emptied or
+    edited is predicted again, never blended)."""
+    try:
+        meta = json.loads(member.meta_path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False  # none yet, or damaged: predict again
+    if not isinstance(meta, dict) or meta.get("inputs") != inputs or not isinstance(meta.get("sha256"), dict):
+        return False
+    return all(member.probs_path(split).exists() and file_sha256(member.probs_path(split)) == digest
+               for split, digest in meta["sha256"].items())  # fmt: skip
 
 
 def predict_fold(run: Run, fold: int, test_key: str | None = None) -> list[Member]:
@@ -74,10 +83,13 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
         seconds = time.perf_counter() - start
         m.save("oof", Probs(oof, val_files, classes))
         m.save("test", Probs(test_probs, test.files, classes))
+        splits = ["oof", "test"]
         if m == last and recipe.tta != "none":  # the single model without TTA, for comparison
             m.save("oof-notta", Probs(tta_probs(ctx, None, ctx.val_idx, size, "none"), val_files, classes))
+            splits.append("oof-notta")
         n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
         info = {"seconds": seconds, "images": n_images, "images_per_s": n_images / seconds, "views": n_views}
+        info["sha256"] = {split: file_sha256(m.probs_path(split)) for split in splits}
         write_json(m.meta_path, {"inputs": prediction_inputs(m, run, test_key), **info})
         print(
             f"fold {fold} {m.name}: {n_images} images x {n_views} views in {seconds:.1f}s "

@@ -4,6 +4,7 @@ overrides from the command line; unknown keys and wrong types exit 2 naming the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,37 @@ import yaml
 
 from seedlings.config import LR, Recipe, Stage, validate
 from seedlings.errors import UserError
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a few hundred bytes of nested aliases expand to gigabytes: "billion laughs") and without
+    a key given twice in one mapping (the last would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not accepted", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, StrictLoader.construct_mapping)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """YAML text (a recipe, a space, a run's config, an override's value); bad YAML exits 2 naming `where`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -43,7 +75,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(key, value)
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
@@ -55,16 +87,23 @@ def _coerce_lr(key: str, value: Any) -> LR:
     if isinstance(value, bool):
         raise UserError(f"{key}: expected a learning rate, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite(key, value)
     if (
         isinstance(value, list)
         and value
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
-        return [float(v) for v in value]
+        return [_finite(f"{key}.{i}", v) for i, v in enumerate(value)]
     if isinstance(value, dict) and set(value) == {"max", "mult"}:
         return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
     raise UserError(f"{key}: expected a number, a list of numbers or {{max, mult}}, got {value!r}")
+
+
+def _finite(key: str, value: float) -> float:
+    """NaN compares false both ways, so it would pass every range check: every number must be finite."""
+    if not math.isfinite(value):
+        raise UserError(f"{key}: must be a finite number, got {value}")
+    return float(value)
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -77,9 +116,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, key: str = "") -> Any:
     """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
-    return _fix_floats(yaml.safe_load(text))
+    return _fix_floats(read_yaml(text, f"{key}: the value {text!r}" if key else f"the value {text!r}"))
 
 
 def _fix_floats(obj: Any) -> Any:
@@ -99,6 +138,8 @@ def _fix_floats(obj: Any) -> Any:
 def apply_override(values: dict, key: str, value: Any) -> None:
     """Set a dotted key (`stages.1.size`) in a nested dict/list, creating nothing that the recipe lacks."""
     parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"{key or '(empty)'}: not a recipe key (an override is key=value, dotted: stages.1.size=160)")
     node: Any = values
     for i, part in enumerate(parts[:-1]):
         path = ".".join(parts[: i + 1])
@@ -116,6 +157,9 @@ def apply_override(values: dict, key: str, value: Any) -> None:
         else:
             raise UserError(f"{path}: is not a mapping or a list")
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        parent = ".".join(parts[:-1])
+        raise UserError(f"{key}: {parent} is a value ({node!r}), not a mapping with keys")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise UserError(f"{key}: no such list index (the recipe has {len(node)})")
@@ -132,9 +176,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not p.is_file():
             raise UserError(f"{p}: recipe not found")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not a text file") from None
+        values = read_yaml(text, str(p))
+        if values is None:
+            raise UserError(f"{p}: an empty recipe (it would silently train the defaults); give its keys")
         if not isinstance(values, dict):
             raise UserError(f"{p}: a recipe is a mapping of keys to values")
         values = _fix_floats(values)
@@ -142,7 +189,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if "=" not in item:
             raise UserError(f"{item}: an override is key=value")
         key, text = item.split("=", 1)
-        apply_override(values, key.strip(), parse_value(text))
+        apply_override(values, key.strip(), parse_value(text, key.strip()))
     return recipe_from_dict(values)
 
 

@@ -18,10 +18,10 @@ import yaml
 from seedlings import paths
 from seedlings.config import FREE_KEYS, Recipe, recipe_dict
 from seedlings.errors import UserError
-from seedlings.files import load_torch, write_csv, write_json, write_text
+from seedlings.files import file_sha256, load_torch, read_json, write_csv, write_json, write_text
 from seedlings.folds import default_folds_path
 from seedlings.images import Competition, file_digest, parallel_map, scan_competition
-from seedlings.recipes import recipe_from_dict
+from seedlings.recipes import read_yaml, recipe_from_dict
 
 SPLIT_KEYS = ("n_folds", "fold_seed")  # recorded beside the recipe: fold k of another split is another model
 PROVENANCE_KEYS = ("git_commit", "data")  # recorded for the reader, never compared (a data folder may move)
@@ -87,6 +87,10 @@ class Run:
         saved = read_config(self.config_path)
         if saved is None:
             return
+        recorded = self.data_record().get("config_sha256")
+        if recorded and hashlib.sha256(self.config_path.read_bytes()).hexdigest() != recorded:
+            raise UserError(f"{self.config_path}: not the config this run recorded (cut short or edited); restore it, "
+                            f"or delete runs/{self.name} to train the run again")  # fmt: skip
         self.check_config(saved)
         self.check_data()
 
@@ -114,15 +118,15 @@ class Run:
         comp = self.comp
         record = {split: digests(comp, split, {}) for split in ("train", "test")}
         record["folds"] = file_digest(default_folds_path(comp, self.n_folds, self.fold_seed))
+        config = yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False)
+        record["config_sha256"] = hashlib.sha256(config.encode()).hexdigest()  # a config.yaml cut short is told
         write_json(self.data_record_path, record)
-        write_text(self.config_path, yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False))
+        write_text(self.config_path, config)
 
     def check_data(self) -> None:
         """The training images and the folds file must be those the run was trained on: a model of other images
         would be blended and graded as if it were of these."""
-        if not self.data_record_path.exists():
-            return  # a run recorded before data.json existed
-        recorded = json.loads(self.data_record_path.read_text())
+        recorded = self.data_record()
         comp = self.comp
         changes = describe_changes(recorded["train"], digests(comp, "train", recorded["train"]))
         if changes:
@@ -134,9 +138,18 @@ class Run:
         if folds.exists() and file_digest(folds) != recorded["folds"]:
             raise UserError(f"{folds}: not the folds run {self.name!r} was trained with; start a new RUN")
 
+    def data_record(self) -> dict:
+        """data.json: what the run was trained on. Missing beside a recorded config.yaml, or damaged, the run's
+        training data can no longer be checked: exit 2 (training on unchecked data would blend other images' models)."""
+        fix = f"delete runs/{self.name} to train the run again"
+        if not self.data_record_path.exists():
+            raise UserError(f"{self.data_record_path}: missing, so the training images of run {self.name!r} cannot be "
+                            f"checked; {fix}")  # fmt: skip
+        return read_json(self.data_record_path, "record of the run's data", fix, ("train", "test", "folds"))
+
     def test_key(self) -> str:
         """A short hash of the test images' contents: predictions of other test images are made again."""
-        recorded = json.loads(self.data_record_path.read_text())["test"] if self.data_record_path.exists() else {}
+        recorded = self.data_record()["test"] if self.config_path.exists() else {}
         now = digests(self.comp, "test", recorded)
         return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
@@ -218,9 +231,9 @@ def read_config(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable run config ({type(e).__name__}); delete the run to redo it") from None
+        saved = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (UserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable run config ({e}); delete the run to redo it") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path}: not a run config; delete the run to start again")
     return saved
@@ -304,12 +317,35 @@ class Member:
         """What the probabilities were made from (weights, TTA, size), and how long it took."""
         return paths.run_dir(self.run) / "probs" / f"{self.label}.json"
 
+    @property
+    def retrain(self) -> str:
+        """The one command that repairs a fold whose weights are gone or wrong (its done.json says it is finished)."""
+        fold_dir = paths.fold_dir(self.run, self.fold)
+        return f"rm -r {fold_dir} && make train RUN={self.run} FOLD={self.fold} trains it again"
+
     def state_dict(self, device="cpu") -> dict:
-        """The member's weights; a missing, damaged or foreign file exits 2 naming it."""
+        """The member's weights, checked against the sha256 its fold recorded (weights.json) when it saved them: a
+        missing, damaged or copied file exits 2 naming it and the command that trains the fold again."""
+        redo = self.retrain
+        if not self.weights.exists():
+            raise UserError(f"{self.weights}: weights of fold {self.fold} of run {self.run!r} missing; {redo}")
+        record = paths.fold_dir(self.run, self.fold) / "weights.json"
+        if record.exists():
+            saved = read_json(record, "record of the fold's weights", redo).get(self.weights.name)
+            if saved != file_sha256(self.weights):
+                raise UserError(f"{self.weights}: not the weights fold {self.fold} of run {self.run!r} saved (copied "
+                                f"from another run, or damaged); {redo}")  # fmt: skip
         return load_torch(self.weights, f"weights of fold {self.fold} of run {self.run!r}", device)
 
     def load(self, split: str) -> Probs:
-        return load_probs(self.probs_path(split))
+        """Saved probabilities, checked against the sha256 predict recorded: a damaged file is never blended."""
+        path = self.probs_path(split)
+        fix = f"make predict RUN={self.run} predicts it again"
+        if self.meta_path.exists() and path.exists():
+            recorded = read_json(self.meta_path, "record of a prediction", fix, ("sha256",))["sha256"].get(split)
+            if recorded is not None and file_sha256(path) != recorded:
+                raise UserError(f"{path}: not the probabilities predict wrote (cut short or edited); {fix}")
+        return load_probs(path)
 
     def save(self, split: str, probs: Probs) -> None:
         save_probs(self.probs_path(split), probs)

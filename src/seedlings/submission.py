@@ -24,6 +24,10 @@ def write_submission(path: Path, files: list[str], species: list[str], sample: P
 
 
 def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """A CSV's header and rows (UTF-8, a byte-order mark allowed); missing, a folder, empty or binary exits 2."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a CSV file")
     if not path.is_file():
         raise UserError(f"{path}: not found")
     try:

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from seedlings import paths
 from seedlings.config import FREE_KEYS, Recipe
 from seedlings.errors import UserError
-from seedlings.recipes import apply_override, parse_value, recipe_from_dict
+from seedlings.recipes import apply_override, parse_value, read_yaml, recipe_from_dict
 from seedlings.run import open_run
 from seedlings.schedule import cycle_end_epochs
 from seedlings.train import train_fold
@@ -91,10 +91,7 @@ def load_space(path: str | Path, base: dict) -> dict[str, BaseDistribution]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: search space not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: a search space maps recipe keys to choices or ranges")
     return {str(key): distribution(path, str(key), spec, base) for key, spec in raw.items()}

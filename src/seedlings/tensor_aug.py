@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seedlings.data import item_seed
+from seedlings.data import batch_slices, item_seed
 from seedlings.errors import UserError
 
 RATIO = (3 / 4, 4 / 3)  # crop aspect range, as RandomResizedCrop's
@@ -146,8 +146,7 @@ class DeviceBatches:
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+        return len(batch_slices(len(self.labels), self.batch_size, self.drop_last))
 
     def order(self, epoch: int) -> np.ndarray:
         """EpochSampler's order for the same (seed, fold, epoch)."""
@@ -155,8 +154,8 @@ class DeviceBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch)
-        for b in range(len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+        for batch in batch_slices(len(order), self.batch_size, self.drop_last):
+            rows = order[batch]
             params = [sample_item(item_seed(self.seed, self.fold, epoch, int(i)), self.crop_scale) for i in rows]
             rows_t = torch.from_numpy(rows).to(self.device)
             yield self.augment(self.images[rows_t], params), self.labels[rows_t]

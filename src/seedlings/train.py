@@ -7,7 +7,6 @@ pass, `FoldLog` writes what an epoch leaves behind (checkpoint.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from seedlings.checkpoint import FoldLog, resume_from_checkpoint
+from seedlings.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.config import lrs_of
 from seedlings.context import FoldContext, eval_loader, predict_probs, prepare_fold, training_batches
 from seedlings.errors import Busy, UserError
 from seedlings.features import features_for, fit_head
-from seedlings.files import exclusive, save_torch, write_json
+from seedlings.files import exclusive, read_json, save_torch, write_json
 from seedlings.metrics import val_scores
 from seedlings.mixing import mix_batch, mixed_criterion
 from seedlings.model import is_norm_param, make_optimizer, param_groups
@@ -45,11 +44,11 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
     done = out / "done.json"
     if done.exists():
         print(f"{out}: finished, nothing to do")
-        return json.loads(done.read_text())
+        return read_done(done, fold)
     try:
         with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
             if done.exists():  # finished by the process that held the lock before
-                return json.loads(done.read_text())
+                return read_done(done, fold)
             ctx = prepare_fold(run, fold)
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
             return fit_fold(ctx, until_stage, on_epoch)
@@ -59,6 +58,11 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
         remove_if_empty(out)  # refused before anything was written: no folder of the fold, nor of the run
         remove_if_empty(run.dir)
         raise
+
+
+def read_done(done: Path, fold: int) -> dict:
+    fix = f"delete it, and make train FOLD={fold} finishes the fold again from its checkpoint"
+    return read_json(done, "record of a finished fold", fix, ("val_loss", "val_f1", "val_macro_f1", "seconds"))
 
 
 def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
@@ -99,10 +103,11 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
         log.saver.close()
     if until_stage is not None:
         return {}
-    save_torch(ctx.dir / "final.pt", ctx.model.state_dict())
+    record_weights(ctx.dir, save_torch(ctx.dir / "final.pt", ctx.model.state_dict()))
     plot_fold(ctx.dir)
     final = {k: log.metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
+    final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: several processes)
     write_json(ctx.dir / "done.json", final)
     return final
 
