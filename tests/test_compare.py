@@ -14,24 +14,32 @@ HEAD_THEN_BODY = (
 
 
 def test_compare_table_on_a_held_out_split(demo_master, home, capsys):
-    from conftest import TINY
+    import yaml
 
+    from conftest import TINY
+    from seedlings.config import recipe_dict
+
+    old = home / "old.yaml"  # the recipe this one replaced: its rows join the same table
+    old.write_text(yaml.safe_dump(recipe_dict(tiny_recipe(HEAD_THEN_BODY.replace("0.01", "0.02"), "train_folds=1"))))
     args = ["compare", "--data", str(demo_master), "--run", "cmp", "--n-folds", "3", "--sizes", "32"]
-    assert main([*args, *TINY, HEAD_THEN_BODY, "train_folds=2"]) == 0
+    assert main([*args, "--baseline", str(old), *TINY, HEAD_THEN_BODY, "train_folds=2"]) == 0
     table = pd.read_csv(home / "runs" / "cmp-holdout" / "compare.csv")
     assert table.what.tolist() == [
         "linear probe, test_efficientnet features at 32 px",
+        "old: fold 0 alone",
+        "old: whole chain (make submit)",
         "recipe: fold 0 alone",
         "recipe: whole chain (make submit)",
     ]
+    assert sorted(p.name for p in (home / "runs" / "cmp-holdout-old").glob("fold*")) == ["fold0"]
     # each row recomputed from what the chain left behind: the submission, fold 0's test probabilities, the answers
     answers = pd.read_csv(home / "data" / "comp-holdout-f20-s0" / "answers.csv").set_index("file").species
     sub = pd.read_csv(home / "submissions" / "cmp-holdout.csv")
-    assert table.micro_f1.iloc[2] == pytest.approx((sub.species == answers.loc[sub.file].to_numpy()).mean(), abs=1e-4)
+    assert table.micro_f1.iloc[4] == pytest.approx((sub.species == answers.loc[sub.file].to_numpy()).mean(), abs=1e-4)
     (last,) = sorted((home / "runs" / "cmp-holdout" / "probs").glob("fold0-*.test.csv"))[-1:]
     probs = pd.read_csv(last).set_index("file")
     predicted = probs.columns[probs.to_numpy().argmax(1)]
-    assert table.micro_f1.iloc[1] == pytest.approx((predicted == answers.loc[probs.index].to_numpy()).mean(), abs=1e-4)
+    assert table.micro_f1.iloc[3] == pytest.approx((predicted == answers.loc[probs.index].to_numpy()).mean(), abs=1e-4)
     assert (table.seconds > 0).all()
     assert (home / "data" / "comp-holdout-f20-s0" / "answers.csv").is_file()
     assert sorted(p.name for p in (home / "runs" / "cmp-holdout").glob("fold*")) == ["fold0", "fold1"]

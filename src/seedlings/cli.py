@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true", help="also fold 0 with each technique switched")
     p.add_argument("--probes-only", action="store_true", help="only the linear probes (no training)")
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
+    p.add_argument("--baseline", default=None, help="another recipe (YAML) whose fold 0 and chain join the table")
 
     p = sub.add_parser("sweep", help="one worker of an Optuna study over recipes (make -j N sweep: N workers)")
     _sweep_args(p)
@@ -261,7 +262,9 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         )
     elif command == "compare":
         sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-        compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only)
+        baseline = load_recipe(args.baseline) if args.baseline else None
+        label = Path(args.baseline).stem if args.baseline else ""
+        compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only, (label, baseline))
     elif command == "submit":
         names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
         others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]

@@ -159,9 +159,11 @@ def compare(
     ablations: bool = False,
     sizes: tuple[int, ...] = (),
     probes_only: bool = False,
+    baseline: tuple[str, Recipe | None] = ("", None),
 ) -> pd.DataFrame:
     """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the
-    recipe, the whole chain, and with `ablations` fold 0 once per technique switched."""
+    recipe, the whole chain, and with `ablations` fold 0 once per technique switched. baseline: (name, recipe) of
+    another recipe (the one this replaced, say) whose fold and chain rows join the table, trained on the same split."""
     holdout = ensure_holdout(run.data, fraction, seed)
     # never the run trained on all of DATA: other images, other models
     held = open_run(f"{run.name}-holdout", holdout, run.recipe, run.n_folds, run.fold_seed)
@@ -169,6 +171,9 @@ def compare(
     rows = [probe_row(held, s) for s in dict.fromkeys(sizes)]
     if probes_only:
         return finish(rows, held)
+    label, other = baseline
+    if other is not None:
+        rows += recipe_rows(open_run(f"{held.name}-{label}", holdout, other, run.n_folds, run.fold_seed), label)
     rows += recipe_rows(held, "recipe")
     if ablations:  # fold 0 alone for each: the chain's cost would be the folds' count times this
         rows += [ablation_row(held, i, name, overrides) for i, (name, overrides) in enumerate(ABLATIONS.items())]
