@@ -1,5 +1,7 @@
 """The recipe's optional levers: frozen leading layer groups, mixup/cutmix, the green plant mask, stochastic depth."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,3 +104,34 @@ def test_drop_path_reaches_the_model(demo_master, home):
                                             "drop_path_rate=0.2"]), 12)  # fmt: skip
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) > 0
+
+
+def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(demo_master, home):
+    """full_fit: after the folds, one model on every training image (no validation, no out-of-fold score); its test
+    probabilities join the fold blend with weight 1/(k + 1)."""
+    from seedlings.chain import submit
+    from seedlings.run import load_probs
+
+    run = tiny_run(demo_master, "full", UNFROZEN % 1, "train_folds=2", "full_fit=true", "tta=none")
+    submit(run)
+    full = run.fold_dir(run.full)
+    assert full.name == "full" and (full / "done.json").exists()
+    rows = pd.read_csv(full / "metrics.csv")
+    assert rows.val_f1.isna().all()  # nothing held out
+    members = run.members()
+    assert [m.label for m in members] == ["fold0-stage0-cycle0", "fold1-stage0-cycle0", "full-stage0-cycle0"]
+    assert not members[-1].probs_path("oof").exists() and members[-1].probs_path("test").exists()
+    folds = [load_probs(m.probs_path("test")).values for m in members[:2]]
+    blend = (folds[0] + folds[1]) / 2  # one snapshot: the fold blend is their mean
+    expected = (2 * blend + load_probs(members[2].probs_path("test")).values) / 3
+    np.testing.assert_allclose(load_probs(run.dir / "probs" / "blend.test.csv").values, expected, atol=1e-6)
+    provenance = json.loads((home / "submissions" / "full.json").read_text())
+    assert provenance["members"]["full fit (every training image)"]["weight"] == pytest.approx(1 / 3)
+
+
+def test_the_full_fit_trains_every_training_image(demo_master, home):
+    from seedlings.context import prepare_fold
+
+    run = tiny_run(demo_master, "full", UNFROZEN % 1, "full_fit=true")
+    ctx = prepare_fold(run, run.full)
+    assert len(ctx.val_idx) == 0 and len(ctx.train_idx) == len(ctx.comp.train_files)

@@ -13,7 +13,7 @@ import numpy as np
 from seedlings import paths
 from seedlings.cache import load_cache
 from seedlings.config import Recipe, recipe_dict
-from seedlings.ensemble import assemble, blend, format_table
+from seedlings.ensemble import assemble, blend, blend_full, format_table
 from seedlings.errors import Busy, UserError
 from seedlings.files import write_json
 from seedlings.folds import load_folds
@@ -54,12 +54,12 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         print(f"warning: not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
     missing = {}
     with timed(timings, "train"):
-        for fold in run.folds():
+        for fold in run.models():
             try:
                 train_fold(run, fold)
             except Busy as e:  # trained by another process or host (shared runs/): blended when it is done
                 missing[fold] = str(e)
-    if len(missing) == len(run.folds()):
+    if len(missing) == len(run.models()):
         raise UserError(f"run {run.name!r}: every fold is being trained elsewhere ({'; '.join(missing.values())})")
     for fold, why in missing.items():
         print(f"warning: fold {fold} is not in this blend: {why}; make submit again when it is done", file=sys.stderr)
@@ -70,6 +70,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         label_of = dict(zip(folds.file, folds.species))
         labels = np.array([comp.classes.index(label_of[f]) for f in files])
         oof, test, table = blend(parts, labels, weights)
+        test = blend_full(members, test, table)
         print(format_table(table))
         oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)
         out = paths.submissions_dir() / f"{run.name}.csv"

@@ -240,8 +240,8 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
     if command == "lr-find":
         lr_find(run, fold or 0, args.stage)
     elif command == "train":
-        for k in [fold] if fold is not None else run.folds():
-            if k not in run.folds():
+        for k in [fold] if fold is not None else run.models():
+            if k not in run.models():
                 print(f"fold {k}: not trained by this recipe (train_folds: {recipe.train_folds}), nothing to do")
                 continue
             try:

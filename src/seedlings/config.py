@@ -74,6 +74,9 @@ class Recipe:
         0
     )  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
     #   so a model often scores best a little above its training size (FixRes)
+    full_fit: bool = runs(False)  # true: after the folds, one more model on every training image with the same
+    #   schedule (fast.ai's final fit once the folds chose it): its test probabilities join the blend as one more
+    #   fold's; it has no validation images, so no out-of-fold score
     train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     crop_scale: float = CROP_SCALE  # RandomResizedCrop's smallest area fraction

@@ -56,7 +56,8 @@ def pick_device() -> torch.device:
 def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> FoldContext:
     """Scan the data, load the folds and the cache, build the model (its new head seeded by (seed, fold))."""
     recipe = run.recipe
-    run.check_fold(fold)
+    if fold != run.full:
+        run.check_fold(fold)
     comp = run.comp
     folds = load_folds(run.data, run.n_folds, run.fold_seed)
     cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)

@@ -25,7 +25,9 @@ class Blendable:
 
 def assemble(members: list[Member]) -> tuple[list[str], list[Blendable]]:
     """Group members by (run, snapshot); each group needs every fold, so its OOF covers all training images.
-    Returns the out-of-fold files (sorted) and one Blendable per complete group."""
+    Returns the out-of-fold files (sorted) and one Blendable per complete group. The full fit's members have no
+    out-of-fold probabilities: blend_full adds them."""
+    members = [m for m in members if not m.full]
     oof = {m: m.load("oof") for m in members}
     per_fold = {m.fold: oof[m].files for m in members}  # every member of a fold predicts the same images
     files = sorted(f for fold_files in per_fold.values() for f in fold_files)
@@ -86,6 +88,23 @@ def blend(parts: list[Blendable], labels: np.ndarray, weights: str = "fit") -> t
     return oof, test, table
 
 
+def blend_full(members: list[Member], test: np.ndarray, table: dict) -> np.ndarray:
+    """The fold blend's test probabilities with the full fit's (its snapshots weighted as the blend weighted the
+    folds' same snapshots) as one more model: weight 1/(k + 1) beside k fold models. Adds its row to `table`."""
+    full = [m for m in members if m.full]
+    if not full:
+        return test
+    weights = np.array([table.get(f"{m.run}/{m.name}", {}).get("weight", 0.0) for m in full]) + 1e-12
+    full_test = np.tensordot(weights / weights.sum(), np.stack([m.load("test").values for m in full]), 1)
+    k = len({(m.run, m.fold) for m in members if not m.full})
+    table["full fit (every training image)"] = {
+        "micro_f1": float("nan"),
+        "log_loss": float("nan"),
+        "weight": 1 / (k + 1),
+    }
+    return (k * test + full_test) / (k + 1)
+
+
 def format_table(table: dict) -> str:
     width = max(len(k) for k in table)
     lines = [f"{'member':<{width}}  {'OOF micro-F1':>12}  {'OOF log loss':>12}  {'weight':>6}"]
@@ -99,7 +118,7 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
     """(what, OOF micro-F1, OOF log loss) from a run's saved probabilities: each fold's last model without and with
     TTA, then over all folds the last snapshot alone, and the folds x snapshots blend (equal weights)."""
     label_of = dict(zip(folds.file, folds.species))
-    members = run.members()
+    members = [m for m in run.members() if not m.full]  # the full fit has no out-of-fold probabilities
     lasts = list({m.fold: m for m in members}.values())  # each fold's last member: its final model
     if not lasts or not lasts[0].probs_path("oof-notta").exists():
         raise UserError(f"{run.dir / 'probs'}: no predictions with and without TTA (make predict RUN={run.name})")

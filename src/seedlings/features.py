@@ -24,6 +24,7 @@ from seedlings.metrics import log_loss, val_scores
 from seedlings.step import autocast, to_device
 from seedlings.tta import dihedral
 
+VAL_KEYS = ("val_loss", "val_f1", "val_macro_f1")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
 CV_FOLDS = 3
 
@@ -130,13 +131,15 @@ def fit_head(ctx: FoldContext, stage_i: int, epoch: int) -> dict:
     head.bias.copy_(torch.from_numpy(fit.bias))
     train_probs = torch.from_numpy(fit.logits(x_train)).softmax(-1).numpy()
     val_probs = torch.from_numpy(fit.logits(feats[ctx.val_idx, 0].numpy())).softmax(-1).numpy()
+    nan = float("nan")  # the full fit has no validation images
+    val = val_scores(val_probs, ctx.labels[ctx.val_idx]) if len(ctx.val_idx) else dict.fromkeys(VAL_KEYS, nan)
     seconds = time.perf_counter() - start
     return {
         "epoch": epoch + 1,
         "stage": stage_i,
         "size": stage.size,
         "train_loss": log_loss(train_probs, y_train),
-        **val_scores(val_probs, ctx.labels[ctx.val_idx]),
+        **val,
         "lr": 0.0,
         "seconds": seconds,
         "images_per_s": len(y_train) / seconds,

@@ -31,5 +31,10 @@ def fold_dir(run: str, fold: int) -> Path:
     return run_dir(run) / f"fold{fold}"
 
 
+def full_dir(run: str) -> Path:
+    """The model trained on every training image (full_fit), beside the folds."""
+    return run_dir(run) / "full"
+
+
 def submissions_dir() -> Path:
     return root() / "submissions"

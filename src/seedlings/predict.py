@@ -75,16 +75,18 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
     ctx = prepare_fold(run, fold)
     test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
+    has_val = len(ctx.val_idx) > 0  # the full fit has no validation images: test probabilities only
     for m in todo:
         ctx.model.load_state_dict(m.state_dict(ctx.device))
         start = time.perf_counter()
-        oof = tta_probs(ctx, None, ctx.val_idx, size, recipe.tta)
+        oof = tta_probs(ctx, None, ctx.val_idx, size, recipe.tta) if has_val else np.zeros((0, len(classes)))
         test_probs = tta_probs(ctx, test.images, np.arange(len(test.files)), size, recipe.tta)
         seconds = time.perf_counter() - start
-        m.save("oof", Probs(oof, val_files, classes))
+        splits = ["oof", "test"] if has_val else ["test"]
+        if has_val:
+            m.save("oof", Probs(oof, val_files, classes))
         m.save("test", Probs(test_probs, test.files, classes))
-        splits = ["oof", "test"]
-        if m == last and recipe.tta != "none":  # the single model without TTA, for comparison
+        if has_val and m == last and recipe.tta != "none":  # the single model without TTA, for comparison
             m.save("oof-notta", Probs(tta_probs(ctx, None, ctx.val_idx, size, "none"), val_files, classes))
             splits.append("oof-notta")
         n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
@@ -100,4 +102,4 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
 def predict_run(run: Run, folds: list[int] | None = None) -> list[Member]:
     """Every member of the run's folds (or of `folds`)."""
     test_key = run.test_key()  # the test images are listed and checked once, not once per fold
-    return [m for fold in (run.folds() if folds is None else folds) for m in predict_fold(run, fold, test_key)]
+    return [m for fold in (run.models() if folds is None else folds) for m in predict_fold(run, fold, test_key)]

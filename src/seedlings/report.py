@@ -65,12 +65,13 @@ def data_section(comp: Competition, out: Path) -> list[str]:
 
 def training_section(run: Run) -> list[str]:
     lines = ["## Training", "", "| fold | epochs | val micro-F1 | val loss | train seconds |", "|---|---|---|---|---|"]
-    trained = [k for k in range(run.n_folds) if (run.fold_dir(k) / "metrics.csv").exists()]
+    trained = [k for k in range(run.n_folds + 1) if (run.fold_dir(k) / "metrics.csv").exists()]  # + the full fit
     for k in trained:
         m = pd.read_csv(run.fold_dir(k) / "metrics.csv")
         last = m.iloc[-1]
-        lines.append(f"| {k} | {len(m)} | {last.val_f1:.4f} | {last.val_loss:.4f} | {m.seconds.sum():.0f} |")
-    return [*lines, "", *[f"![fold{k}](../fold{k}/loss.png)" for k in trained], ""]
+        which = "all images" if k == run.full else k
+        lines.append(f"| {which} | {len(m)} | {last.val_f1:.4f} | {last.val_loss:.4f} | {m.seconds.sum():.0f} |")
+    return [*lines, "", *[f"![{run.fold_dir(k).name}](../{run.fold_dir(k).name}/loss.png)" for k in trained], ""]
 
 
 def oof_section(oof: Probs, labels: np.ndarray, out: Path) -> list[str]:

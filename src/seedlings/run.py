@@ -57,11 +57,20 @@ class Run:
         return self.dir / "config.yaml"
 
     def fold_dir(self, fold: int) -> Path:
-        return paths.fold_dir(self.name, fold)
+        return paths.full_dir(self.name) if fold == self.full else paths.fold_dir(self.name, fold)
 
     def folds(self) -> list[int]:
         """The folds this run's recipe trains, predicts and blends."""
         return self.recipe.folds(self.n_folds)
+
+    @property
+    def full(self) -> int:
+        """The index of the model on every training image (full_fit): its seeds, and no image of its in validation."""
+        return self.n_folds
+
+    def models(self) -> list[int]:
+        """What the chain trains: the recipe's folds, then the full fit when the recipe asks for it."""
+        return self.folds() + ([self.full] if self.recipe.full_fit else [])
 
     def check_fold(self, fold: int) -> None:
         if not 0 <= fold < self.n_folds:
@@ -156,7 +165,7 @@ class Run:
     def members(self, fold: int | None = None) -> list[Member]:
         """The models to predict with, of one fold or of every trained fold: the last stage's cycle-end snapshots
         (the last of which is the final model), or the final model alone when snapshots are off."""
-        folds = self.folds() if fold is None else [fold]
+        folds = self.models() if fold is None else [fold]
         last = len(self.recipe.stages) - 1
         stage = self.recipe.stages[last]
         n_cycles = stage.n_cycles if stage.fit == "sgdr" else 1
@@ -169,10 +178,10 @@ class Run:
                 continue
             if self.recipe.snapshots:
                 snaps = self.fold_dir(k) / "snapshots"
-                out += [Member(self.name, k, f"stage{last}-cycle{c}", snaps / f"stage{last}-cycle{c}.pt")
-                        for c in range(n_cycles)]  # fmt: skip
+                names = [f"stage{last}-cycle{c}" for c in range(n_cycles)]
+                out += [Member(self.name, k, n, snaps / f"{n}.pt", k == self.full) for n in names]
             else:
-                out.append(Member(self.name, k, "final", self.fold_dir(k) / "final.pt"))
+                out.append(Member(self.name, k, "final", self.fold_dir(k) / "final.pt", k == self.full))
         return out
 
 
@@ -304,10 +313,15 @@ class Member:
     fold: int
     name: str
     weights: Path
+    full: bool = False  # the model on every training image (full_fit): test probabilities only
 
     @property
     def label(self) -> str:
-        return f"fold{self.fold}-{self.name}"
+        return f"full-{self.name}" if self.full else f"fold{self.fold}-{self.name}"
+
+    @property
+    def dir(self) -> Path:
+        return paths.full_dir(self.run) if self.full else paths.fold_dir(self.run, self.fold)
 
     def probs_path(self, split: str) -> Path:
         return paths.run_dir(self.run) / "probs" / f"{self.label}.{split}.csv"
@@ -320,8 +334,8 @@ class Member:
     @property
     def retrain(self) -> str:
         """The one command that repairs a fold whose weights are gone or wrong (its done.json says it is finished)."""
-        fold_dir = paths.fold_dir(self.run, self.fold)
-        return f"rm -r {fold_dir} && make train RUN={self.run} FOLD={self.fold} trains it again"
+        which = f"RUN={self.run}" if self.full else f"RUN={self.run} FOLD={self.fold}"
+        return f"rm -r {self.dir} && make train {which} trains it again"
 
     def state_dict(self, device="cpu") -> dict:
         """The member's weights, checked against the sha256 its fold recorded (weights.json) when it saved them: a
@@ -329,7 +343,7 @@ class Member:
         redo = self.retrain
         if not self.weights.exists():
             raise UserError(f"{self.weights}: weights of fold {self.fold} of run {self.run!r} missing; {redo}")
-        record = paths.fold_dir(self.run, self.fold) / "weights.json"
+        record = self.dir / "weights.json"
         if record.exists():
             saved = read_json(record, "record of the fold's weights", redo).get(self.weights.name)
             if saved != file_sha256(self.weights):

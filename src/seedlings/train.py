@@ -32,6 +32,7 @@ from seedlings.schedule import cycle_end_epochs, make_scheduler
 from seedlings.step import train_step
 
 EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
+NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}  # the full fit
 
 
 def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
@@ -91,7 +92,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
                 train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs)
-                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx])
+                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if len(ctx.val_idx) else NO_VALIDATION
                 row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
                        "train_loss": train["train_loss"], **val, "lr": train["lr"],
                        "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
