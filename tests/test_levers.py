@@ -135,3 +135,37 @@ def test_the_full_fit_trains_every_training_image(demo_master, home):
     run = tiny_run(demo_master, "full", UNFROZEN % 1, "full_fit=true")
     ctx = prepare_fold(run, run.full)
     assert len(ctx.val_idx) == 0 and len(ctx.train_idx) == len(ctx.comp.train_files)
+
+
+def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
+    """pseudo_label: the chain's second round (runs/<run>-pseudo) trains every fold on the training images plus the
+    test images the first round's blend gave at least that probability, labelled with their predicted species; its
+    submission is the chain's answer, the first round's stays beside it."""
+    from seedlings.chain import pseudo_round, submit
+    from seedlings.context import prepare_fold
+    from seedlings.run import Probs
+
+    run = tiny_run(demo_master, "pl", UNFROZEN % 1, "train_folds=2", "pseudo_label=0.5", "tta=none")
+    out = submit(run)
+    assert out.name == "pl-pseudo.csv" and (home / "submissions" / "pl.csv").exists()
+    second = run.dir.parent / "pl-pseudo"
+    assert (second / "pseudo.csv").exists() and (second / "fold1" / "done.json").exists()
+    # the round's data, from a blend whose confidence is known: two test images above the threshold
+    comp = run.comp
+    values = np.full((len(comp.test_files), 12), 1 / 12, dtype=np.float32)
+    values[3], values[7] = np.eye(12)[2], np.eye(12)[5]
+    made = pseudo_round(tiny_run(demo_master, "pl2", UNFROZEN % 1, "pseudo_label=0.9"),
+                        Probs(values, comp.test_files, comp.classes))  # fmt: skip
+    chosen = pd.read_csv(made.pseudo_path)
+    assert chosen.file.tolist() == [comp.test_files[3], comp.test_files[7]]
+    assert chosen.species.tolist() == [comp.classes[2], comp.classes[5]]
+    ctx = prepare_fold(made, 0)
+    n = len(comp.train_files)
+    assert len(ctx.labels) == n + 2 and ctx.labels[n:].tolist() == [2, 5]
+    assert {n, n + 1} <= set(ctx.train_idx) and max(ctx.val_idx) < n  # never validated on
+    np.testing.assert_array_equal(ctx.cache.images[n], load_cache(comp, "test", made.recipe.cache_size).images[3])
+
+
+def test_pseudo_label_must_be_a_confidence():
+    with pytest.raises(UserError, match="pseudo_label: 0 .off. or a confidence"):
+        load_recipe(None, ["pseudo_label=0.2"])

@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from seedlings import paths
 from seedlings.cache import load_cache
 from seedlings.config import Recipe, recipe_dict
 from seedlings.ensemble import assemble, blend, blend_full, format_table
 from seedlings.errors import Busy, UserError
-from seedlings.files import write_json
+from seedlings.files import write_csv, write_json
 from seedlings.folds import load_folds
 from seedlings.images import Competition
 from seedlings.predict import predict_run
@@ -102,4 +103,21 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"
     )
+    if run.recipe.pseudo_label and not run.pseudo_path.exists():  # round 2 on the confident test images
+        return submit(pseudo_round(run, test), others, weights, command)
     return out
+
+
+def pseudo_round(run: Run, test: Probs) -> Run:
+    """The pseudo-label round of a run: runs/<run>-pseudo/ with pseudo.csv (the test images whose blended probability
+    reaches pseudo_label, labelled with the predicted species), trained like the first round."""
+    confident = test.values.max(1) >= run.recipe.pseudo_label
+    second = Run(f"{run.name}-pseudo", run.data, run.recipe, run.n_folds, run.fold_seed)
+    chosen = pd.DataFrame({"file": np.array(test.files)[confident], "species": species_of(test.values[confident],
+                           run.comp.classes), "probability": test.values[confident].max(1)})  # fmt: skip
+    if not second.pseudo_path.exists():
+        write_csv(second.pseudo_path, chosen, float_format="%.6f")
+    print(f"pseudo-labels: {int(confident.sum())} of {len(test.files)} test images at probability >= "
+          f"{run.recipe.pseudo_label:g}; round 2 in {second.dir}")  # fmt: skip
+    second.check()
+    return second

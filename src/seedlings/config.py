@@ -74,6 +74,9 @@ class Recipe:
         0
     )  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
     #   so a model often scores best a little above its training size (FixRes)
+    pseudo_label: float = runs(0.0)  # > 0: after the chain, a second round trained on the training images plus the
+    #   test images whose blended probability reaches this (their predicted species as label; the test pixels,
+    #   never test labels), written as submissions/<run>-pseudo.csv, the chain's answer; 0: off
     full_fit: bool = runs(False)  # true: after the folds, one more model on every training image with the same
     #   schedule (fast.ai's final fit once the folds chose it): its test probabilities join the blend as one more
     #   fold's; it has no validation images, so no out-of-fold score
@@ -143,6 +146,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "crop_scale": (0.01, 1.0),
     "drop_path_rate": (0.0, 0.9),
     "mixup_alpha": (0.0, 10.0),
+    "pseudo_label": (0.0, 0.9999),
     "cutmix_alpha": (0.0, 10.0),
     "cache_margin": (1.0, 2.0),
     "num_workers": (-1, 256),
@@ -194,6 +198,8 @@ def validate(recipe: Recipe) -> None:
         bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {recipe.pretrained!r}")
     if 0 < recipe.predict_size < 16:
         bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {recipe.predict_size}")
+    if 0 < recipe.pseudo_label < 0.5:
+        bad("pseudo_label", f"0 (off) or a confidence in [0.5, 1), got {recipe.pseudo_label:g}")
     if recipe.lr_find_start >= recipe.lr_find_end:
         bad("lr_find_start", f"must be below lr_find_end ({recipe.lr_find_end:g}), got {recipe.lr_find_start:g}")
     if recipe.bn_stats == "frozen" and recipe.pretrained == "none":

@@ -6,11 +6,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from seedlings.cache import ImageCache, load_cache
 from seedlings.data import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
+from seedlings.errors import UserError
 from seedlings.folds import load_folds
 from seedlings.images import Competition
 from seedlings.model import create_model, layer_groups, model_mean_std
@@ -71,13 +73,16 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mean, std = model_mean_std(model)
+    labels, train_idx = np.array(comp.train_labels), np.flatnonzero(good & ~in_val)
+    if run.pseudo_path.exists():  # a pseudo-label round: confident test images join every fold's training images
+        cache, labels, train_idx = with_pseudo_labels(run, cache, labels, train_idx)
     return FoldContext(
         run=run,
         fold=fold,
         comp=comp,
         cache=cache,
-        labels=np.array(comp.train_labels),
-        train_idx=np.flatnonzero(good & ~in_val),
+        labels=labels,
+        train_idx=train_idx,
         val_idx=np.flatnonzero(good & in_val),
         model=model,
         groups=layer_groups(model, recipe.layer_groups),
@@ -85,6 +90,27 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
         mean=mean,
         std=std,
     )
+
+
+def with_pseudo_labels(
+    run: Run, cache: ImageCache, labels: np.ndarray, train_idx: np.ndarray
+) -> tuple[ImageCache, np.ndarray, np.ndarray]:
+    """The training cache with the pseudo-labelled test images appended (rows after the training images: never in a
+    fold's validation), their labels and training rows."""
+    recipe, comp = run.recipe, run.comp
+    pseudo = pd.read_csv(run.pseudo_path)
+    test = load_cache(comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
+    row = {f: i for i, f in enumerate(test.files)}
+    unknown = [f for f in pseudo.file if f not in row]
+    if unknown or not set(pseudo.species) <= set(comp.classes):
+        raise UserError(f"{run.pseudo_path}: names {unknown[0] if unknown else 'a species'} this competition lacks; "
+                        f"delete runs/{run.name} to make the round again")  # fmt: skip
+    rows = np.array([row[f] for f in pseudo.file], dtype=int)
+    images = np.concatenate([np.asarray(cache.images), np.asarray(test.images)[rows]])
+    extra = np.array([comp.classes.index(s) for s in pseudo.species], dtype=labels.dtype)
+    n = len(labels)
+    merged = ImageCache(images, cache.files + list(pseudo.file), cache.bad)
+    return merged, np.concatenate([labels, extra]), np.concatenate([train_idx, np.arange(n, n + len(rows))])
 
 
 def eval_loader(ctx: FoldContext, size: int, index: np.ndarray, images: np.ndarray | None = None):

@@ -64,6 +64,11 @@ class Run:
         return self.recipe.folds(self.n_folds)
 
     @property
+    def pseudo_path(self) -> Path:
+        """pseudo.csv (file, species, probability): test images this run trains on as well (a pseudo-label round)."""
+        return self.dir / "pseudo.csv"
+
+    @property
     def full(self) -> int:
         """The index of the model on every training image (full_fit): its seeds, and no image of its in validation."""
         return self.n_folds
@@ -127,6 +132,8 @@ class Run:
         comp = self.comp
         record = {split: digests(comp, split, {}) for split in ("train", "test")}
         record["folds"] = file_digest(default_folds_path(comp, self.n_folds, self.fold_seed))
+        if self.pseudo_path.exists():
+            record["pseudo"] = file_digest(self.pseudo_path)
         config = yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False)
         record["config_sha256"] = hashlib.sha256(config.encode()).hexdigest()  # a config.yaml cut short is told
         write_json(self.data_record_path, record)
@@ -143,6 +150,10 @@ class Run:
                 f"{self.data / 'train'}: the training images changed since run {self.name!r} was trained ({changes});"
                 f" start a new RUN, or delete runs/{self.name} to train it again"
             )
+        pseudo = file_digest(self.pseudo_path) if self.pseudo_path.exists() else None
+        if pseudo != recorded.get("pseudo"):
+            raise UserError(f"{self.pseudo_path}: not the pseudo-labels run {self.name!r} was trained with (changed or "
+                            f"missing); delete runs/{self.name} to train the round again")  # fmt: skip
         folds = default_folds_path(comp, self.n_folds, self.fold_seed)
         if folds.exists() and file_digest(folds) != recorded["folds"]:
             raise UserError(f"{folds}: not the folds run {self.name!r} was trained with; start a new RUN")
