@@ -62,6 +62,12 @@ def test_ablation_variants_switch_one_thing_off():
         (64, 4, {"max": 0.01, "mult": 3.0}),
         (80, 2, {"max": 0.0025, "mult": 3.0}),
     ]
+    frozen = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+                         " {size: 32, freeze: false, lr: 0.01, frozen_groups: 2}]")  # fmt: skip
+    assert [
+        s.frozen_groups for s in variant(frozen, ABLATIONS["every layer group trains (no frozen groups)"]).stages
+    ] == [0, 0]
+    assert variant(recipe, ABLATIONS["no mixup or cutmix"]) == recipe  # the tiny recipe mixes nothing: not run
     no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
     assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2
     assert variant(recipe, ["tta=none"]).tta == "none"

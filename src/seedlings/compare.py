@@ -43,6 +43,10 @@ ABLATIONS: dict[str, list[str]] = {
     "restarts switched (one cycle <-> two of half the length)": ["@restarts"],
     "sizes switched (one size <-> last 2 epochs at 1.25x)": ["@sizes"],
     "no TTA": ["tta=none"],
+    "no plant mask (gravel and soil kept)": ["plant_mask=none"],
+    "no mixup or cutmix": ["mixup_alpha=0", "cutmix_alpha=0"],
+    "every layer group trains (no frozen groups)": ["@unfreeze"],
+    "tf_efficientnet_lite0 as the backbone": ["model=tf_efficientnet_lite0"],
 }  # fmt: skip
 
 
@@ -132,6 +136,9 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
                 elif total % 2 == 0:
                     warmup = s["warmup"] if s["warmup"] < total // 2 else 0.0
                     s.update(n_cycles=2, cycle_len=total // 2, cycle_mult=1, warmup=warmup)
+        elif item == "@unfreeze":
+            for s in unfrozen:
+                s["frozen_groups"] = 0
         elif item == "@sizes":
             if len({s["size"] for s in unfrozen}) > 1:
                 for s in stages:
