@@ -12,7 +12,7 @@ from seedlings import kaggle_client
 from seedlings.cli import main
 from seedlings.ensemble import assemble
 from seedlings.errors import UserError
-from seedlings.run import Member, Probs, load_probs, save_probs
+from seedlings.members import Member, Probs, load_probs, save_probs
 
 
 def seedlings(*args, home):

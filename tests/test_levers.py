@@ -110,7 +110,7 @@ def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(dem
     """full_fit: after the folds, one model on every training image (no validation, no out-of-fold score); its test
     probabilities join the fold blend with weight 1/(k + 1)."""
     from seedlings.chain import submit
-    from seedlings.run import load_probs
+    from seedlings.members import load_probs
 
     run = tiny_run(demo_master, "full", UNFROZEN % 1, "train_folds=2", "full_fit=true", "tta=none")
     submit(run)
@@ -143,7 +143,7 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
     submission is the chain's answer, the first round's stays beside it."""
     from seedlings.chain import pseudo_round, submit
     from seedlings.context import prepare_fold
-    from seedlings.run import Probs
+    from seedlings.members import Probs
 
     run = tiny_run(demo_master, "pl", UNFROZEN % 1, "train_folds=2", "pseudo_label=0.5", "tta=none")
     out = submit(run)

@@ -74,7 +74,7 @@ def test_a_probability_file_cut_short_is_predicted_again_not_blended(submitted, 
     probs = home / "runs" / "tiny" / "probs" / f"fold0-stage1-cycle0.{split}.csv"
     whole, csv = probs.read_bytes(), (home / "submissions" / "tiny.csv").read_bytes()
     probs.write_bytes(whole[: len(whole) * 2 // 3])  # cut short at no particular place
-    from seedlings.run import Member
+    from seedlings.members import Member
 
     member = Member("tiny", 0, "stage1-cycle0", home / "runs" / "tiny" / "fold0" / "snapshots" / "x.pt")
     with pytest.raises(UserError, match=f"fold0-stage1-cycle0.{split}.csv: not the probabilities predict wrote"):

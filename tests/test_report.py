@@ -4,8 +4,9 @@ import numpy as np
 
 from conftest import tiny_recipe
 from seedlings.images import scan_competition
+from seedlings.members import Probs
 from seedlings.report import write_report
-from seedlings.run import Probs, Run
+from seedlings.run import Run
 
 
 def test_report_contents_follow_the_probabilities(demo_master, home):

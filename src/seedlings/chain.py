@@ -19,9 +19,10 @@ from seedlings.errors import Busy, UserError
 from seedlings.files import write_csv, write_json
 from seedlings.folds import load_folds
 from seedlings.images import Competition
+from seedlings.members import Probs, save_probs
 from seedlings.predict import predict_run
 from seedlings.report import write_report
-from seedlings.run import Probs, Run, git_commit, save_probs
+from seedlings.run import Run, git_commit
 from seedlings.submission import species_of, validate_submission, write_submission
 from seedlings.train import train_fold
 

@@ -4,46 +4,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
 import cv2
-import optuna_dashboard
 import torch
 
 from seedlings.baseline import linear_probe
 from seedlings.bench import bench
 from seedlings.chain import submit
 from seedlings.compare import compare
-from seedlings.config import recipe_dict
-from seedlings.context import prepare_fold
 from seedlings.data import parallel_jobs
 from seedlings.demo import make_demo
-from seedlings.ensemble import oof_summary
+from seedlings.ensemble import print_oof_summary
 from seedlings.errors import Busy, UserError
 from seedlings.fetch import fetch
-from seedlings.files import write_csv
-from seedlings.folds import load_folds, make_folds
-from seedlings.holdout import ensure_holdout, grade, grade_members, make_holdout
+from seedlings.folds import make_folds
+from seedlings.holdout import grade, grade_members, make_holdout
 from seedlings.images import check_competition, scan_competition
 from seedlings.kaggle_client import leaderboard, upload
-from seedlings.lr_find import default_stage, lr_sweep, plot_sweep, suggestions, weights_before_stage
+from seedlings.lr_find import lr_find
 from seedlings.predict import predict_run
 from seedlings.recipes import load_recipe
 from seedlings.run import Run, open_run, saved_run
+from seedlings.study import open_study, run_worker, safe_url, serve_dashboard
 from seedlings.submission import validate_submission
-from seedlings.sweep import (
-    GRACE_S,
-    HEARTBEAT_S,
-    PRUNERS,
-    Sweep,
-    load_space,
-    open_study,
-    run_worker,
-    safe_url,
-    storage_of,
-)
+from seedlings.sweep import GRACE_S, HEARTBEAT_S, PRUNERS, sweep_from_args
 from seedlings.sweep_report import finish_sweep, write_sweep_report
 from seedlings.train import train_fold
 
@@ -114,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="CSV path (default: data/folds/<dataset>-<hash>-k<K>-s<S>.csv)")
     p.add_argument("--force", action="store_true", help="overwrite a folds file made with other parameters")
 
+    add_model_commands(sub)
+    add_tool_commands(sub)
+    return parser
+
+
+def add_model_commands(sub) -> None:
+    """The commands that train, predict and blend a run's models."""
     p = sub.add_parser("lr-find", help="LR range test at one stage's settings, from the weights it starts with")
     _run_args(p)
     p.add_argument("--stage", type=int, default=None, help="the recipe stage to sweep (default: its first SGDR stage)")
@@ -127,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="out-of-fold scores of a predicted run: TTA, folds, snapshot blend")
     _run_args(p, fold=False)
 
+
+def add_tool_commands(sub) -> None:
+    """Submissions, Kaggle, baselines, the accuracy benchmark, sweeps and the throughput benchmark."""
     p = sub.add_parser("validate-submission", help="check a submission CSV against a competition folder")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--submission", required=True)
@@ -168,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="loader and training throughput, side by side")
     p.add_argument("--data", default=None, help="a competition folder of real images to measure too")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
-    return parser
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -253,7 +248,7 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
     elif command == "predict":
         predict_run(run, [fold] if fold is not None else None)
     elif command == "evaluate":
-        evaluate(run)
+        print_oof_summary(run)
     elif command == "probe":
         res = linear_probe(run, fold or 0, args.size)
         print(
@@ -272,60 +267,10 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
     return 0
 
 
-def evaluate(run) -> None:
-    rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
-    width = max(len(what) for what, _, _ in rows)
-    print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
-    for what, f1, loss in rows:
-        print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")
-
-
-def lr_find(run: Run, fold: int, stage: int | None) -> None:
-    recipe = run.recipe
-    stage = default_stage(recipe) if stage is None else stage
-    weights = weights_before_stage(run, fold, stage)
-    ctx = prepare_fold(run, fold)
-    if weights is not None:
-        ctx.model.load_state_dict(weights)
-    df = lr_sweep(ctx, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)
-    csv, png = run.dir / f"lr_find-stage{stage}.csv", run.dir / f"lr_find-stage{stage}.png"
-    write_csv(csv, df)
-    sugg = suggestions(df)
-    plot_sweep(df, sugg, png)
-    print(f"stage {stage}, fold {fold}, from the weights that stage starts with")
-    print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
-    print(f"{png}, {csv}: {len(df)} steps")
-
-
-def sweep_of(args: argparse.Namespace) -> Sweep:
-    """The sweep of the command line: base recipe (CONFIG + ARGS), space, data (or compare's held-out split of it)."""
-    checks = {
-        "--trials": args.trials,
-        "--sweep-folds": args.sweep_folds,
-        "--min-resource": args.min_resource,
-        "--reduction-factor": args.reduction_factor - 1,
-        "--heartbeat": args.heartbeat,
-        "--grace": args.grace,
-    }
-    for flag, value in checks.items():
-        if value < 1:
-            raise UserError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
-    if args.grace <= args.heartbeat:
-        raise UserError(f"--grace: must exceed --heartbeat ({args.heartbeat} s), got {args.grace}")
-    recipe = load_recipe(args.config, args.overrides)
-    data = ensure_holdout(args.data, 0.2, 0) if args.holdout else Path(args.data)
-    name = args.sweep or Path(args.space).stem
-    Run(name, data, recipe, args.n_folds, args.fold_seed).check_fold(args.sweep_folds - 1)  # names and split checked
-    base = recipe_dict(recipe)
-    return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
-                 args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
-                 heartbeat=args.heartbeat, grace=args.grace)  # fmt: skip
-
-
 def dispatch_sweep(args: argparse.Namespace) -> int | None:
     if args.command == "dashboard":
-        return dashboard(args.sweep, args.storage, args.port)
-    sweep = sweep_of(args)
+        return serve_dashboard(args.sweep, args.storage, args.port)
+    sweep = sweep_from_args(args)
     scan_competition(sweep.data)  # a missing or broken data folder stops here, not in every trial
     if args.command == "sweep" and args.create_only:
         open_study(sweep)
@@ -336,20 +281,6 @@ def dispatch_sweep(args: argparse.Namespace) -> int | None:
         finish_sweep(sweep)
     else:
         write_sweep_report(sweep, open_study(sweep))
-    return 0
-
-
-def dashboard(name: str, storage: str, port: int) -> int:
-    """optuna-dashboard on the sweep's storage, on 127.0.0.1 only (it has no authentication)."""
-    sweep = Sweep(name, Path("."), {}, {}, 0, storage=storage)
-    if not storage and not sweep.journal.exists():
-        raise UserError(f"{sweep.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    print(f"optuna-dashboard for sweep {name!r}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
-    optuna_dashboard.run_server(storage_of(sweep), host="127.0.0.1", port=port)
     return 0
 
 

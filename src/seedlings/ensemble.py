@@ -9,8 +9,10 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from seedlings.errors import UserError
+from seedlings.folds import load_folds
+from seedlings.members import Member
 from seedlings.metrics import log_loss, micro_f1
-from seedlings.run import Member, Run
+from seedlings.run import Run
 
 
 @dataclass
@@ -137,3 +139,12 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
     what = f"all folds x {len(parts)} snapshots, equal blend (TTA)"
     rows.append((what, *[table["blend"][k] for k in ("micro_f1", "log_loss")]))
     return rows
+
+
+def print_oof_summary(run: Run) -> None:
+    """`make evaluate`: oof_summary as a table."""
+    rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
+    width = max(len(what) for what, _, _ in rows)
+    print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
+    for what, f1, loss in rows:
+        print(f"{what:<{width}}  {f1:8.4f}  {loss:8.4f}")

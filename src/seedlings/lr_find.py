@@ -12,9 +12,9 @@ from torch import nn
 
 from seedlings.checkpoint import load_checkpoint
 from seedlings.config import Recipe
-from seedlings.context import FoldContext
+from seedlings.context import FoldContext, prepare_fold
 from seedlings.errors import UserError
-from seedlings.files import load_torch, save_figure
+from seedlings.files import load_torch, save_figure, write_csv
 from seedlings.model import make_optimizer
 from seedlings.run import Run
 from seedlings.step import train_step
@@ -144,3 +144,22 @@ def plot_sweep(df: pd.DataFrame, suggested: dict[str, float], path: Path) -> Non
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
     plt.close(fig)
+
+
+def lr_find(run: Run, fold: int, stage: int | None) -> None:
+    """`make lr-find`: the sweep at `stage` (default: the first SGDR stage) from the weights it starts with; its CSV,
+    plot and suggestions."""
+    recipe = run.recipe
+    stage = default_stage(recipe) if stage is None else stage
+    weights = weights_before_stage(run, fold, stage)
+    ctx = prepare_fold(run, fold)
+    if weights is not None:
+        ctx.model.load_state_dict(weights)
+    df = lr_sweep(ctx, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)
+    csv, png = run.dir / f"lr_find-stage{stage}.csv", run.dir / f"lr_find-stage{stage}.png"
+    write_csv(csv, df)
+    sugg = suggestions(df)
+    plot_sweep(df, sugg, png)
+    print(f"stage {stage}, fold {fold}, from the weights that stage starts with")
+    print(f"suggested lr: {sugg['valley']:.3g}  (steepest {sugg['steepest']:.3g}, minimum/10 {sugg['minimum/10']:.3g})")
+    print(f"{png}, {csv}: {len(df)} steps")

@@ -14,7 +14,8 @@ from seedlings.config import PREDICTION_KEYS
 from seedlings.context import FoldContext, eval_loader, prepare_fold, static_batches
 from seedlings.errors import UserError
 from seedlings.files import exclusive, file_sha256, write_json
-from seedlings.run import Member, Probs, Run
+from seedlings.members import Member, Probs
+from seedlings.run import Run
 from seedlings.step import autocast
 from seedlings.tta import tta_predict, tta_views
 

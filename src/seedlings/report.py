@@ -11,8 +11,9 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from seedlings.files import save_figure, write_text
 from seedlings.images import Competition, read_image
+from seedlings.members import Probs
 from seedlings.metrics import micro_f1
-from seedlings.run import Probs, Run
+from seedlings.run import Run
 
 
 def pyplot():

@@ -17,7 +17,8 @@ from seedlings.files import save_figure, write_csv, write_text
 from seedlings.recipes import recipe_from_dict
 from seedlings.report import pyplot
 from seedlings.run import open_run
-from seedlings.sweep import Sweep, SweepLock, open_study, recipe_with
+from seedlings.study import SweepLock, open_study
+from seedlings.sweep import Sweep, recipe_with
 
 PLOTS = {
     "history": ("optimization history", optuna.visualization.matplotlib.plot_optimization_history),
