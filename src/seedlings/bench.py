@@ -87,11 +87,13 @@ def loader_row(name: str, data: Path, size: int, n_images: int) -> dict:
     }
 
 
-def training_row(data: Path, size: int, n_batches: int, augment: str = "albumentations") -> dict:
+def training_row(
+    data: Path, size: int, n_batches: int, augment: str = "albumentations", extra: tuple[str, ...] = ()
+) -> dict:
     """The pipeline's training step (step.train_step on what train_fold's stage trains) fed by the full pipeline,
-    against the same step repeated on one batch already in memory."""
+    against the same step repeated on one batch already in memory. extra: recipe overrides (a model, a stage)."""
     stages = f"stages=[{{size: {size}, freeze: false, lr: 0.001}}]"
-    recipe = load_recipe(None, [stages, "optimizer=adamw", f"augment={augment}"])
+    recipe = load_recipe(None, [stages, "optimizer=adamw", f"augment={augment}", *extra])
     ctx = prepare_fold(Run("bench", data, recipe), 0)
     trainee = trainee_for(ctx, 0)
     optimizer = make_optimizer(recipe, trainee.param_groups)
@@ -115,6 +117,21 @@ def training_row(data: Path, size: int, n_batches: int, augment: str = "albument
             break
     full = seen / (time.perf_counter() - full_start)
     return {"augment": augment, "size": size, "bare model": bare, "full pipeline": full, "ratio": full / bare}
+
+
+def frozen_groups_table(data: Path, n_batches: int, model: str = "tf_efficientnet_lite2", size: int = 160) -> None:
+    """Training images/s of the pipeline's step with the first k of 5 layer groups frozen (stages.k.frozen_groups):
+    no gradient flows into frozen groups, and on a CPU the early, high-resolution layers hold most of the backward."""
+    rows = []
+    for k in (0, 1, 2, 3):
+        stage = f"stages=[{{size: {size}, freeze: false, lr: 0.001, frozen_groups: {k}}}]"
+        extra = (f"model={model}", "layer_groups=5", stage)
+        rows.append((k, training_row(data, size, n_batches, "albumentations", extra)))
+    print(f"\ntraining images/s, {model} at {size} px, batch 32, 5 layer groups: the first k frozen")
+    print(f"{'frozen groups':>13} {'bare step':>10} {'full pipeline':>14} {'vs none frozen':>15}")
+    none = rows[0][1]["full pipeline"]
+    for k, r in rows:
+        print(f"{k:>13} {r['bare model']:>10.1f} {r['full pipeline']:>14.1f} {r['full pipeline'] / none:>15.2f}")
 
 
 def memory_format_row(size: int, n_batches: int) -> dict:
@@ -161,6 +178,7 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
     print(f"{'batches made by':<16} {'bare forward+backward':>22} {'full pipeline':>14} {'ratio':>6}")
     for t in rows:
         print(f"{t['augment']:<16} {t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")
+    frozen_groups_table(source, 2 if quick else 6)
     m = memory_format_row(128, 2 if quick else 6)
     print("\nbare training images/s at 128 px, batch 32: memory format")
     print(f"{'NCHW':>10} {'channels_last':>14} {'ratio':>6}")
