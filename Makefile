@@ -20,6 +20,7 @@ STORAGE  ?=# sweep: postgresql://user:pass@host/db across machines (default: a j
 PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
 SWEEP_FOLDS ?= 1# sweep: a trial's value is the mean validation micro-F1 over this many folds
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
+GRADE    ?= 1# sweep: 0 leaves that grade out of the report (it trains the base's and the best's chains afresh)
 
 PY        := .venv/bin/python
 SEEDLINGS := .venv/bin/seedlings
@@ -27,7 +28,8 @@ STAMP     := .venv/.installed
 COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED)
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
-	--sweep-folds $(SWEEP_FOLDS) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout)
+	--sweep-folds $(SWEEP_FOLDS) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
+	$(if $(filter 0,$(GRADE)),--no-grade)
 # the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
 JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}
 

@@ -264,3 +264,20 @@ def test_two_train_processes_over_one_shared_run_train_each_fold_once(demo_maste
     trained = sum(o.count("\nepoch ") + o.startswith("epoch ") for o in outs)
     assert trained == rows  # no epoch was trained twice
     assert all((home / "runs" / "shared" / f"fold{k}" / "done.json").exists() for k in range(3))
+
+
+def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path, home):
+    """On a split with answers the report trains the base and the best recipe afresh and grades fold and chain once
+    (kept in graded.csv); --no-grade (GRADE=0) writes the tables and plots only and says how to get the grade."""
+    assert main(sweep_cmd(demo, space_file(tmp_path), 2, "--no-grade", "--pruner", "none", epochs=2)) == 0
+    sweep = home / "runs" / "s"
+    assert "Held-out grade left out" in (sweep / "report.md").read_text()
+    assert not (sweep / "graded.csv").exists() and not (sweep / "base").exists()
+    assert len(pd.read_csv(sweep / "trials.csv")) == 2
+    assert main(sweep_cmd(demo, space_file(tmp_path), 2, "--pruner", "none", epochs=2, command="sweep-report")) == 0
+    graded = pd.read_csv(sweep / "graded.csv")
+    best = max(finished_trials(journal(home)), key=lambda t: t.value)
+    assert (graded.best_trial == best.number).all() and (sweep / "base").is_dir() and (sweep / f"best-{best.number}").is_dir()
+    labels = graded.iloc[:, 0].astype(str).tolist()
+    assert any(x.startswith("base recipe") for x in labels) and any(x.startswith(f"best (trial {best.number})") for x in labels)
+    assert "Held-out grade (once" in (sweep / "report.md").read_text()

@@ -64,6 +64,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
     p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")
     p.add_argument("--grace", type=int, default=GRACE_S, help="seconds without one before a trial is retried (RDB)")
+    p.add_argument("--no-grade", dest="grade", action="store_false", help="on a held-out split, leave the report's "
+                   "grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,9 +280,9 @@ def dispatch_sweep(args: argparse.Namespace) -> int | None:
     elif args.command == "sweep":
         ran = run_worker(sweep)
         print(f"study {sweep.name!r}: this worker ran {ran} trial(s); the study holds {sweep.trials}")
-        finish_sweep(sweep)
+        finish_sweep(sweep, grade=args.grade)
     else:
-        write_sweep_report(sweep, open_study(sweep))
+        write_sweep_report(sweep, open_study(sweep), grade=args.grade)
     return 0
 
 

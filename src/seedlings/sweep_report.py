@@ -136,6 +136,9 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
         if graded is not None:
             lines += ["## Held-out grade (once, after the search)", "", "```",
                       format_compare(graded, Path(sweep.data)), "```", ""]  # fmt: skip
+    elif best is not None and (Path(sweep.data) / "answers.csv").exists():
+        lines += ["Held-out grade left out (GRADE=0); `make sweep-report` without it trains the base and the best "
+                  "recipe's fold and chain and grades them once.", ""]  # fmt: skip
     report = write_text(out / "report.md", "\n".join(lines))
     print(f"{report}: {len(table)} trials" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))
     return report
@@ -151,7 +154,7 @@ def sweep_from_study(study: optuna.Study, name: str, storage: str, data: str | P
                  study.user_attrs.get("pruner", "sha"))  # fmt: skip
 
 
-def finish_sweep(sweep: Sweep) -> None:
+def finish_sweep(sweep: Sweep, grade: bool = True) -> None:
     """A worker that finds no trial left to run: the report, once the last running trial has ended (written by
     whichever worker gets there; the held-out grade is kept, so later ones only rewrite the tables)."""
     lock = SweepLock(sweep)
@@ -161,4 +164,4 @@ def finish_sweep(sweep: Sweep) -> None:
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             print(f"study {sweep.name!r}: trials still running elsewhere; the last worker writes the report")
             return
-        write_sweep_report(sweep, study)
+        write_sweep_report(sweep, study, grade)
