@@ -283,3 +283,17 @@ def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path
     assert any(x.startswith("base recipe") for x in labels)
     assert any(x.startswith(f"best (trial {best.number})") for x in labels)
     assert "Held-out grade (once" in (sweep / "report.md").read_text()
+
+
+def test_a_study_outlives_a_new_recipe_key_but_not_a_changed_one():
+    """A key the project gained after the study was created counts as its default in the recorded base; any key that
+    really differs is named."""
+    from seedlings.config import Recipe, recipe_dict
+    from seedlings.study import settings_diff
+
+    now = {"base": recipe_dict(Recipe()), "data": "d", "n_folds": 5}
+    older = {**now, "base": {k: v for k, v in now["base"].items() if k != "full_fit"}}
+    assert settings_diff(older, now) == []
+    changed = {**now, "base": {**now["base"], "full_fit": True, "drop_rate": 0.5}}
+    assert sorted(settings_diff(older, changed)) == ["base key drop_rate", "base key full_fit"]
+    assert settings_diff({**older, "n_folds": 3}, now) == ["n_folds"]

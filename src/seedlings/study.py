@@ -23,6 +23,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
+from seedlings.config import Recipe, recipe_dict
 from seedlings.errors import UserError
 from seedlings.run import open_run
 from seedlings.sweep import MAX_RETRY, Sweep, fold_rows, recipe_with
@@ -136,11 +137,23 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
             study.set_user_attr("trials", sweep.trials)
             study.set_user_attr("pruner", sweep.pruner)
             study.set_user_attr("data_path", str(Path(sweep.data).resolve()))
-        elif recorded != sweep.settings():
-            diff = [k for k in recorded if recorded[k] != sweep.settings().get(k)]
-            raise UserError(f"study {sweep.name!r}: created with another {', '.join(diff)}; use the same CONFIG, ARGS, "
-                            "SPACE and data, or another SWEEP")  # fmt: skip
+        else:
+            diff = settings_diff(recorded, sweep.settings())
+            if diff:
+                raise UserError(f"study {sweep.name!r}: created with another {', '.join(diff)}; use the same CONFIG, "
+                                "ARGS, SPACE and data, or another SWEEP")  # fmt: skip
     return study
+
+
+def settings_diff(recorded: dict, now: dict) -> list[str]:
+    """What differs between a study's recorded settings and a worker's, the base recipe key by key. A recipe key the
+    project gained after the study was created counts as its default in the recorded base, so an update that adds a
+    key (off by default) does not orphan a study."""
+    defaults = recipe_dict(Recipe())
+    old_base = {k: recorded["base"].get(k, defaults[k]) for k in now["base"]}
+    keys = [f"base key {k}" for k in now["base"] if old_base[k] != now["base"][k]]
+    keys += [f"base key {k}" for k in recorded["base"] if k not in now["base"]]
+    return keys + [k for k in recorded if k != "base" and recorded[k] != now.get(k)]
 
 
 def sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
