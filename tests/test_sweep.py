@@ -158,13 +158,16 @@ def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_pa
     assert (home / "runs" / "s" / "trials.csv").is_file() and not (home / "runs" / "s" / "study.journal").exists()
 
 
-def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, postgres):
-    """SIGKILL mid-trial: once the heartbeat's grace is over the next worker fails the trial, retries it with the same
-    parameters in the same run folder, resumes from the epoch checkpoint, and ends where an uninterrupted trial does."""
+@pytest.mark.parametrize("store", ["postgresql", "journal"])
+def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, store, request):
+    """SIGKILL mid-trial: once the heartbeat's grace is over (PostgreSQL) or the worker's process is gone (a journal
+    file on one machine) the next worker fails the trial, retries it with the same parameters in the same run
+    folder, resumes from the epoch checkpoint, and ends where an uninterrupted trial does."""
     space = space_file(tmp_path, "drop_rate: [0.2]\n")  # one choice: the retry and the reference train the same
     epochs = 6
-    args = sweep_cmd(data, space, 1, "--storage", postgres, "--heartbeat", "1", "--grace", "3", "--pruner", "none",
-                     epochs=epochs)  # fmt: skip
+    storage = request.getfixturevalue("postgres") if store == "postgresql" else None
+    extra = ["--storage", storage, "--heartbeat", "1", "--grace", "3"] if storage else []
+    args = sweep_cmd(data, space, 1, *extra, "--pruner", "none", epochs=epochs)
     first = worker(args, home, tmp_path)
     metrics = home / "runs" / "s" / "trial-0000" / "fold0" / "metrics.csv"
     deadline = time.time() + 300
@@ -177,7 +180,7 @@ def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data,
     time.sleep(4)  # the grace period passes without a heartbeat
     out = run_workers(1, args, home, [tmp_path])[0]
     assert "resuming at stage 1" in out
-    trials = {t.number: t for t in finished_trials(postgres)}
+    trials = {t.number: t for t in finished_trials(storage or journal(home))}
     assert trials[0].state.name == "FAIL" and trials[1].state.name == "COMPLETE"
     assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
     assert trials[0].user_attrs["epochs"] + trials[1].user_attrs["epochs"] < 2 * epochs

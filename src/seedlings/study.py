@@ -188,6 +188,8 @@ def run_worker(sweep: Sweep) -> int:
         lock.acquire()
         try:
             optuna.storages.fail_stale_trials(study)  # dead workers' trials failed and queued again (heartbeat)
+            if sweep.is_file_storage:
+                fail_dead_local_trials(study)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting and slots_taken(trials) >= sweep.trials:
@@ -199,6 +201,36 @@ def run_worker(sweep: Sweep) -> int:
         finally:
             lock.release()
     return ran
+
+
+def process_alive(pid: int) -> bool:
+    """Whether pid is a live seedlings process on this machine (a pid reused by another program counts as dead)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc (macOS): the pid alone
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return b"seedlings" in cmdline
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """A file storage has no heartbeat (Optuna's journal and SQLite backends keep none), but all its workers are on
+    this machine: a running trial whose worker process is gone (kill -9, a reboot, the OOM killer) is failed and
+    queued again with the same parameters, like the heartbeat's retry, so it resumes from its checkpoint."""
+    host = socket.gethostname()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if pid is None or t.user_attrs.get("host") != host or process_alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # what fail_stale_trials does
+        print(f"trial {t.number}: its worker (process {pid}) is gone; failed and queued again")
+        retry(study, study._storage.get_trial(t._trial_id))
 
 
 def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
