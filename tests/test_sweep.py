@@ -95,6 +95,10 @@ def test_three_workers_on_a_journal_file_share_one_study(data, home, tmp_path):
     assert {"param stages.1.lr", "param drop_rate", "value", "epochs", "seconds"} <= set(table.columns)
     report = (home / "runs" / "s" / "report.md").read_text()
     assert "pruning saved" in report and (home / "runs" / "s" / "history.png").stat().st_size > 1000
+    for value in (0.1, 0.3):  # each choice: trials that drew it, how many ran to the end
+        drew = [t for t in done if t.params["drop_rate"] == value]
+        complete = sum(t.state.name == "COMPLETE" for t in drew)
+        assert f"| `drop_rate` | {value} | {len(drew)} | {complete} |" in report
     best = home / "runs" / "s" / "best.yaml"
     top = max((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
     recipe = load_recipe(best)

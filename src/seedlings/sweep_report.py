@@ -61,6 +61,26 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
+def choice_lines(table: pd.DataFrame, study: optuna.Study) -> list[str]:
+    """For each key with choices: per value, how many trials drew it, how many ran to the end (were not pruned or
+    failed) and the best score any of them reached; what fANOVA over the complete trials cannot see."""
+    keys = {k for t in study.get_trials(deepcopy=False) for k, d in t.distributions.items()
+            if isinstance(d, optuna.distributions.CategoricalDistribution)}  # fmt: skip
+    lines = []
+    for key in sorted(keys):
+        col = f"param {key}"
+        if col not in table or table[col].nunique() < 2:
+            continue
+        for value, rows in table.groupby(table[col].astype(str)):
+            best = rows.value.max()
+            lines.append(f"| `{key}` | {value} | {len(rows)} | {(rows.state == 'complete').sum()} | "
+                         + (f"{best:.4f} |" if pd.notna(best) else "- |"))  # fmt: skip
+    if not lines:
+        return []
+    return ["## Choices: how far each got", "", "| key | value | trials | complete | best score |",
+            "|---|---|---|---|---|", *lines, ""]  # fmt: skip
+
+
 def write_plots(study: optuna.Study, out: Path) -> list[str]:
     lines = []
     for name, (title, plot) in PLOTS.items():
@@ -128,8 +148,11 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
                   f"`{best_yaml}` (`make submit CONFIG={best_yaml}`).", ""]  # fmt: skip
     weights = importances(study)
     if weights:
-        lines += ["## Which keys mattered", "", "fANOVA importance of each key for the value (sums to 1):", ""]
+        complete = int((table.state == "complete").sum())
+        lines += ["## Which keys mattered", "", f"fANOVA importance of each key for the value (sums to 1), over the "
+                  f"{complete} complete trials (pruned ones left out: see the choices below):", ""]  # fmt: skip
         lines += ["| key | importance |", "|---|---|", *[f"| `{k}` | {v:.2f} |" for k, v in weights.items()], ""]
+    lines += choice_lines(table, study) if len(table) else []
     lines += ["## Plots", "", *write_plots(study, out), ""]
     if grade and best is not None:
         graded = grade_on_holdout(sweep, best)
