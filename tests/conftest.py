@@ -55,6 +55,10 @@ TINY = [
     "batch_size=16",
     "num_workers=0",
     "drop_rate=0.1",
+    "layer_groups=3",  # the CLI's default recipe cuts Lite2 into 5 and masks and mixes its images: not here
+    "plant_mask=none",
+    "mixup_alpha=0",
+    "cutmix_alpha=0",
     "stages=[{size: 32, freeze: true, precompute: true, lr: 0.05, n_cycles: 1, cycle_len: 1, cycle_mult: 1},"
     " {size: 32, freeze: false, lr: [0.001, 0.003, 0.01], n_cycles: 2, cycle_len: 1, cycle_mult: 2},"
     " {size: 40, freeze: false, lr: {max: 0.01, mult: 3}, n_cycles: 2, cycle_len: 1, cycle_mult: 1}]",

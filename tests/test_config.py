@@ -30,11 +30,12 @@ def test_shipped_recipes_state_their_choices(name):
 def test_overrides_dotted_and_typed():
     r = load_recipe(
         CONFIGS / "cpu.yaml",
-        ["batch_size=64", "stages.1.size=160", "stages.0.lr=1e-3", "stages.1.lr=[1e-4, 1e-3, 1e-2]", "tta=flip"],
+        ["batch_size=64", "stages.1.size=192", "stages.0.lr=1e-3", "stages.1.lr=[1e-4, 1e-3, 1e-3, 1e-2, 1e-2]",
+         "tta=flip"],
     )
-    assert r.batch_size == 64 and r.stages[1].size == 160 and r.stages[0].lr == 1e-3
-    assert r.stages[1].lr == [1e-4, 1e-3, 1e-2] and r.tta == "flip"
-    assert r.cache_size == round(160 * r.cache_margin)
+    assert r.batch_size == 64 and r.stages[1].size == 192 and r.stages[0].lr == 1e-3
+    assert r.stages[1].lr == [1e-4, 1e-3, 1e-3, 1e-2, 1e-2] and r.tta == "flip"
+    assert r.cache_size == round(192 * r.cache_margin)
 
 
 def test_folds_predict_size_and_cache():
@@ -69,7 +70,7 @@ def test_lr_forms():
     ("bn_stats=running", "bn_stats"),
     ("stages.0.fit=adam", "stages.0.fit"),
     ("stages.1.fit=logistic", "stages.1.fit"),
-    ("stages.1.warmup=8", "stages.1.warmup"),
+    ("stages.1.warmup=100", "stages.1.warmup"),
     ("stages.1.warmup=-1", "stages.1.warmup"),
     ("train_folds=-1", "train_folds"),
     ("predict_size=8", "predict_size"),

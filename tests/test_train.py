@@ -251,10 +251,10 @@ def test_frozen_features_are_computed_once_for_every_fold(demo_master, home, mon
 
 
 @pytest.mark.slow
-def test_real_images_no_drop_at_stage_changes(real, home):
-    """Fold 0 of configs/cpu.yaml on the real 150 px photos (minutes): validation micro-F1 falls by at most 2 points
-    at every stage change (the collapse at unfreezing this guards against took 17 points), and the fine-tuned model
-    ends above the solved head."""
+def test_real_images_no_collapse_at_stage_changes(real, home):
+    """Fold 0 of configs/cpu.yaml on the real 150 px photos (minutes): validation micro-F1 falls by at most 6 points
+    at every stage change (the collapse at unfreezing this guards against took 17 points; mixup and cutmix cost the
+    first unfrozen epoch about 4, recovered later in the cycle), and the fine-tuned model ends above the solved head."""
     from seedlings.paths import REPO
     from seedlings.recipes import load_recipe
 
@@ -263,5 +263,5 @@ def test_real_images_no_drop_at_stage_changes(real, home):
     changes = np.flatnonzero(np.diff(m.stage.to_numpy())) + 1
     assert len(changes) >= 1
     for i in changes:
-        assert m.val_f1[i] >= m.val_f1[i - 1] - 0.02, m.to_string()
+        assert m.val_f1[i] >= m.val_f1[i - 1] - 0.06, m.to_string()
     assert m.val_f1.iloc[-1] > m.val_f1.iloc[0] + 0.05

@@ -13,7 +13,7 @@ import torch
 from seedlings.baseline import linear_probe
 from seedlings.bench import bench
 from seedlings.chain import submit
-from seedlings.compare import compare
+from seedlings.compare import PROBE_MODEL, compare
 from seedlings.data import parallel_jobs
 from seedlings.demo import make_demo
 from seedlings.ensemble import print_oof_summary
@@ -152,6 +152,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--probes-only", action="store_true", help="only the linear probes (no training)")
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
     p.add_argument("--baseline", default=None, help="another recipe (YAML) whose fold 0 and chain join the table")
+    p.add_argument("--probe-model", default=PROBE_MODEL, help="the baseline probe's backbone, on the unmasked photos "
+                   "(the recipe's own backbone gets a probe row too when it differs)")  # fmt: skip
 
     p = sub.add_parser("sweep", help="one worker of an Optuna study over recipes (make -j N sweep: N workers)")
     _sweep_args(p)
@@ -261,7 +263,8 @@ def dispatch_training(args: argparse.Namespace) -> int | None:
         sizes = tuple(int(s) for s in args.sizes.split(",") if s)
         baseline = load_recipe(args.baseline) if args.baseline else None
         label = Path(args.baseline).stem if args.baseline else ""
-        compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only, (label, baseline))
+        compare(run, args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only, (label, baseline),
+                args.probe_model)  # fmt: skip
     elif command == "submit":
         names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
         others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]

@@ -23,6 +23,7 @@ from seedlings.files import read_json, write_csv
 from seedlings.holdout import answers_of, ensure_holdout
 from seedlings.images import read_image, scan_competition
 from seedlings.metrics import macro_f1, micro_f1
+from seedlings.model import BUNDLED
 from seedlings.predict import predict_fold, tta_probs
 from seedlings.recipes import apply_override, parse_value, recipe_from_dict
 from seedlings.run import Run, open_run
@@ -60,6 +61,27 @@ def row(what: str, y: np.ndarray, pred: np.ndarray, seconds: float, how: str) ->
     }
 
 
+# the bar every recipe is held to, whatever its backbone: the linear probe on Lite0's ImageNet features of the
+# unmasked photos, as in every compare table since the first (a recipe's own backbone gets a probe row of its own)
+PROBE_MODEL = "tf_efficientnet_lite0"
+
+
+def probe_recipe(recipe: Recipe, model: str) -> Recipe:
+    """The baseline probe's recipe: `model` on the unmasked photos (bundled weights when the package has them)."""
+    pretrained = "bundled" if model in BUNDLED else recipe.pretrained
+    return dataclasses.replace(recipe, model=model, plant_mask="none", pretrained=pretrained)
+
+
+def probe_rows(held: Run, sizes: tuple[int, ...], model: str) -> list[dict]:
+    """The baseline probe at each size, and, when the recipe's backbone or input differs from it, the probe on the
+    recipe's own features at the largest size (what the fine-tune adds over its own frozen backbone)."""
+    baseline = dataclasses.replace(held, recipe=probe_recipe(held.recipe, model))
+    rows = [probe_row(baseline, s) for s in dict.fromkeys(sizes)]
+    if baseline.recipe != held.recipe:
+        rows.append(probe_row(held, max(sizes)))
+    return rows
+
+
 def probe_row(run: Run, size: int) -> dict:
     """The linear probe trained on every labelled image of the split (mirror-averaged features, C by CV)."""
     start = time.perf_counter()
@@ -71,8 +93,9 @@ def probe_row(run: Run, size: int) -> dict:
     test = load_cache(ctx.comp, "test", probe.recipe.cache_size, mask=probe.recipe.plant_mask)
     pred = fit.logits(mirror_features(ctx, size, np.arange(len(test.files)), test.images)).argmax(1)
     y = answers_of(run.data, test.files, ctx.comp.classes)
+    masked = " of the masked plant" if run.recipe.plant_mask != "none" else ""
     return row(
-        f"linear probe, {run.recipe.model} features at {size} px", y, pred, time.perf_counter() - start,
+        f"linear probe, {run.recipe.model} features{masked} at {size} px", y, pred, time.perf_counter() - start,
         f"logistic regression, C={fit.c:g} by {3}-fold CV, image + mirror features",
     )  # fmt: skip
 
@@ -167,15 +190,16 @@ def compare(
     sizes: tuple[int, ...] = (),
     probes_only: bool = False,
     baseline: tuple[str, Recipe | None] = ("", None),
+    probe_model: str = PROBE_MODEL,
 ) -> pd.DataFrame:
-    """The table (also runs/<run>-holdout/compare.csv): probes at the data's own size and at 224 px, one fold of the
-    recipe, the whole chain, and with `ablations` fold 0 once per technique switched. baseline: (name, recipe) of
-    another recipe (the one this replaced, say) whose fold and chain rows join the table, trained on the same split."""
+    """The table (also runs/<run>-holdout/compare.csv): the baseline probe (`probe_model`) at the data's own size
+    and at 224 px, the recipe's own backbone's probe, one fold of the recipe, the whole chain, and with `ablations`
+    fold 0 once per technique switched. baseline: (name, recipe) of another recipe (the one this replaced, say) whose fold and chain rows join the table, trained on the same split."""
     holdout = ensure_holdout(run.data, fraction, seed)
     # never the run trained on all of DATA: other images, other models
     held = open_run(f"{run.name}-holdout", holdout, run.recipe, run.n_folds, run.fold_seed)
     sizes = sizes or (own_size(holdout), 224)
-    rows = [probe_row(held, s) for s in dict.fromkeys(sizes)]
+    rows = probe_rows(held, sizes, probe_model)
     if probes_only:
         return finish(rows, held)
     label, other = baseline
