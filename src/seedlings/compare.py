@@ -194,7 +194,8 @@ def compare(
 ) -> pd.DataFrame:
     """The table (also runs/<run>-holdout/compare.csv): the baseline probe (`probe_model`) at the data's own size
     and at 224 px, the recipe's own backbone's probe, one fold of the recipe, the whole chain, and with `ablations`
-    fold 0 once per technique switched. baseline: (name, recipe) of another recipe (the one this replaced, say) whose fold and chain rows join the table, trained on the same split."""
+    fold 0 once per technique switched. baseline: (name, recipe) of another recipe (the one this replaced, say)
+    whose fold and chain rows join the table, trained on the same split."""
     holdout = ensure_holdout(run.data, fraction, seed)
     # never the run trained on all of DATA: other images, other models
     held = open_run(f"{run.name}-holdout", holdout, run.recipe, run.n_folds, run.fold_seed)
