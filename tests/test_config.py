@@ -30,8 +30,13 @@ def test_shipped_recipes_state_their_choices(name):
 def test_overrides_dotted_and_typed():
     r = load_recipe(
         CONFIGS / "cpu.yaml",
-        ["batch_size=64", "stages.1.size=192", "stages.0.lr=1e-3", "stages.1.lr=[1e-4, 1e-3, 1e-3, 1e-2, 1e-2]",
-         "tta=flip"],
+        [
+            "batch_size=64",
+            "stages.1.size=192",
+            "stages.0.lr=1e-3",
+            "stages.1.lr=[1e-4, 1e-3, 1e-3, 1e-2, 1e-2]",
+            "tta=flip",
+        ],
     )
     assert r.batch_size == 64 and r.stages[1].size == 192 and r.stages[0].lr == 1e-3
     assert r.stages[1].lr == [1e-4, 1e-3, 1e-3, 1e-2, 1e-2] and r.tta == "flip"
