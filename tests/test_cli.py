@@ -172,3 +172,10 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     graded = grade_members(run, out / "answers.csv")
     assert graded["fold0-final"] == 1.0 and graded["fold1-final"] == 0.0
     assert graded["all folds, final"] == 1.0 and graded["all folds x snapshots"] == 1.0
+
+
+def test_moved_names_still_import_from_their_old_module():
+    """Probs and its I/O moved from run.py to members.py: scripts and notebooks that import them from run still work."""
+    from seedlings import members, run
+
+    assert run.load_probs is members.load_probs and run.save_probs is members.save_probs and run.Probs is members.Probs
