@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from seedlings.compare import format_compare, recipe_rows
@@ -61,13 +62,11 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
-def choice_lines(table: pd.DataFrame, study: optuna.Study) -> list[str]:
+def choice_lines(table: pd.DataFrame, space: dict[str, BaseDistribution]) -> list[str]:
     """For each key with choices: per value, how many trials drew it, how many ran to the end (were not pruned or
     failed) and the best score any of them reached; what fANOVA over the complete trials cannot see."""
-    keys = {k for t in study.get_trials(deepcopy=False) for k, d in t.distributions.items()
-            if isinstance(d, optuna.distributions.CategoricalDistribution)}  # fmt: skip
     lines = []
-    for key in sorted(keys):
+    for key in sorted(k for k, d in space.items() if isinstance(d, CategoricalDistribution)):
         col = f"param {key}"
         if col not in table or table[col].nunique() < 2:
             continue
@@ -152,7 +151,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
         lines += ["## Which keys mattered", "", f"fANOVA importance of each key for the value (sums to 1), over the "
                   f"{complete} complete trials (pruned ones left out: see the choices below):", ""]  # fmt: skip
         lines += ["| key | importance |", "|---|---|", *[f"| `{k}` | {v:.2f} |" for k, v in weights.items()], ""]
-    lines += choice_lines(table, study) if len(table) else []
+    lines += choice_lines(table, sweep.space)
     lines += ["## Plots", "", *write_plots(study, out), ""]
     if grade and best is not None:
         graded = grade_on_holdout(sweep, best)
