@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from seedlings.ensemble import Blendable, blend, fit_weights, format_table
+from seedlings.ensemble import Blendable, Calibration, blend, calibrate, fit_calibration, fit_weights, format_table
+from seedlings.metrics import log_loss
 
 
 def noisy(labels, n_classes, strength, rng):
@@ -32,3 +33,43 @@ def test_blend_of_independent_members_beats_each():
     assert "blend" in format_table(table)
     _, _, fitted = blend(parts, labels, "fit")
     assert fitted["blend"]["log_loss"] <= table["blend"]["log_loss"] + 1e-6
+
+
+def shifted(rng, n, n_classes, temperature, bias):
+    """Labels drawn from softmax(logits), and the probabilities of a model that saw softmax(logits / temperature -
+    bias): under-confident by `temperature` and leaning away from the classes `bias` penalises."""
+    logits = rng.normal(0, 2.5, (n, n_classes))
+    true = np.exp(logits - logits.max(1, keepdims=True))
+    true /= true.sum(1, keepdims=True)
+    labels = np.array([rng.choice(n_classes, p=row) for row in true])
+    seen = np.exp(logits / temperature - bias)
+    return seen / seen.sum(1, keepdims=True), labels
+
+
+def test_calibration_recovers_a_known_temperature_and_bias():
+    rng = np.random.default_rng(0)
+    bias = np.array([0.0, 0.8, -0.5, 0.0])
+    probs, labels = shifted(rng, 4000, 4, 2.0, bias)
+    cal = fit_calibration(probs, labels)
+    assert cal.temperature == pytest.approx(2.0, rel=0.1)
+    centred = cal.bias - cal.bias.mean()  # softmax ignores a common shift
+    np.testing.assert_allclose(centred, 2.0 * (bias - bias.mean()), atol=0.2)  # T log p = logits - T bias + c
+    assert log_loss(cal.apply(probs), labels) < log_loss(probs, labels) - 0.05
+    assert (cal.apply(probs).argmax(1) == labels).mean() > (probs.argmax(1) == labels).mean()
+    np.testing.assert_allclose(Calibration(1.0, np.zeros(4)).apply(probs), probs, atol=1e-9)  # identity
+
+
+def test_each_folds_rows_are_calibrated_by_a_fit_on_the_other_folds():
+    rng = np.random.default_rng(1)
+    probs, labels = shifted(rng, 900, 5, 1.5, np.array([0.5, 0.0, 0.0, -0.5, 0.2]))
+    fold_of = np.arange(900) % 3
+    test = probs[:50]
+    oof, test_cal, everything = calibrate(probs, test, labels, fold_of)
+    for fold in range(3):
+        rows = fold_of == fold
+        alone = fit_calibration(probs[~rows], labels[~rows]).apply(probs[rows])
+        np.testing.assert_allclose(oof[rows], alone, atol=1e-6)
+        assert not np.allclose(oof[rows], everything.apply(probs[rows]), atol=1e-4)  # not the in-sample fit
+    np.testing.assert_allclose(test_cal, fit_calibration(probs, labels).apply(test), atol=1e-6)
+    single, _, _ = calibrate(probs, test, labels, np.zeros(900, int))  # one fold: nothing else to fit on
+    np.testing.assert_allclose(single, everything.apply(probs), atol=1e-6)

@@ -169,3 +169,31 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
 def test_pseudo_label_must_be_a_confidence():
     with pytest.raises(UserError, match="pseudo_label: 0 .off. or a confidence"):
         load_recipe(None, ["pseudo_label=0.2"])
+
+
+def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities(demo_master, home):
+    """calibrate: bias: the submission comes from the fold blend's test probabilities after a temperature and class
+    biases fitted on the out-of-fold ones; the OOF score is cross-fitted, the uncalibrated blend stays in the table."""
+    from seedlings.chain import submit
+    from seedlings.ensemble import Calibration
+    from seedlings.members import load_probs
+
+    run = tiny_run(demo_master, "cal", UNFROZEN % 1, "train_folds=2", "calibrate=bias", "tta=none")
+    submit(run)
+    provenance = json.loads((home / "submissions" / "cal.json").read_text())
+    cal = provenance["calibration"]
+    classes = run.comp.classes
+    assert cal["temperature"] > 0 and list(cal["bias"]) == classes
+    assert set(provenance["members"]) >= {"blend", "blend, uncalibrated"}
+    folds = [load_probs(m.probs_path("test")).values for m in run.members()]
+    expected = Calibration(cal["temperature"], np.array(list(cal["bias"].values()))).apply(np.mean(folds, 0))
+    blended = load_probs(run.dir / "probs" / "blend.test.csv").values
+    np.testing.assert_allclose(blended, expected, atol=1e-6)
+    assert not np.allclose(blended, np.mean(folds, 0), atol=1e-3)  # the calibration changed something
+    answer = pd.read_csv(home / "submissions" / "cal.csv")
+    assert (answer.species == np.array(classes)[expected.argmax(1)]).all()
+
+
+def test_calibrate_takes_none_or_bias():
+    with pytest.raises(UserError, match="calibrate: expected none or bias, got 'platt'"):
+        load_recipe(None, ["calibrate=platt"])

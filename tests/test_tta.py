@@ -23,6 +23,13 @@ def test_dihedral_group_has_eight_distinct_members():
     assert torch.equal(dihedral(dihedral(x, 1), 3), x)
 
 
+def test_d2_is_identity_both_flips_and_half_a_turn():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = [dihedral(x, k) for k, _ in tta_views("d2")]
+    expected = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+    assert len(views) == 4 and all(torch.equal(v, e) for v, e in zip(views, expected))
+
+
 def test_invariant_model_gives_the_same_output_for_every_view():
     torch.manual_seed(0)
     model, x = Invariant(), torch.randn(3, 3, 16, 16)
@@ -32,7 +39,7 @@ def test_invariant_model_gives_the_same_output_for_every_view():
     torch.testing.assert_close(tta_predict(model, x, "d4"), outs[0].softmax(-1))
 
 
-@pytest.mark.parametrize("name,mean", [("d4", "arith"), ("flip", "arith"), ("d4", "geom")])
+@pytest.mark.parametrize("name,mean", [("d4", "arith"), ("flip", "arith"), ("d2", "arith"), ("d4", "geom")])
 def test_average_equals_views_one_by_one(name, mean):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(6))

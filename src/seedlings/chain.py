@@ -14,7 +14,7 @@ import pandas as pd
 from seedlings import paths
 from seedlings.cache import load_cache
 from seedlings.config import Recipe, recipe_dict
-from seedlings.ensemble import assemble, blend, blend_full, format_table
+from seedlings.ensemble import assemble, blend, blend_full, calibrate_blend, format_table
 from seedlings.errors import Busy, UserError
 from seedlings.files import write_csv, write_json
 from seedlings.folds import load_folds
@@ -73,6 +73,10 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         labels = np.array([comp.classes.index(label_of[f]) for f in files])
         oof, test, table = blend(parts, labels, weights)
         test = blend_full(members, test, table)
+        calibration = None
+        if run.recipe.calibrate == "bias":
+            fold_of = dict(zip(folds.file, folds.fold))
+            oof, test, calibration = calibrate_blend(oof, test, labels, np.array([fold_of[f] for f in files]), table)
         print(format_table(table))
         oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)
         out = paths.submissions_dir() / f"{run.name}.csv"
@@ -92,6 +96,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "recipe": recipe_dict(run.recipe),
         "weights": weights,
         "members": table,
+        "calibration": calibration.as_dict(comp.classes) if calibration else None,
         "oof_files": len(files),
         "skipped_images": skipped,
         "missing_folds": sorted(missing),

@@ -68,7 +68,7 @@ class Recipe:
     label_smoothing: float = 0.1  # cross-entropy target smoothing, 0 to 1
     layer_groups: int = 3  # parameter groups for differential learning rates (early body, late body, head)
     seed: int = 0  # training seed: weights init, shuffling, augmentation
-    tta: str = predicts("d4")  # used by predict: none | flip | d4 | d4+scales
+    tta: str = predicts("d4")  # used by predict: none | flip | d2 (4 views) | d4 (8) | d4+scales (16)
     tta_mean: str = predicts("arith")  # arith | geom: how TTA copies' probabilities are averaged
     predict_size: int = predicts(
         0
@@ -81,6 +81,9 @@ class Recipe:
     #   schedule (fast.ai's final fit once the folds chose it): its test probabilities join the blend as one more
     #   fold's; it has no validation images, so no out-of-fold score
     train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
+    calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
+    #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
+    #   label smoothing leave a blend under-confident and leaning to the large classes; README)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     crop_scale: float = CROP_SCALE  # RandomResizedCrop's smallest area fraction
     cache_margin: float = CACHE_MARGIN  # cached side = largest stage size x this, so crops keep detail
@@ -165,11 +168,12 @@ STAGE_RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 CHOICES = {
     "optimizer": ("sgd", "adamw"),
-    "tta": ("none", "flip", "d4", "d4+scales"),
+    "tta": ("none", "flip", "d2", "d4", "d4+scales"),
     "tta_mean": ("arith", "geom"),
     "bn_stats": ("frozen", "batch"),
     "augment": ("auto", "albumentations", "tensor"),
     "plant_mask": ("none", "green"),
+    "calibrate": ("none", "bias"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Blends: folds x snapshots (x runs), equal weights or weights fitted on out-of-fold log loss."""
+"""Blends: folds x snapshots (x runs), equal weights or weights fitted on out-of-fold log loss, and the blend's
+calibration (a temperature and class biases fitted on out-of-fold log loss)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from scipy.optimize import minimize
 from seedlings.errors import UserError
 from seedlings.folds import load_folds
 from seedlings.members import Member
-from seedlings.metrics import log_loss, micro_f1
+from seedlings.metrics import PROB_FLOOR, log_loss, micro_f1
 from seedlings.run import Run
 
 
@@ -105,6 +106,77 @@ def blend_full(members: list[Member], test: np.ndarray, table: dict) -> np.ndarr
         "weight": 1 / (k + 1),
     }
     return (k * test + full_test) / (k + 1)
+
+
+@dataclass
+class Calibration:
+    """Probabilities p become softmax(temperature * log p + bias): one temperature, one bias per class."""
+
+    temperature: float
+    bias: np.ndarray  # (n_classes,)
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        z = self.temperature * np.log(np.clip(probs, PROB_FLOOR, None)) + self.bias
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def as_dict(self, classes: list[str]) -> dict:
+        return {"temperature": self.temperature, "bias": dict(zip(classes, map(float, self.bias)))}
+
+
+CALIBRATION_L2 = 1e-3  # a little pull of the biases towards 0, so that a class with few images cannot run away
+
+
+def fit_calibration(probs: np.ndarray, labels: np.ndarray) -> Calibration:
+    """The temperature and class biases that minimise the log loss of `probs` against `labels` (L-BFGS with the
+    exact gradient; the temperature is fitted on a log scale, so it stays positive)."""
+    logp = np.log(np.clip(probs, PROB_FLOOR, None))
+    onehot = np.eye(probs.shape[1])[labels]
+
+    def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        t, b = np.exp(x[0]), x[1:]
+        z = t * logp + b
+        z = z - z.max(1, keepdims=True)
+        q = np.exp(z)
+        q /= q.sum(1, keepdims=True)
+        loss = -(z * onehot).sum(1).mean() + np.log(np.exp(z).sum(1)).mean() + CALIBRATION_L2 * (b**2).sum()
+        d = (q - onehot) / len(labels)  # d loss / d z
+        grad = np.concatenate([[t * (d * logp).sum()], d.sum(0) + 2 * CALIBRATION_L2 * b])
+        return float(loss), grad
+
+    res = minimize(loss_and_grad, np.zeros(1 + probs.shape[1]), jac=True, method="L-BFGS-B")
+    return Calibration(float(np.exp(res.x[0])), res.x[1:])
+
+
+def calibrate(
+    oof: np.ndarray, test: np.ndarray, labels: np.ndarray, fold_of: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """(oof, test, calibration): the calibration fitted on every out-of-fold row is applied to the test rows; each
+    fold's out-of-fold rows are calibrated by a fit on the other folds' rows only, so the calibrated OOF score is
+    an honest estimate, not a score on the images the calibration was fitted to. With a single fold there are no
+    other rows: its OOF rows are calibrated in-sample (optimistic; the caller says so)."""
+    everything = fit_calibration(oof, labels)
+    out = oof.copy()
+    folds = np.unique(fold_of)
+    for fold in folds if len(folds) > 1 else []:
+        rows = fold_of == fold
+        out[rows] = fit_calibration(oof[~rows], labels[~rows]).apply(oof[rows])
+    if len(folds) == 1:
+        out = everything.apply(oof)
+    return out, everything.apply(test), everything
+
+
+def calibrate_blend(
+    oof: np.ndarray, test: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, table: dict
+) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """`calibrate` for the chain: the table's "blend" row becomes the calibrated blend's (its OOF score cross-fitted),
+    the uncalibrated one stays as "blend, uncalibrated"."""
+    oof, test, calibration = calibrate(oof, test, labels, fold_of)
+    table["blend, uncalibrated"] = table.pop("blend")
+    table["blend"] = {**score(oof, labels), "weight": 1.0}
+    how = "in-sample (one fold)" if len(np.unique(fold_of)) == 1 else "each fold's rows by a fit on the other folds"
+    print(f"blend calibrated: temperature {calibration.temperature:.3f}, class biases; its OOF score: {how}")
+    return oof, test, calibration
 
 
 def format_table(table: dict) -> str:

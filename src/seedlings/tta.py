@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from seedlings.metrics import PROB_FLOOR
 
 DIHEDRAL = range(8)
+FLIPS = (0, 4, 6, 2)  # identity, left-right flip, up-down flip (half a turn, then left-right), half a turn
 ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
 
 
@@ -25,6 +26,8 @@ def tta_views(name: str) -> list[tuple[int, float]]:
         return [(0, 1.0)]
     if name == "flip":
         return [(0, 1.0), (4, 1.0)]
+    if name == "d2":  # the four-element subgroup of d4: as is, mirrored left-right, upside down, half a turn
+        return [(k, 1.0) for k in FLIPS]
     if name == "d4":
         return [(k, 1.0) for k in DIHEDRAL]
     if name == "d4+scales":
