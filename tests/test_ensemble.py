@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from seedlings.ensemble import Blendable, Calibration, blend, calibrate, fit_calibration, fit_weights, format_table
+from seedlings.ensemble import (
+    Blendable,
+    Calibration,
+    blend,
+    calibrate,
+    calibrate_blend,
+    fit_calibration,
+    fit_weights,
+    format_table,
+)
 from seedlings.metrics import log_loss
 
 
@@ -73,3 +82,32 @@ def test_each_folds_rows_are_calibrated_by_a_fit_on_the_other_folds():
     np.testing.assert_allclose(test_cal, fit_calibration(probs, labels).apply(test), atol=1e-6)
     single, _, _ = calibrate(probs, test, labels, np.zeros(900, int))  # one fold: nothing else to fit on
     np.testing.assert_allclose(single, everything.apply(probs), atol=1e-6)
+
+
+def test_the_chain_keeps_the_calibration_only_when_it_lowers_the_cross_fitted_log_loss():
+    rng = np.random.default_rng(2)
+    classes = list("abcde")
+    probs, labels = shifted(rng, 900, 5, 1.5, np.array([0.5, 0.0, 0.0, -0.5, 0.2]))
+    fold_of = np.arange(900) % 3
+    test = probs[:40]
+    table = {"blend": {**score_of(probs, labels), "weight": 1.0}}
+    oof, out, info = calibrate_blend(probs, test, labels, fold_of, table, classes)
+    assert info["used"] and list(info["bias"]) == classes
+    assert table["blend"]["log_loss"] < table["blend, uncalibrated"]["log_loss"]
+    assert not np.allclose(out, test)
+    # 30 images from a model calibrated as it is: a fit on 15 of them only adds noise to the other 15, left out
+    few, truth = shifted(rng, 30, 5, 1.0, np.zeros(5))
+    table = {"blend": {**score_of(few, truth), "weight": 1.0}}
+    oof, out, info = calibrate_blend(few, test, truth, np.arange(30) % 2, table, classes)
+    assert not info["used"] and np.array_equal(oof, few) and np.array_equal(out, test)
+    assert table["blend, calibrated (left out)"]["log_loss"] >= table["blend"]["log_loss"]
+    _, out, info = calibrate_blend(
+        probs, test, labels, np.zeros(900, int), dict(blend=score_of(probs, labels)), classes
+    )
+    assert not info["used"] and np.array_equal(out, test)  # one fold: nothing to check the fit on
+
+
+def score_of(probs, labels):
+    from seedlings.ensemble import score
+
+    return score(probs, labels)

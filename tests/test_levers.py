@@ -183,7 +183,9 @@ def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities
     provenance = json.loads((home / "submissions" / "cal.json").read_text())
     cal = provenance["calibration"]
     classes = run.comp.classes
-    assert cal["temperature"] > 0 and list(cal["bias"]) == classes
+    assert cal["used"] and cal["temperature"] > 0 and list(cal["bias"]) == classes  # it lowered the OOF log loss
+    blend_row, before = provenance["members"]["blend"], provenance["members"]["blend, uncalibrated"]
+    assert blend_row["log_loss"] < before["log_loss"]
     assert set(provenance["members"]) >= {"blend", "blend, uncalibrated"}
     folds = [load_probs(m.probs_path("test")).values for m in run.members()]
     expected = Calibration(cal["temperature"], np.array(list(cal["bias"].values()))).apply(np.mean(folds, 0))

@@ -76,7 +76,8 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         calibration = None
         if run.recipe.calibrate == "bias":
             fold_of = dict(zip(folds.file, folds.fold))
-            oof, test, calibration = calibrate_blend(oof, test, labels, np.array([fold_of[f] for f in files]), table)
+            fold_ids = np.array([fold_of[f] for f in files])
+            oof, test, calibration = calibrate_blend(oof, test, labels, fold_ids, table, comp.classes)
         print(format_table(table))
         oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)
         out = paths.submissions_dir() / f"{run.name}.csv"
@@ -96,7 +97,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "recipe": recipe_dict(run.recipe),
         "weights": weights,
         "members": table,
-        "calibration": calibration.as_dict(comp.classes) if calibration else None,
+        "calibration": calibration,
         "oof_files": len(files),
         "skipped_images": skipped,
         "missing_folds": sorted(missing),
