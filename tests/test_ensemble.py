@@ -10,6 +10,7 @@ from seedlings.ensemble import (
     fit_calibration,
     fit_weights,
     format_table,
+    score,
 )
 from seedlings.metrics import log_loss
 
@@ -90,24 +91,16 @@ def test_the_chain_keeps_the_calibration_only_when_it_lowers_the_cross_fitted_lo
     probs, labels = shifted(rng, 900, 5, 1.5, np.array([0.5, 0.0, 0.0, -0.5, 0.2]))
     fold_of = np.arange(900) % 3
     test = probs[:40]
-    table = {"blend": {**score_of(probs, labels), "weight": 1.0}}
+    table = {"blend": {**score(probs, labels), "weight": 1.0}}
     oof, out, info = calibrate_blend(probs, test, labels, fold_of, table, classes)
     assert info["used"] and list(info["bias"]) == classes
     assert table["blend"]["log_loss"] < table["blend, uncalibrated"]["log_loss"]
     assert not np.allclose(out, test)
     # 30 images from a model calibrated as it is: a fit on 15 of them only adds noise to the other 15, left out
     few, truth = shifted(rng, 30, 5, 1.0, np.zeros(5))
-    table = {"blend": {**score_of(few, truth), "weight": 1.0}}
+    table = {"blend": {**score(few, truth), "weight": 1.0}}
     oof, out, info = calibrate_blend(few, test, truth, np.arange(30) % 2, table, classes)
     assert not info["used"] and np.array_equal(oof, few) and np.array_equal(out, test)
     assert table["blend, calibrated (left out)"]["log_loss"] >= table["blend"]["log_loss"]
-    _, out, info = calibrate_blend(
-        probs, test, labels, np.zeros(900, int), dict(blend=score_of(probs, labels)), classes
-    )
+    _, out, info = calibrate_blend(probs, test, labels, np.zeros(900, int), dict(blend=score(probs, labels)), classes)
     assert not info["used"] and np.array_equal(out, test)  # one fold: nothing to check the fit on
-
-
-def score_of(probs, labels):
-    from seedlings.ensemble import score
-
-    return score(probs, labels)

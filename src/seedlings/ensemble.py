@@ -138,8 +138,9 @@ def fit_calibration(probs: np.ndarray, labels: np.ndarray) -> Calibration:
         z = t * logp + b
         z = z - z.max(1, keepdims=True)
         q = np.exp(z)
-        q /= q.sum(1, keepdims=True)
-        loss = -(z * onehot).sum(1).mean() + np.log(np.exp(z).sum(1)).mean() + CALIBRATION_L2 * (b**2).sum()
+        total = q.sum(1, keepdims=True)
+        q /= total
+        loss = -(z * onehot).sum(1).mean() + np.log(total).mean() + CALIBRATION_L2 * (b**2).sum()
         d = (q - onehot) / len(labels)  # d loss / d z
         grad = np.concatenate([[t * (d * logp).sum()], d.sum(0) + 2 * CALIBRATION_L2 * b])
         return float(loss), grad
@@ -156,13 +157,13 @@ def calibrate(
     an honest estimate, not a score on the images the calibration was fitted to. With a single fold there are no
     other rows: its OOF rows are calibrated in-sample (optimistic; the caller says so)."""
     everything = fit_calibration(oof, labels)
-    out = oof.copy()
     folds = np.unique(fold_of)
-    for fold in folds if len(folds) > 1 else []:
+    if len(folds) == 1:
+        return everything.apply(oof), everything.apply(test), everything
+    out = oof.copy()
+    for fold in folds:
         rows = fold_of == fold
         out[rows] = fit_calibration(oof[~rows], labels[~rows]).apply(oof[rows])
-    if len(folds) == 1:
-        out = everything.apply(oof)
     return out, everything.apply(test), everything
 
 
