@@ -26,7 +26,7 @@ from seedlings.images import scan_competition
 from seedlings.model import make_optimizer
 from seedlings.recipes import load_recipe
 from seedlings.run import Run
-from seedlings.step import train_step
+from seedlings.step import autocast, cpu_has_bf16, train_step
 from seedlings.train import trainee_for
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -121,17 +121,37 @@ def training_row(
 
 def frozen_groups_table(data: Path, n_batches: int, model: str = "tf_efficientnet_lite2", size: int = 160) -> None:
     """Training images/s of the pipeline's step with the first k of 5 layer groups frozen (stages.k.frozen_groups):
-    no gradient flows into frozen groups, and on a CPU the early, high-resolution layers hold most of the backward."""
+    no gradient flows into frozen groups, and on a CPU the early, high-resolution layers hold most of the backward.
+    Each row twice: float32 throughout, and the frozen groups' forward in bf16 (what `bf16: true` does on a CPU with
+    native bf16; the same on one without)."""
     rows = []
     for k in (0, 1, 2, 3):
         stage = f"stages=[{{size: {size}, freeze: false, lr: 0.001, frozen_groups: {k}}}]"
         extra = (f"model={model}", "layer_groups=5", stage)
-        rows.append((k, training_row(data, size, n_batches, "albumentations", extra)))
-    print(f"\ntraining images/s, {model} at {size} px, batch 32, 5 layer groups: the first k frozen")
-    print(f"{'frozen groups':>13} {'bare step':>10} {'full pipeline':>14} {'vs none frozen':>15}")
-    none = rows[0][1]["full pipeline"]
-    for k, r in rows:
-        print(f"{k:>13} {r['bare model']:>10.1f} {r['full pipeline']:>14.1f} {r['full pipeline'] / none:>15.2f}")
+        fp32, bf16 = (training_row(data, size, n_batches, "albumentations", (*extra, f"bf16={b}")) for b in (0, 1))
+        rows.append((k, fp32["full pipeline"], bf16["full pipeline"]))
+    print(f"\ntraining images/s, {model} at {size} px, batch 32, 5 layer groups: the first k frozen (native bf16 on "
+          f"this CPU: {cpu_has_bf16()})")  # fmt: skip
+    print(f"{'frozen groups':>13} {'float32':>8} {'vs none frozen':>15} {'frozen in bf16':>15} {'vs float32':>11}")
+    none = rows[0][1]
+    for k, fp32, bf16 in rows:
+        print(f"{k:>13} {fp32:>8.1f} {fp32 / none:>15.2f} {bf16:>15.1f} {bf16 / fp32:>11.2f}")
+
+
+def inference_row(model: str, size: int, n_batches: int) -> dict:
+    """Forward-only images/s (prediction, validation, features) of `model`: float32, then bf16 autocast, same batch."""
+    net = timm.create_model(model, num_classes=12).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
+    out = {}
+    with torch.no_grad():
+        for name, bf16 in (("float32", False), ("bf16", True)):
+            with autocast(torch.device("cpu"), bf16):
+                net(x)  # warm-up
+                start = time.perf_counter()
+                for _ in range(n_batches):
+                    net(x)
+            out[name] = n_batches * len(x) / (time.perf_counter() - start)
+    return out
 
 
 def memory_format_row(size: int, n_batches: int) -> dict:
@@ -179,6 +199,10 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
     for t in rows:
         print(f"{t['augment']:<16} {t['bare model']:>22.1f} {t['full pipeline']:>14.1f} {t['ratio']:>6.2f}")
     frozen_groups_table(source, 2 if quick else 6)
+    r = inference_row("tf_efficientnet_lite2", 160, 2 if quick else 6)
+    print(f"\nprediction images/s, tf_efficientnet_lite2 at 160 px, batch 64 (native bf16: {cpu_has_bf16()})")
+    print(f"{'float32':>8} {'bf16':>8} {'ratio':>6}")
+    print(f"{r['float32']:>8.1f} {r['bf16']:>8.1f} {r['bf16'] / r['float32']:>6.2f}")
     m = memory_format_row(128, 2 if quick else 6)
     print("\nbare training images/s at 128 px, batch 32: memory format")
     print(f"{'NCHW':>10} {'channels_last':>14} {'ratio':>6}")

@@ -91,7 +91,8 @@ class Recipe:
     #   feature time; the solved head is only a warm start)
     num_workers: int = runs(-1)  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True  # bf16 autocast: on CUDA everything; on a CPU with native bf16 (AVX512-BF16, AMX) the forwards
+    #   without gradients (features, validation, prediction, a stage's frozen groups); float32 on other CPUs
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
     head_c: float = 0.0  # fit: logistic stages: inverse L2 strength on standardised features; 0: chosen by
     #   cross-validated log loss (a calibrated head, README: transition)

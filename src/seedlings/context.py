@@ -48,7 +48,14 @@ class FoldContext:
 
     @property
     def bf16(self) -> bool:
+        """Training in bf16: on CUDA only (a CPU's bf16 backward is slower than its float32 one)."""
         return self.device.type == "cuda" and self.recipe.bf16
+
+    @property
+    def inference_bf16(self) -> bool:
+        """Forwards without gradients in bf16 (features, validation, prediction, a stage's frozen layers): wherever
+        the device computes bf16 natively (step.autocast), on CUDA and on CPUs with AVX512-BF16 or AMX."""
+        return self.recipe.bf16
 
 
 def pick_device() -> torch.device:
@@ -141,7 +148,7 @@ def predict_probs(ctx: FoldContext, forward: Callable, batches: Iterator) -> np.
     """Softmax probabilities of `forward` over (x, _) batches, as one float32 array."""
     out = []
     for x, n in static_batches(ctx, batches):
-        with autocast(ctx.device, ctx.bf16):
+        with autocast(ctx.device, ctx.inference_bf16):
             out.append(forward(x)[:n].float().softmax(-1).cpu())
     return torch.cat(out).numpy()
 

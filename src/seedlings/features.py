@@ -39,7 +39,7 @@ def pooled_features(
     for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"features {size}px", leave=False, disable=None):
         x, model, feats = to_device(x, ctx.device), ctx.model, []
         for k in views:
-            with autocast(ctx.device, ctx.recipe.bf16):
+            with autocast(ctx.device, ctx.inference_bf16):
                 feats.append(model.forward_head(model.forward_features(dihedral(x, k)), pre_logits=True).float())
         out.append(torch.stack(feats, 1).cpu())
     return torch.cat(out)

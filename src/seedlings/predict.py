@@ -27,7 +27,7 @@ def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, si
     out = []
     batches = tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None)
     for x, n in static_batches(ctx, batches):
-        with autocast(ctx.device, ctx.bf16):
+        with autocast(ctx.device, ctx.inference_bf16):
             out.append(tta_predict(model, x, tta, ctx.recipe.tta_mean, stack)[:n].float().cpu())
     return torch.cat(out).numpy()
 

@@ -4,16 +4,56 @@ finder, `make bench` and the GPU check all take this step, so what they time is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
+
+
+def cpu_has_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards run about twice as fast as float32 ones
+    there, and emulated elsewhere (slower than float32)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_bf16()
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; nothing on a CPU (no faster there)."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when asked and the device computes in bf16 natively; float32 otherwise."""
+    if bf16 and fast_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def bf16_forwards(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Within this block, `modules` (layers that train nothing) run under bf16 autocast inside a float32 forward and
+    hand float32 on to the layers that train. On a CPU with native bf16, a frozen prefix's forward runs twice as fast
+    in bf16, while the bf16 backward of the layers that train runs slower than float32 (README: CPU bf16)."""
+    if not modules or not fast_bf16(device):
+        yield
+        return
+    open_casts: dict[nn.Module, torch.autocast] = {}
+
+    def enter(module: nn.Module, args) -> None:
+        open_casts[module] = torch.autocast(device.type, dtype=torch.bfloat16)
+        open_casts[module].__enter__()
+
+    def leave(module: nn.Module, args, output):
+        open_casts.pop(module).__exit__(None, None, None)
+        return output.float() if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for cast in open_casts.values():  # a forward that raised inside a module: its autocast is closed all the same
+            cast.__exit__(None, None, None)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

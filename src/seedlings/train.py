@@ -29,7 +29,7 @@ from seedlings.model import is_norm_param, make_optimizer, param_groups
 from seedlings.report import plot_fold
 from seedlings.run import Run
 from seedlings.schedule import cycle_end_epochs, make_scheduler
-from seedlings.step import train_step
+from seedlings.step import bf16_forwards, train_step
 
 EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
 NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}  # the full fit
@@ -157,8 +157,15 @@ class WholeNet:
         self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, stage.freeze, recipe.train_bn,
                                          stage.frozen_groups)  # fmt: skip
         self.batches, self.steps_per_epoch = training_batches(ctx, stage.size)
-        self.forward = torch.compile(ctx.model) if recipe.compile else ctx.model
+        self.net = torch.compile(ctx.model) if recipe.compile else ctx.model
         self.mixes = bool(recipe.mixup_alpha or recipe.cutmix_alpha)
+        frozen = {n for names in ctx.groups[: stage.frozen_groups] for n in names}
+        # on a CPU the frozen groups run in bf16 (CUDA trains the whole network in bf16 already)
+        self.bf16_modules = outermost_within(ctx.model, frozen) if ctx.device.type == "cpu" and recipe.bf16 else []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with bf16_forwards(self.bf16_modules, self.ctx.device):
+            return self.net(x)
 
     def train_mode(self) -> None:
         ctx = self.ctx
@@ -178,6 +185,23 @@ class WholeNet:
     def val_probs(self) -> np.ndarray:
         self.ctx.model.eval()
         return predict_probs(self.ctx, self.forward, iter(eval_loader(self.ctx, self.stage.size, self.ctx.val_idx)))
+
+
+def outermost_within(model: nn.Module, names: set[str]) -> list[nn.Module]:
+    """The outermost submodules whose parameters are all in `names` (tf_efficientnet_lite2 with 3 of 5 groups frozen:
+    conv_stem, bn1, blocks.0 to blocks.4)."""
+    found = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        params = [prefix + n for n, _ in module.named_parameters()]
+        if params and all(n in names for n in params):
+            found.append(module)
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    return found
 
 
 def frozen_norm_modules(ctx: FoldContext, n_groups: int) -> list[nn.Module]:

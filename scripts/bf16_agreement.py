@@ -1,0 +1,35 @@
+"""A trained run's out-of-fold predictions made twice, in float32 and in bf16 (on this CPU: native bf16), with the same
+TTA: speed, scores, and how many images get the same answer.
+
+    .venv/bin/python scripts/bf16_agreement.py RUN [TTA]     (RUN: a trained run under runs/, e.g. cpu-holdout)
+"""
+
+import sys
+import time
+
+from seedlings.context import prepare_fold
+from seedlings.metrics import val_scores
+from seedlings.predict import tta_probs
+from seedlings.run import saved_run
+from seedlings.step import cpu_has_bf16
+
+run = saved_run(sys.argv[1])
+tta = sys.argv[2] if len(sys.argv) > 2 else run.recipe.tta
+print(f"run {run.name}, TTA {tta}, native bf16 on this CPU: {cpu_has_bf16()}")
+header = ("fold", "float32 img/s", "bf16 img/s", "micro-F1 f32", "micro-F1 bf16", "same answer")
+print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 14, 11, 13, 14, 12))))
+for fold in run.models():
+    ctx = prepare_fold(run, fold)
+    ctx.model.load_state_dict(run.members(fold)[-1].state_dict(ctx.device))
+    labels, probs, speed = ctx.labels[ctx.val_idx], {}, {}
+    for bf16 in (False, True):
+        run.recipe.bf16 = bf16
+        start = time.perf_counter()
+        probs[bf16] = tta_probs(ctx, None, ctx.val_idx, run.recipe.eval_size, tta)
+        speed[bf16] = len(labels) / (time.perf_counter() - start)
+    f1 = {b: val_scores(p, labels)["val_f1"] for b, p in probs.items()}
+    same = int((probs[True].argmax(1) == probs[False].argmax(1)).sum())
+    print(
+        f"{fold:>4} {speed[False]:>14.1f} {speed[True]:>11.1f} {f1[False]:>13.4f} {f1[True]:>14.4f} "
+        f"{same:>7} of {len(labels)}"
+    )
