@@ -175,10 +175,11 @@ def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities
     """calibrate: bias: the submission comes from the fold blend's test probabilities after a temperature and class
     biases fitted on the out-of-fold ones; the OOF score is cross-fitted, the uncalibrated blend stays in the table."""
     from seedlings.chain import submit
-    from seedlings.ensemble import Calibration
+    from seedlings.ensemble import Calibration, oof_summary
+    from seedlings.folds import load_folds
     from seedlings.members import load_probs
 
-    run = tiny_run(demo_master, "cal", UNFROZEN % 1, "train_folds=2", "calibrate=bias", "tta=none")
+    run = tiny_run(demo_master, "cal", UNFROZEN % 1, "train_folds=2", "calibrate=bias", "tta=flip")
     submit(run)
     provenance = json.loads((home / "submissions" / "cal.json").read_text())
     cal = provenance["calibration"]
@@ -194,6 +195,10 @@ def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities
     assert not np.allclose(blended, np.mean(folds, 0), atol=1e-3)  # the calibration changed something
     answer = pd.read_csv(home / "submissions" / "cal.csv")
     assert (answer.species == np.array(classes)[expected.argmax(1)]).all()
+    # make evaluate shows the same calibrated blend (one snapshot a fold: equal weights are the chain's weights)
+    summary = {what: (f1, loss) for what, f1, loss in oof_summary(run, load_folds(run.data, run.n_folds, 0))}
+    row = summary["all folds x 1 snapshots, equal blend (TTA), calibrated (each fold by a fit on the others)"]
+    assert row == pytest.approx((blend_row["micro_f1"], blend_row["log_loss"]))
 
 
 def test_calibrate_takes_none_or_bias():

@@ -202,7 +202,8 @@ def format_table(table: dict) -> str:
 
 def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]:
     """(what, OOF micro-F1, OOF log loss) from a run's saved probabilities: each fold's last model without and with
-    TTA, then over all folds the last snapshot alone, and the folds x snapshots blend (equal weights)."""
+    TTA, then over all folds the last snapshot alone, and the folds x snapshots blend (equal weights); with
+    `calibrate: bias` and several folds, that blend calibrated, cross-fitted as the chain does it."""
     label_of = dict(zip(folds.file, folds.species))
     members = [m for m in run.members() if not m.full]  # the full fit has no out-of-fold probabilities
     lasts = list({m.fold: m for m in members}.values())  # each fold's last member: its final model
@@ -219,9 +220,13 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
     y = np.array([classes.index(label_of[f]) for f in files])
     last = next(p.oof for p in parts if p.name == f"{run.name}/{lasts[0].name}")
     rows.append((f"all folds, {lasts[0].name} only (TTA)", *score(last, y).values()))
-    _, _, table = blend(parts, y, "equal")
+    oof, test, table = blend(parts, y, "equal")
     what = f"all folds x {len(parts)} snapshots, equal blend (TTA)"
     rows.append((what, *[table["blend"][k] for k in ("micro_f1", "log_loss")]))
+    fold_ids = folds.set_index("file").fold.loc[files].to_numpy()
+    if run.recipe.calibrate == "bias" and len(np.unique(fold_ids)) > 1:  # what the chain's calibration would do
+        calibrated, _, _ = calibrate(oof, test, y, fold_ids)
+        rows.append((f"{what}, calibrated (each fold by a fit on the others)", *score(calibrated, y).values()))
     return rows
 
 
