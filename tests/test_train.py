@@ -200,6 +200,20 @@ def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home, tmp_path
     assert unfrozen.val_f1 == pytest.approx(head_end.val_f1)
 
 
+def test_validate_cycle_scores_only_the_cycles_last_epochs(demo_master, home):
+    """validate: cycle: the solved or SGDR head and every cycle's last epoch are scored, the epochs inside a cycle are
+    not (stage 1 has cycles of 1 and 2 epochs: its second epoch goes unscored); a pruner's hook still gets them all."""
+    run = tiny_run(demo_master, "cyc", "validate=cycle")
+    final = train_fold(run, 0)
+    m = pd.read_csv(home / "runs" / "cyc" / "fold0" / "metrics.csv")
+    assert m.val_f1.isna().tolist() == [False, False, True, False, False, False]
+    assert final["val_f1"] == pytest.approx(m.val_f1.iloc[-1])
+    assert (home / "runs" / "cyc" / "fold0" / "loss.png").is_file()
+    seen = []
+    train_fold(tiny_run(demo_master, "hooked", "validate=cycle"), 0, on_epoch=lambda row: seen.append(row["val_f1"]))
+    assert len(seen) == 6 and all(0 <= f <= 1 for f in seen)  # every SGDR epoch of the three stages, each scored
+
+
 def test_batch_norm_statistics_move_when_asked(demo_master, home):
     """bn_stats=batch (torch's default): the running statistics follow the fold's batches; the check above can fail."""
     stages = (

@@ -84,6 +84,9 @@ class Recipe:
     calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
     #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
     #   label smoothing leave a blend under-confident and leaning to the large classes; README)
+    validate: str = runs("epoch")  # epoch: the validation images scored after every epoch (the loss plots; a sweep's
+    #   pruner always gets every epoch's score) | cycle: only after each SGDR cycle's last epoch, where the snapshots
+    #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training here)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     crop_scale: float = CROP_SCALE  # RandomResizedCrop's smallest area fraction
     cache_margin: float = CACHE_MARGIN  # cached side = largest stage size x this, so crops keep detail
@@ -175,6 +178,7 @@ CHOICES = {
     "augment": ("auto", "albumentations", "tensor"),
     "plant_mask": ("none", "green"),
     "calibrate": ("none", "bias"),
+    "validate": ("epoch", "cycle"),
 }
 
 

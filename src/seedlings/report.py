@@ -128,13 +128,14 @@ def plot_fold(out: Path) -> None:
         return
 
     m = pd.read_csv(out / "metrics.csv")
+    scored = m.dropna(subset=["val_loss"])  # validate: cycle scores the cycles' last epochs only
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(m.epoch, m.train_loss, "o-", label="train (smoothed targets)")
-    ax[0].plot(m.epoch, m.val_loss, "o-", label="validation")
+    ax[0].plot(scored.epoch, scored.val_loss, "o-", label="validation")
     ax[0].set(xlabel="epoch", ylabel="loss")
     ax[0].legend()
-    ax[1].plot(m.epoch, m.val_f1, "o-", label="micro-F1")
-    ax[1].plot(m.epoch, m.val_macro_f1, "o-", label="macro-F1")
+    ax[1].plot(scored.epoch, scored.val_f1, "o-", label="micro-F1")
+    ax[1].plot(scored.epoch, scored.val_macro_f1, "o-", label="macro-F1")
     ax[1].set(xlabel="epoch", ylabel="validation F1")
     ax[1].legend()
     fig.tight_layout()

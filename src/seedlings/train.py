@@ -32,7 +32,8 @@ from seedlings.schedule import cycle_end_epochs, make_scheduler
 from seedlings.step import bf16_forwards, train_step
 
 EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
-NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}  # the full fit
+# the full fit (no validation images), and the epochs inside a cycle with validate: cycle
+NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}
 
 
 def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
@@ -69,6 +70,7 @@ def read_done(done: Path, fold: int) -> dict:
 def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
     """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch."""
     recipe = ctx.recipe
+    every_epoch = recipe.validate == "epoch" or on_epoch is not None  # a pruner reads every epoch's score
     ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
     log = FoldLog(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
     try:
@@ -92,7 +94,8 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
                 train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs)
-                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if len(ctx.val_idx) else NO_VALIDATION
+                scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
+                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if scored else NO_VALIDATION
                 row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
                        "train_loss": train["train_loss"], **val, "lr": train["lr"],
                        "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
