@@ -14,7 +14,7 @@ import pandas as pd
 from seedlings import paths
 from seedlings.cache import load_cache
 from seedlings.config import Recipe, recipe_dict
-from seedlings.ensemble import assemble, blend, blend_full, calibrate_blend, format_table
+from seedlings.ensemble import assemble, blend, blend_full, calibrate_blend, fold_of_files, format_table
 from seedlings.errors import Busy, UserError
 from seedlings.files import write_csv, write_json
 from seedlings.folds import load_folds
@@ -75,8 +75,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         test = blend_full(members, test, table)
         calibration = None
         if run.recipe.calibrate == "bias":
-            fold_of = dict(zip(folds.file, folds.fold))
-            fold_ids = np.array([fold_of[f] for f in files])
+            fold_ids = fold_of_files(folds, files)
             oof, test, calibration = calibrate_blend(oof, test, labels, fold_ids, table, comp.classes)
         print(format_table(table))
         oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)

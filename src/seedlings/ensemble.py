@@ -191,6 +191,11 @@ def calibrate_blend(
     return calibrated_oof, calibrated_test, info
 
 
+def fold_of_files(folds: pd.DataFrame, files: list[str]) -> np.ndarray:
+    """The fold of each file in `files` (the rows of a blend), from the folds table."""
+    return folds.set_index("file").fold.loc[files].to_numpy()
+
+
 def format_table(table: dict) -> str:
     width = max(len(k) for k in table)
     lines = [f"{'member':<{width}}  {'OOF micro-F1':>12}  {'OOF log loss':>12}  {'weight':>6}"]
@@ -223,7 +228,7 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
     oof, test, table = blend(parts, y, "equal")
     what = f"all folds x {len(parts)} snapshots, equal blend (TTA)"
     rows.append((what, *[table["blend"][k] for k in ("micro_f1", "log_loss")]))
-    fold_ids = folds.set_index("file").fold.loc[files].to_numpy()
+    fold_ids = fold_of_files(folds, files)
     if run.recipe.calibrate == "bias" and len(np.unique(fold_ids)) > 1:  # what the chain's calibration would do
         calibrated, _, _ = calibrate(oof, test, y, fold_ids)
         rows.append((f"{what}, calibrated (each fold by a fit on the others)", *score(calibrated, y).values()))

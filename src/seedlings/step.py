@@ -4,12 +4,14 @@ finder, `make bench` and the GPU check all take this step, so what they time is 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 
+@functools.cache  # asked on every training step and prediction batch; the answer cannot change
 def cpu_has_bf16() -> bool:
     """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards run about twice as fast as float32 ones
     there, and emulated elsewhere (slower than float32)."""
