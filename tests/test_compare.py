@@ -92,3 +92,29 @@ def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
     runs = {p.name for p in (home / "runs").iterdir()}
     assert "abl-holdout-ablation1" in runs and "abl-holdout-ablation0" not in runs  # no training for the TTA switch
     assert table.micro_f1.iloc[-3:-1].between(0, 1).all()
+
+
+def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home, monkeypatch):
+    """Switching calibration off trains nothing: the recipe's two folds are blended again, and the row grades what
+    `make submit` with calibrate=none writes from the same folds."""
+    import dataclasses
+    import json
+
+    import seedlings.compare as C
+    from seedlings.chain import submit
+    from seedlings.holdout import grade
+
+    monkeypatch.setattr(C, "ABLATIONS", {"no calibration": ["calibrate=none"]})
+    recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2", "calibrate=bias")
+    table = C.compare(Run("cal", demo_master, recipe, 3), ablations=True, sizes=(32,))
+    assert table.what.tolist()[-2:] == [
+        "recipe: whole chain (make submit)",
+        "ablation: no calibration: whole chain (make submit)",
+    ]
+    assert {p.name for p in (home / "runs").iterdir()} == {"cal-holdout"}  # nothing trained for it
+    assert json.loads((home / "submissions" / "cal-holdout.json").read_text())["calibration"]["used"]
+    held = home / "data" / "comp-holdout-f20-s0"
+    uncalibrated = submit(Run("cal-holdout", held, dataclasses.replace(recipe, calibrate="none"), 3))
+    # (here the calibrated chain grades 0.17, the uncalibrated 0.11: a row that kept the calibration would fail)
+    assert table.micro_f1.iloc[-1] == pytest.approx(grade(uncalibrated, held / "answers.csv"))
+    assert table.seconds.iloc[-1] >= table.seconds.iloc[-2] * 0.5  # the chain's seconds, not the blend's

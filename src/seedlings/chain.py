@@ -19,7 +19,7 @@ from seedlings.errors import Busy, UserError
 from seedlings.files import write_csv, write_json
 from seedlings.folds import load_folds
 from seedlings.images import Competition
-from seedlings.members import Probs, save_probs
+from seedlings.members import Member, Probs, save_probs
 from seedlings.predict import predict_run
 from seedlings.report import write_report
 from seedlings.run import Run, git_commit
@@ -68,17 +68,8 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     with timed(timings, "predict"):
         members = [m for blended in [run, *others] for m in predict_run(blended)]
     with timed(timings, "blend"):
-        files, parts = assemble(members)
-        label_of = dict(zip(folds.file, folds.species))
-        labels = np.array([comp.classes.index(label_of[f]) for f in files])
-        oof, test, table = blend(parts, labels, weights)
-        test = blend_full(members, test, table)
-        calibration = None
-        if run.recipe.calibrate == "bias":
-            fold_ids = fold_of_files(folds, files)
-            oof, test, calibration = calibrate_blend(oof, test, labels, fold_ids, table, comp.classes)
+        oof, test, labels, table, calibration = blend_members(run.recipe, members, folds, comp.classes, weights)
         print(format_table(table))
-        oof, test = Probs(oof, files, comp.classes), Probs(test, members[0].load("test").files, comp.classes)
         out = paths.submissions_dir() / f"{run.name}.csv"
         write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
         n_rows = validate_submission(run.data, out)
@@ -97,7 +88,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "weights": weights,
         "members": table,
         "calibration": calibration,
-        "oof_files": len(files),
+        "oof_files": len(oof.files),
         "skipped_images": skipped,
         "missing_folds": sorted(missing),
         "seconds": timings,
@@ -112,6 +103,23 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     if run.recipe.pseudo_label and not run.pseudo_path.exists():  # round 2 on the confident test images
         return submit(pseudo_round(run, test), others, weights, command)
     return out
+
+
+def blend_members(
+    recipe: Recipe, members: list[Member], folds: pd.DataFrame, classes: list[str], weights: str = "fit"
+) -> tuple[Probs, Probs, np.ndarray, dict, dict | None]:
+    """The chain's blend of predicted members: (OOF probabilities, test probabilities, OOF labels, the members'
+    table, the calibration or None): snapshots weighted by OOF log loss, the full fit joined, and with `calibrate:
+    bias` the blend calibrated on its cross-fitted OOF probabilities when that lowers their log loss."""
+    files, parts = assemble(members)
+    label_of = dict(zip(folds.file, folds.species))
+    labels = np.array([classes.index(label_of[f]) for f in files])
+    oof, test, table = blend(parts, labels, weights)
+    test = blend_full(members, test, table)
+    calibration = None
+    if recipe.calibrate == "bias":
+        oof, test, calibration = calibrate_blend(oof, test, labels, fold_of_files(folds, files), table, classes)
+    return Probs(oof, files, classes), Probs(test, members[0].load("test").files, classes), labels, table, calibration
 
 
 def pseudo_round(run: Run, test: Probs) -> Run:

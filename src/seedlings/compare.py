@@ -13,25 +13,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from seedlings import paths
 from seedlings.baseline import mirror_features, probe_run
 from seedlings.cache import load_cache
-from seedlings.chain import submit
+from seedlings.chain import blend_members, submit
 from seedlings.config import PREDICTION_KEYS, Recipe, lrs_of, recipe_dict
 from seedlings.context import prepare_fold
 from seedlings.features import fit_logistic
 from seedlings.files import read_json, write_csv
+from seedlings.folds import load_folds
 from seedlings.holdout import answers_of, ensure_holdout
 from seedlings.images import read_image, scan_competition
 from seedlings.metrics import macro_f1, micro_f1
 from seedlings.model import BUNDLED
-from seedlings.predict import predict_fold, tta_probs
+from seedlings.predict import predict_fold, predict_run, tta_probs
 from seedlings.recipes import apply_override, parse_value, recipe_from_dict
 from seedlings.run import Run, open_run
 from seedlings.train import train_fold
 
 # The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
 # the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
-# `seedlings grade --run`.
+# `seedlings grade --run`; a blend key's row is the recipe's whole chain blended again.
 ABLATIONS: dict[str, list[str]] = {
     "no precompute: head by 2 SGDR epochs through the frozen net": [
         "stages.0.precompute=false", "stages.0.fit=sgdr", "stages.0.lr=3e-3", "stages.0.cycle_len=2",
@@ -48,7 +50,9 @@ ABLATIONS: dict[str, list[str]] = {
     "no mixup or cutmix": ["mixup_alpha=0", "cutmix_alpha=0"],
     "every layer group trains (no frozen groups)": ["@unfreeze"],
     "tf_efficientnet_lite0 as the backbone": ["model=tf_efficientnet_lite0"],
+    "no calibration of the blend": ["calibrate=none"],
 }  # fmt: skip
+BLEND_KEYS = {"calibrate"}  # change only how the chain blends its folds: graded on the recipe's own chain
 
 
 def row(what: str, y: np.ndarray, pred: np.ndarray, seconds: float, how: str) -> dict:
@@ -230,10 +234,27 @@ def ablation_row(held: Run, i: int, name: str, overrides: list[str]) -> dict:
     if changed == held.recipe:
         return {"what": f"ablation: {name}", "how": "same as the recipe here: not run"}
     keys = {k for k, v in recipe_dict(changed).items() if recipe_dict(held.recipe)[k] != v}
+    if keys <= BLEND_KEYS:
+        return reblend_row(dataclasses.replace(held, recipe=changed), f"ablation: {name}")
     if keys <= set(PREDICTION_KEYS):
         return predict_row(dataclasses.replace(held, recipe=changed), f"ablation: {name}")
     ablated = open_run(f"{held.name}-ablation{i}", held.data, changed, held.n_folds, held.fold_seed)
     return fold_row(ablated, f"ablation: {name}")
+
+
+def reblend_row(run: Run, label: str) -> dict:
+    """The whole chain of `run`'s folds (trained and predicted by the recipe's chain row) blended again with `run`'s
+    blend keys, without writing a submission; its seconds are the chain's, from the recipe's submission record."""
+    start = time.perf_counter()
+    members = predict_run(run)  # every member is there already: loaded, not predicted
+    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    _, test, _, _, _ = blend_members(run.recipe, members, folds, run.comp.classes)
+    y = answers_of(run.data, test.files, test.classes)
+    chain = paths.submissions_dir() / f"{run.name}.json"
+    record = read_json(chain, "record", "make compare again", ("seconds",))["seconds"]
+    seconds = sum(record.values()) + time.perf_counter() - start - record.get("blend", 0.0)
+    how = f"{len(run.folds())} fold model(s) of {run.n_folds}, blended again"
+    return row(f"{label}: whole chain (make submit)", y, test.values.argmax(1), seconds, how)
 
 
 def finish(rows: list[dict], run: Run) -> pd.DataFrame:
