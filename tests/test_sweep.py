@@ -235,6 +235,25 @@ def test_a_refused_trial_recipe_fails_that_trial_and_the_sweep_goes_on(data, tmp
         assert (t.state.name == "FAIL") == bad and ("warmup" in t.user_attrs.get("error", "")) == bad
 
 
+def test_two_sweep_folds_average_both_and_prune_on_fold_0_only(data, tmp_path, home):
+    """SWEEP_FOLDS=2: a complete trial's value is the mean of its two folds' final validation micro-F1; the pruner
+    is told fold 0's epochs only, numbered 1..n, so trials of different lengths meet at each rung on the same epoch
+    of the same fold."""
+    space = space_file(tmp_path, "stages.1.cycle_len: [1, 3]\ndrop_rate: [0.1, 0.3]\n")
+    run_workers(1, sweep_cmd(data, space, 4, "--sweep-folds", "2"), home, [tmp_path])
+    trials = finished_trials(journal(home))
+    assert len(trials) == 4 and "COMPLETE" in {t.state.name for t in trials}
+    for t in trials:
+        run = home / "runs" / "s" / f"trial-{t.number:04d}"
+        fold0 = pd.read_csv(run / "fold0" / "metrics.csv")
+        sgdr = fold0.epoch.tolist()[1:]  # row 1 is the solved head, not an epoch
+        assert sorted(t.intermediate_values) == sgdr  # fold 1's epochs never reach the pruner
+        if t.state.name == "COMPLETE":
+            finals = [json.loads((run / f"fold{k}" / "done.json").read_text())["val_f1"] for k in (0, 1)]
+            assert t.value == pytest.approx(sum(finals) / 2)
+            assert t.user_attrs["epochs"] == t.user_attrs["planned_epochs"] == 2 * t.params["stages.1.cycle_len"]
+
+
 # ------------------------------------------------------------------------------------------------------ dashboard
 def test_dashboard_serves_the_study_on_loopback(data, tmp_path, home):
     run_workers(1, sweep_cmd(data, space_file(tmp_path), 2), home, [tmp_path])

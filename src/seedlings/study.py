@@ -248,17 +248,22 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
         trial.set_user_attr("error", str(e))
         print(f"trial {trial.number}: refused: {e}")
         raise
-    per_fold, epochs_per_fold = fold_rows(recipe)
+    _, epochs_per_fold = fold_rows(recipe)
     trial.set_user_attr("planned_epochs", epochs_per_fold * sweep.sweep_folds)
     trial.set_user_attr("run", run.name)
     epochs, scores = 0, []
     for i in range(sweep.sweep_folds):
 
-        def on_epoch(row: dict, offset: int = i * per_fold) -> None:
+        def on_epoch(row: dict, fold: int = i) -> None:
+            # the pruner sees fold 0's epochs only: every trial's step k is then the same epoch of the same fold
+            # whatever its length (numbered on through the next folds, a 12-epoch trial's fold 1 would meet a
+            # 16-epoch trial's fold 0 at one rung); a trial that survives fold 0 runs its other folds to the end
             nonlocal epochs
             epochs += 1
             trial.set_user_attr("epochs", epochs)
-            step = offset + int(row["epoch"])
+            if fold > 0:
+                return
+            step = int(row["epoch"])
             trial.report(float(row["val_f1"]), step)
             if trial.should_prune():
                 print(f"trial {trial.number}: pruned at epoch {step} (val micro-F1 {row['val_f1']:.4f})")
