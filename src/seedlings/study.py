@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from seedlings.config import Recipe, recipe_dict
 from seedlings.errors import UserError
 from seedlings.run import open_run
-from seedlings.sweep import MAX_RETRY, Sweep, fold_rows, recipe_with
+from seedlings.sweep import MAX_RETRY, Sweep, fold_epochs, recipe_with
 from seedlings.train import train_fold
 
 
@@ -248,8 +248,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
         trial.set_user_attr("error", str(e))
         print(f"trial {trial.number}: refused: {e}")
         raise
-    _, epochs_per_fold = fold_rows(recipe)
-    trial.set_user_attr("planned_epochs", epochs_per_fold * sweep.sweep_folds)
+    trial.set_user_attr("planned_epochs", fold_epochs(recipe) * sweep.sweep_folds)
     trial.set_user_attr("run", run.name)
     epochs, scores = 0, []
     for i in range(sweep.sweep_folds):
