@@ -18,7 +18,8 @@ TRIALS   ?= 20# sweep: trials in the study in all, however many workers share it
 SWEEP    ?= $(basename $(notdir $(SPACE)))# sweep: study name, runs/$(SWEEP)/
 STORAGE  ?=# sweep: postgresql://user:pass@host/db across machines (default: a journal file in runs/$(SWEEP)/)
 PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
-SWEEP_FOLDS ?= 1# sweep: a trial's value is the mean validation micro-F1 over this many folds
+SWEEP_FOLDS ?= 1# sweep: a trial's value comes from this many folds
+OBJECTIVE ?= fold# sweep: fold (mean last-epoch val micro-F1) | chain (OOF micro-F1 of the folds' blend, as submitted)
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
 GRADE    ?= 1# sweep: 0 leaves that grade out of the report (it trains the base's and the best's chains afresh)
 
@@ -28,7 +29,7 @@ STAMP     := .venv/.installed
 COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED)
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
-	--sweep-folds $(SWEEP_FOLDS) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
+	--sweep-folds $(SWEEP_FOLDS) --objective $(OBJECTIVE) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
 	$(if $(filter 0,$(GRADE)),--no-grade)
 # the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
 JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}

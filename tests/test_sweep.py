@@ -254,6 +254,39 @@ def test_two_sweep_folds_average_both_and_prune_on_fold_0_only(data, tmp_path, h
             assert t.user_attrs["epochs"] == t.user_attrs["planned_epochs"] == 2 * t.params["stages.1.cycle_len"]
 
 
+def test_the_chain_objective_is_the_oof_score_of_what_make_submit_blends(data, tmp_path, home, capsys):
+    """OBJECTIVE=chain: a complete trial's value is the out-of-fold micro-F1 of its folds' blend (TTA, snapshot
+    weights, calibration), the figure `make submit` on the trial's run then reports, without training or predicting
+    again; the folds' mean last-epoch score is kept beside it."""
+    chain = ["train_folds=2", "tta=d4", "calibrate=bias", "stages.1.n_cycles=2"]  # two snapshots a fold: weighted
+    space = space_file(tmp_path, "drop_rate: [0.1, 0.3]\n")
+    args = sweep_cmd(data, space, 2, "--sweep-folds", "2", "--objective", "chain", "--pruner", "none", epochs=3)
+    assert main([*args, *chain]) == 0
+    trials = finished_trials(journal(home))
+    assert len(trials) == 2
+    for t in trials:
+        assert t.state.name == "COMPLETE"
+        run = home / "runs" / "s" / f"trial-{t.number:04d}"
+        finals = [json.loads((run / f"fold{k}" / "done.json").read_text())["val_f1"] for k in (0, 1)]
+        assert t.user_attrs["fold_value"] == pytest.approx(sum(finals) / 2)
+        capsys.readouterr()
+        name = run.relative_to(home / "runs").as_posix()
+        submit = ["submit", "--data", str(data), "--config", DEFAULTS, "--n-folds", "3", "--run", name, *TINY,
+                  STAGES % 3, *chain, f"drop_rate={t.params['drop_rate']}"]  # fmt: skip
+        assert main(submit) == 0
+        out = capsys.readouterr().out
+        assert "epoch " not in out and "images x" not in out  # trained and predicted by the trial
+        provenance = json.loads((home / "submissions" / "s" / f"trial-{t.number:04d}.json").read_text())
+        assert t.value == pytest.approx(provenance["members"]["blend"]["micro_f1"])
+        assert t.user_attrs["log_loss"] == pytest.approx(provenance["members"]["blend"]["log_loss"])
+        assert t.user_attrs["calibrated"] == provenance["calibration"]["used"]
+    # the blend's score is not the folds' last epochs' (here 0.14 against 0.03 in one trial): an objective that
+    # returned the folds' mean would fail the comparison with the submission above
+    assert any(t.value != pytest.approx(t.user_attrs["fold_value"]) for t in trials)
+    report = pd.read_csv(home / "runs" / "s" / "trials.csv")
+    assert report["fold value"].notna().all() and report["log loss"].notna().all()
+
+
 # ------------------------------------------------------------------------------------------------------ dashboard
 def test_dashboard_serves_the_study_on_loopback(data, tmp_path, home):
     run_workers(1, sweep_cmd(data, space_file(tmp_path), 2), home, [tmp_path])
@@ -312,8 +345,8 @@ def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path
 
 
 def test_a_study_outlives_a_new_recipe_key_but_not_a_changed_one():
-    """A key the project gained after the study was created counts as its default in the recorded base; any key that
-    really differs is named."""
+    """A key the project gained after the study was created counts as its default in the recorded base (a setting
+    too: a study from before objectives is one of `fold`); any key that really differs is named."""
     from seedlings.config import Recipe, recipe_dict
     from seedlings.study import settings_diff
 
@@ -323,3 +356,5 @@ def test_a_study_outlives_a_new_recipe_key_but_not_a_changed_one():
     changed = {**now, "base": {**now["base"], "full_fit": True, "drop_rate": 0.5}}
     assert sorted(settings_diff(older, changed)) == ["base key drop_rate", "base key full_fit"]
     assert settings_diff({**older, "n_folds": 3}, now) == ["n_folds"]
+    assert settings_diff(older, {**now, "objective": "fold"}) == []  # a study from before objectives: fold's
+    assert settings_diff(older, {**now, "objective": "chain"}) == ["objective"]

@@ -29,7 +29,7 @@ from seedlings.recipes import load_recipe
 from seedlings.run import Run, open_run, saved_run
 from seedlings.study import open_study, run_worker, safe_url, serve_dashboard
 from seedlings.submission import validate_submission
-from seedlings.sweep import GRACE_S, HEARTBEAT_S, PRUNERS, sweep_from_args
+from seedlings.sweep import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS, sweep_from_args
 from seedlings.sweep_report import finish_sweep, write_sweep_report
 from seedlings.train import train_fold
 
@@ -50,7 +50,8 @@ def _run_args(p: argparse.ArgumentParser, fold: bool = True) -> None:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    """The Makefile's SPACE, TRIALS, SWEEP, STORAGE, PRUNER, SWEEP_FOLDS, HOLDOUT beside the run's arguments."""
+    """The Makefile's SPACE, TRIALS, SWEEP, STORAGE, PRUNER, SWEEP_FOLDS, OBJECTIVE, HOLDOUT beside the run's
+    arguments."""
     _run_args(p, fold=False)
     p.add_argument("--space", required=True, help="search space (YAML): recipe key -> choices or a range")
     p.add_argument("--trials", type=int, default=20, help="trials in the study in all, however many workers share it")
@@ -60,7 +61,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruner", choices=PRUNERS, default="sha", help="sha (successive halving), hyperband or none")
     p.add_argument("--min-resource", type=int, default=4, help="epochs (metrics rows) before a trial may be pruned")
     p.add_argument("--reduction-factor", type=int, default=2, help="the pruner keeps 1/this at each rung")
-    p.add_argument("--sweep-folds", type=int, default=1, help="a trial's value: mean val micro-F1 over this many folds")
+    p.add_argument("--sweep-folds", type=int, default=1, help="a trial's value comes from this many folds")
+    p.add_argument("--objective", choices=OBJECTIVES, default="fold", help="fold: the folds' mean last-epoch val "
+                   "micro-F1; chain: OOF micro-F1 of their blend as make submit blends them")  # fmt: skip
     p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
     p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")
     p.add_argument("--grace", type=int, default=GRACE_S, help="seconds without one before a trial is retried (RDB)")

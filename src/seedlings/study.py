@@ -23,9 +23,12 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
+from seedlings.chain import blend_members
 from seedlings.config import Recipe, recipe_dict
 from seedlings.errors import UserError
-from seedlings.run import open_run
+from seedlings.folds import load_folds
+from seedlings.predict import predict_run
+from seedlings.run import Run, open_run
 from seedlings.sweep import MAX_RETRY, Sweep, fold_epochs, recipe_with
 from seedlings.train import train_fold
 
@@ -148,8 +151,9 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
 def settings_diff(recorded: dict, now: dict) -> list[str]:
     """What differs between a study's recorded settings and a worker's, the base recipe key by key. A recipe key the
     project gained after the study was created counts as its default in the recorded base, so an update that adds a
-    key (off by default) does not orphan a study."""
+    key (off by default) does not orphan a study; so does a setting (a study from before objectives: `fold`)."""
     defaults = recipe_dict(Recipe())
+    recorded, now = {"objective": "fold", **recorded}, {"objective": "fold", **now}
     old_base = {k: recorded["base"].get(k, defaults[k]) for k in now["base"]}
     keys = [f"base key {k}" for k in now["base"] if old_base[k] != now["base"][k]]
     keys += [f"base key {k}" for k in recorded["base"] if k not in now["base"]]
@@ -276,8 +280,26 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
         scores.append(final["val_f1"])
     trial.set_user_attr("epochs", epochs)
     value = float(np.mean(scores))
-    print(f"trial {trial.number}: val micro-F1 {value:.4f} ({', '.join(f'{k}={v}' for k, v in params.items())})")
+    trial.set_user_attr("fold_value", value)
+    what = f"val micro-F1 {value:.4f}"
+    if sweep.objective == "chain":
+        value, log_loss, calibrated = chain_value(run, sweep.sweep_folds)
+        trial.set_user_attr("log_loss", log_loss)
+        trial.set_user_attr("calibrated", calibrated)
+        what = f"chain OOF micro-F1 {value:.4f}, log loss {log_loss:.4f} (the folds' last epochs: {what})"
+    print(f"trial {trial.number}: {what} ({', '.join(f'{k}={v}' for k, v in params.items())})")
     return value
+
+
+def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
+    """The trial's first n_folds folds predicted (TTA, every snapshot; skipped when already done) and blended as `make
+    submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
+    finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
+    members = predict_run(run, list(range(n_folds)))
+    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    *_, table, calibration = blend_members(run.recipe, members, folds, run.comp.classes)
+    row = table["blend"]
+    return float(row["micro_f1"]), float(row["log_loss"]), bool(calibration and calibration["used"])
 
 
 def suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
