@@ -108,9 +108,9 @@ def test_bad_files(tmp_path):
         load_recipe(tmp_path / "list.yaml")
 
 
-def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path):
-    """runs/<run>/config.yaml is the resolved recipe plus the split and provenance; the recipe part loads back as a
-    recipe file (to reproduce a run) and as the run (to blend or grade it)."""
+def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path, capsys):
+    """runs/<run>/config.yaml is the resolved recipe plus the split and provenance; it loads back as a recipe file
+    (`--config runs/<run>/config.yaml`, to reproduce a run) and as the run (to blend or grade it)."""
     import yaml
 
     from seedlings.folds import load_folds
@@ -122,9 +122,12 @@ def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path):
     run.record()
     saved = yaml.safe_load(run.config_path.read_text())
     assert saved["git_commit"] and saved["data"] == str(demo_master.resolve()) and saved["n_folds"] == 4
-    recipe_only = {k: v for k, v in saved.items() if k not in ("git_commit", "data", "n_folds", "fold_seed")}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_only))
-    assert load_recipe(tmp_path / "r.yaml") == r
+    assert load_recipe(run.config_path) == r  # as --config: its split and provenance left out, and said
+    assert "not its n_folds 4, fold_seed 2, git_commit" in capsys.readouterr().err
+    split_only = {k: v for k, v in saved.items() if k != "git_commit"}  # no commit: not a run's record
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(split_only))
+    with pytest.raises(UserError, match="(n_folds|data): unknown key"):
+        load_recipe(tmp_path / "r.yaml")
     back = saved_run("other")
     assert (back.recipe, back.n_folds, back.fold_seed, back.data) == (r, 4, 2, demo_master.resolve())
     assert sorted(p.name for p in run.dir.iterdir()) == ["config.yaml", "data.json"]  # nothing else

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,28 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise UserError(f"{p}: an empty recipe (it would silently train the defaults); give its keys")
         if not isinstance(values, dict):
             raise UserError(f"{p}: a recipe is a mapping of keys to values")
-        values = _fix_floats(values)
+        values = _fix_floats(drop_run_record(values, p))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"{item}: an override is key=value")
         key, text = item.split("=", 1)
         apply_override(values, key.strip(), parse_value(text, key.strip()))
     return recipe_from_dict(values)
+
+
+RUN_RECORD_KEYS = ("n_folds", "fold_seed", "git_commit", "data")  # what a run's config.yaml adds to its recipe
+
+
+def drop_run_record(values: dict, path: Path) -> dict:
+    """A run's runs/<run>/config.yaml (it names its git commit) as a recipe: its split and provenance are not recipe
+    keys, so they are left out and said (N_FOLDS, FOLD_SEED and DATA give them). A recipe file with `n_folds` and no
+    commit is refused as an unknown key, like any other."""
+    if "git_commit" not in values:
+        return values
+    record = {k: values[k] for k in RUN_RECORD_KEYS if k in values}
+    print(f"{path}: a run's record; its recipe is used, not its {', '.join(f'{k} {v}' for k, v in record.items())}"
+          " (N_FOLDS, FOLD_SEED and DATA set those)", file=sys.stderr)  # fmt: skip
+    return {k: v for k, v in values.items() if k not in record}
 
 
 def recipe_from_dict(values: dict) -> Recipe:
