@@ -135,6 +135,10 @@ def keys_with_role(role: str) -> tuple[str, ...]:
 
 PREDICTION_KEYS = keys_with_role(PREDICTS)
 FREE_KEYS = (*PREDICTION_KEYS, *keys_with_role(RUNS))  # a trained run may be opened with these changed
+# a run's config.yaml holds its recipe and these: the split (fold k of another split is another model) and provenance
+# (for the reader, never compared: a data folder may move)
+SPLIT_KEYS = ("n_folds", "fold_seed")
+PROVENANCE_KEYS = ("git_commit", "data")
 
 
 MAX_SIZE = 1024  # px, largest training or prediction size: the cache then holds 4,750 images at 1,178 px (20 GB)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from seedlings.config import LR, Recipe, Stage, validate
+from seedlings.config import LR, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, Stage, validate
 from seedlings.errors import UserError
 
 
@@ -194,16 +194,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe_from_dict(values)
 
 
-RUN_RECORD_KEYS = ("n_folds", "fold_seed", "git_commit", "data")  # what a run's config.yaml adds to its recipe
-
-
 def drop_run_record(values: dict, path: Path) -> dict:
     """A run's runs/<run>/config.yaml (it names its git commit) as a recipe: its split and provenance are not recipe
     keys, so they are left out and said (N_FOLDS, FOLD_SEED and DATA give them). A recipe file with `n_folds` and no
     commit is refused as an unknown key, like any other."""
     if "git_commit" not in values:
         return values
-    record = {k: values[k] for k in RUN_RECORD_KEYS if k in values}
+    record = {k: values[k] for k in (*SPLIT_KEYS, *PROVENANCE_KEYS) if k in values}
     print(f"{path}: a run's record; its recipe is used, not its {', '.join(f'{k} {v}' for k, v in record.items())}"
           " (N_FOLDS, FOLD_SEED and DATA set those)", file=sys.stderr)  # fmt: skip
     return {k: v for k, v in values.items() if k not in record}

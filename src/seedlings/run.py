@@ -14,16 +14,13 @@ from pathlib import Path
 import yaml
 
 from seedlings import paths
-from seedlings.config import FREE_KEYS, Recipe, recipe_dict
+from seedlings.config import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.errors import UserError
 from seedlings.files import read_json, write_json, write_text
 from seedlings.folds import default_folds_path
 from seedlings.images import Competition, file_digest, parallel_map, scan_competition
 from seedlings.members import Member, Probs, load_probs, save_probs  # noqa: F401 - Probs and its I/O lived here before
 from seedlings.recipes import read_yaml, recipe_from_dict
-
-SPLIT_KEYS = ("n_folds", "fold_seed")  # recorded beside the recipe: fold k of another split is another model
-PROVENANCE_KEYS = ("git_commit", "data")  # recorded for the reader, never compared (a data folder may move)
 
 
 @dataclass(frozen=True)
