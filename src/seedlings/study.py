@@ -29,7 +29,7 @@ from seedlings.errors import UserError
 from seedlings.folds import load_folds
 from seedlings.predict import predict_run
 from seedlings.run import Run, open_run
-from seedlings.sweep import MAX_RETRY, Sweep, fold_epochs, recipe_with
+from seedlings.sweep import MAX_RETRY, SETTINGS_BEFORE, Sweep, fold_epochs, recipe_with
 from seedlings.train import train_fold
 
 
@@ -153,7 +153,7 @@ def settings_diff(recorded: dict, now: dict) -> list[str]:
     project gained after the study was created counts as its default in the recorded base, so an update that adds a
     key (off by default) does not orphan a study; so does a setting (a study from before objectives: `fold`)."""
     defaults = recipe_dict(Recipe())
-    recorded, now = {"objective": "fold", **recorded}, {"objective": "fold", **now}
+    recorded, now = {**SETTINGS_BEFORE, **recorded}, {**SETTINGS_BEFORE, **now}
     old_base = {k: recorded["base"].get(k, defaults[k]) for k in now["base"]}
     keys = [f"base key {k}" for k in now["base"] if old_base[k] != now["base"][k]]
     keys += [f"base key {k}" for k in recorded["base"] if k not in now["base"]]

@@ -32,6 +32,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial s
 
 PRUNERS = ("sha", "hyperband", "none")
 OBJECTIVES = ("fold", "chain")
+SETTINGS_BEFORE = {"objective": "fold"}  # what a study recorded before a setting existed ran with
 HEARTBEAT_S = 60  # a running trial writes its heartbeat this often (RDB storages)
 GRACE_S = 180  # ...and is failed and retried when none came for this long (a dead worker, a lost node)
 MAX_RETRY = 3  # a trial whose worker died is retried this many times at most
