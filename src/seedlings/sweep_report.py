@@ -19,7 +19,7 @@ from seedlings.recipes import recipe_from_dict
 from seedlings.report import pyplot
 from seedlings.run import open_run
 from seedlings.study import SweepLock, open_study
-from seedlings.sweep import SETTINGS_BEFORE, Sweep, recipe_with
+from seedlings.sweep import Sweep, recipe_with
 
 PLOTS = {
     "history": ("optimization history", optuna.visualization.matplotlib.plot_optimization_history),
@@ -173,16 +173,6 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
     report = write_text(out / "report.md", "\n".join(lines))
     print(f"{report}: {len(table)} trials" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))
     return report
-
-
-def sweep_from_study(study: optuna.Study, name: str, storage: str, data: str | Path | None = None) -> Sweep:
-    """The Sweep a study was created with (its base recipe, space and folds recorded in the study)."""
-    settings = {**SETTINGS_BEFORE, **study.user_attrs["settings"]}
-    space = {k: optuna.distributions.json_to_distribution(v) for k, v in settings["space"].items()}
-    data = data if data is not None else study.user_attrs.get("data_path", settings["data"])
-    return Sweep(name, Path(data), settings["base"], space, int(study.user_attrs.get("trials", 0)),
-                 settings["n_folds"], settings["fold_seed"], settings["sweep_folds"], storage,
-                 study.user_attrs.get("pruner", "sha"), objective=settings["objective"])  # fmt: skip
 
 
 def finish_sweep(sweep: Sweep, grade: bool = True) -> None:
