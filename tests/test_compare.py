@@ -68,6 +68,12 @@ def test_ablation_variants_switch_one_thing_off():
     assert [
         s.frozen_groups for s in variant(frozen, ABLATIONS["every layer group trains (no frozen groups)"]).stages
     ] == [0, 0]
+    maps = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+                       " {size: 32, freeze: false, lr: 0.01, frozen_groups: 2, precompute: true}]")  # fmt: skip
+    unfrozen = variant(maps, ABLATIONS["every layer group trains (no frozen groups)"]).stages[1]
+    assert (unfrozen.frozen_groups, unfrozen.precompute) == (0, False)  # a valid recipe: nothing left to precompute
+    no_maps = variant(maps, ABLATIONS["frozen groups run every epoch (no precomputed maps; crops, colour jitter)"])
+    assert [(s.precompute, s.frozen_groups) for s in no_maps.stages] == [(True, 0), (False, 2)]
     assert variant(recipe, ABLATIONS["no mixup or cutmix"]) == recipe  # the tiny recipe mixes nothing: not run
     no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
     assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2

@@ -282,3 +282,56 @@ def test_real_images_no_collapse_at_stage_changes(real, home):
     for i in changes:
         assert m.val_f1[i] >= m.val_f1[i - 1] - 0.06, m.to_string()
     assert m.val_f1.iloc[-1] > m.val_f1.iloc[0] + 0.02  # measured 0.849 -> 0.885: Lite2's solved head is strong
+
+
+MAPS_STAGES = (
+    "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+    " {size: 32, freeze: false, frozen_groups: 1, precompute: true, lr: {max: 0.01, mult: 3}, n_cycles: 1,"
+    " cycle_len: 2, cycle_mult: 1}]"
+)
+
+
+def test_a_stage_on_frozen_maps_is_the_network_cut_after_its_frozen_groups(demo_master, home):
+    """precompute with frozen_groups: the frozen groups' maps of every dihedral view are computed once, in the run's
+    folder (shared by its folds); the layers after them fed those maps give the whole network's logits for that view;
+    training moves only those layers; and predicting from the maps gives what predicting through the network gives."""
+    from seedlings.context import eval_loader
+    from seedlings.features import FrozenCut
+    from seedlings.predict import maps_cut, predict_fold, tta_probs
+    from seedlings.tta import dihedral
+
+    recipe = tiny_recipe(MAPS_STAGES, "bf16=false", "mixup_alpha=0.4", "cutmix_alpha=1.0", "tta=d4")
+    run = open_run("maps", demo_master, recipe, 3)
+    ctx = prepare_fold(run, 0)
+    cut = FrozenCut.of(ctx, 1)
+    assert cut.n == 4  # conv_stem, bn1, blocks.0.0, blocks.1.0: the first of the tiny net's 3 groups
+    maps, rows = cut.train_maps(), ctx.val_idx[:5]
+    assert maps.shape[:2] == (len(ctx.labels), 8) and maps.dtype == torch.float32  # float32: bf16 off
+    assert list((home / "runs" / "maps" / "features").glob("s1-32px-maps4-d4-*.pt"))
+    x = next(iter(eval_loader(ctx, 32, rows)))[0]
+    ctx.model.eval()
+    with torch.no_grad():
+        for k in (0, 5):
+            torch.testing.assert_close(cut.top(maps[rows, k]), ctx.model(dihedral(x, k)), rtol=1e-4, atol=1e-4)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    train_fold(run, 0)
+    after = torch.load(home / "runs" / "maps" / "fold0" / "final.pt", weights_only=True)
+    frozen = [k for k in before if k.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1"))]
+    later = [k for k in before if k.startswith(("blocks.2", "blocks.3", "conv_head")) and k.endswith("weight")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert later and all(not torch.equal(before[k], after[k]) for k in later)
+    m = pd.read_csv(home / "runs" / "maps" / "fold0" / "metrics.csv")
+    assert m.stage.tolist() == [0, 1, 1] and m.val_f1.iloc[-1] > 1 / 12
+    member = predict_fold(run, 0)[-1]
+    ctx.model.load_state_dict(after)
+    assert maps_cut(ctx) is not None
+    through_network = tta_probs(ctx, None, ctx.val_idx, 32, "d4")
+    np.testing.assert_allclose(member.load("oof").values, through_network, atol=1e-5)
+
+
+def test_frozen_maps_need_a_cut_at_the_start_of_an_efficientnet(demo_master, home):
+    """A model outside timm's EfficientNet family has no place to cut: exit 2 naming the stage's key, nothing run."""
+    recipe = tiny_recipe(MAPS_STAGES, "model=test_resnet", "bn_stats=batch")
+    with pytest.raises(UserError, match=r"stages\.1\.precompute: .*EfficientNet family"):
+        train_fold(open_run("maps-resnet", demo_master, recipe, 3), 0)
+    assert not (home / "runs" / "maps-resnet").exists()

@@ -49,6 +49,7 @@ ABLATIONS: dict[str, list[str]] = {
     "no plant mask (gravel and soil kept)": ["plant_mask=none"],
     "no mixup or cutmix": ["mixup_alpha=0", "cutmix_alpha=0"],
     "every layer group trains (no frozen groups)": ["@unfreeze"],
+    "frozen groups run every epoch (no precomputed maps; crops, colour jitter)": ["@no_maps"],
     "tf_efficientnet_lite0 as the backbone": ["model=tf_efficientnet_lite0"],
     "no calibration of the blend": ["calibrate=none"],
 }  # fmt: skip
@@ -163,9 +164,12 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
                 elif total % 2 == 0:
                     warmup = s["warmup"] if s["warmup"] < total // 2 else 0.0
                     s.update(n_cycles=2, cycle_len=total // 2, cycle_mult=1, warmup=warmup)
-        elif item == "@unfreeze":
+        elif item == "@unfreeze":  # nothing frozen is left to precompute
             for s in unfrozen:
-                s["frozen_groups"] = 0
+                s.update(frozen_groups=0, precompute=False)
+        elif item == "@no_maps":
+            for s in unfrozen:
+                s["precompute"] = False
         elif item == "@sizes":
             if len({s["size"] for s in unfrozen}) > 1:
                 for s in stages:

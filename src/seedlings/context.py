@@ -15,7 +15,7 @@ from seedlings.data import CachedImages, EpochSampler, eval_transform, make_load
 from seedlings.errors import UserError
 from seedlings.folds import load_folds
 from seedlings.images import Competition
-from seedlings.model import create_model, layer_groups, model_mean_std
+from seedlings.model import create_model, frozen_prefix, layer_groups, model_mean_std
 from seedlings.run import Run
 from seedlings.step import autocast, to_device
 from seedlings.tensor_aug import DeviceBatches
@@ -80,6 +80,10 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mean, std = model_mean_std(model)
+    groups = layer_groups(model, recipe.layer_groups)
+    for i, stage in enumerate(recipe.stages):
+        if stage.precompute and not stage.freeze:  # frozen groups' maps: they must be where the model can be cut
+            frozen_prefix(model, groups, stage.frozen_groups, f"stages.{i}.precompute")
     labels, train_idx = np.array(comp.train_labels), np.flatnonzero(good & ~in_val)
     if run.pseudo_path.exists():  # a pseudo-label round: confident test images join every fold's training images
         cache, labels, train_idx = with_pseudo_labels(run, cache, labels, train_idx)
@@ -92,7 +96,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
         train_idx=train_idx,
         val_idx=np.flatnonzero(good & in_val),
         model=model,
-        groups=layer_groups(model, recipe.layer_groups),
+        groups=groups,
         device=device,
         mean=mean,
         std=std,

@@ -1,5 +1,7 @@
-"""Pooled features of the frozen backbone (fast.ai's precompute) and the head solved on them by logistic regression:
-the recipe's first stage and the linear-probe baseline share this solver, so the fine-tune starts where the probe ends.
+"""What frozen layers compute, computed once (fast.ai's precompute): the backbone's pooled features, and the head solved
+on them by logistic regression (the recipe's first stage and the linear-probe baseline share this solver, so the
+fine-tune starts where the probe ends); and the maps of a stage's frozen layer groups for the 8 dihedral views of each
+image, which the layers after them train on (`precompute` with `frozen_groups`).
 """
 
 from __future__ import annotations
@@ -7,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +25,9 @@ from seedlings.context import FoldContext, eval_loader
 from seedlings.errors import UserError
 from seedlings.files import load_torch, save_torch
 from seedlings.metrics import log_loss, val_scores
-from seedlings.step import autocast, to_device
-from seedlings.tta import dihedral
+from seedlings.model import body_sequence, frozen_prefix
+from seedlings.step import autocast, fast_bf16, to_device
+from seedlings.tta import DIHEDRAL, dihedral
 
 VAL_KEYS = ("val_loss", "val_f1", "val_macro_f1")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
@@ -45,19 +50,92 @@ def pooled_features(
     return torch.cat(out)
 
 
+def features_dir(ctx: FoldContext, stage_i: int) -> Path:
+    """Where stage `stage_i`'s precomputed inputs live: the run's folder, shared by its folds, while every stage before
+    it trained the head alone on precomputed features (the rest is still the pretrained backbone); else the fold's."""
+    shared = all(s.freeze and s.precompute for s in ctx.recipe.stages[:stage_i])
+    return ctx.run.dir / "features" if shared else ctx.dir / "features"
+
+
 def features_for(ctx: FoldContext, stage_i: int) -> torch.Tensor:
     """Features of every training image; shared by all folds of a run while the backbone is still the pretrained one."""
     recipe = ctx.recipe
     stage = recipe.stages[stage_i]
-    shared = all(s.freeze and s.precompute for s in recipe.stages[:stage_i])
-    where = ctx.run.dir / "features" if shared else ctx.dir / "features"
-    path = where / f"s{stage_i}-{stage.size}px-{'d4' if recipe.precompute_d4 else 'id'}-{len(ctx.labels)}.pt"
+    views = "d4" if recipe.precompute_d4 else "id"
+    path = features_dir(ctx, stage_i) / f"s{stage_i}-{stage.size}px-{views}-{len(ctx.labels)}.pt"
     if path.exists():
         return load_torch(path, "precomputed features")
-    views = tuple(range(8)) if recipe.precompute_d4 else (0,)
-    feats = pooled_features(ctx, stage.size, np.arange(len(ctx.labels)), views)
+    feats = pooled_features(ctx, stage.size, np.arange(len(ctx.labels)), tuple(DIHEDRAL) if views == "d4" else (0,))
     save_torch(path, feats)
     return feats
+
+
+@torch.no_grad()
+def frozen_maps(
+    ctx: FoldContext, size: int, n_modules: int, index: np.ndarray, images: np.ndarray | None = None
+) -> torch.Tensor:
+    """The output of the first `n_modules` of body_sequence for every dihedral view, (N, 8, C, H, W): bf16 where
+    forwards run in bf16 (they come out of the frozen layers so), float32 otherwise."""
+    ctx.model.eval()
+    trunk = [m for _, m in body_sequence(ctx.model, "precompute")[:n_modules]]
+    dtype = torch.bfloat16 if ctx.inference_bf16 and fast_bf16(ctx.device) else torch.float32
+    out = []
+    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"frozen maps {size}px", leave=False, disable=None):
+        x, views = to_device(x, ctx.device), []
+        for k in DIHEDRAL:
+            with autocast(ctx.device, ctx.inference_bf16):
+                a = dihedral(x, k)
+                for module in trunk:
+                    a = module(a)
+            views.append(a.to(dtype).cpu())
+        out.append(torch.stack(views, 1))
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class FrozenCut:
+    """Stage `stage_i`'s frozen layer groups as the start of the body (`precompute` with `frozen_groups`): the first
+    `n` modules of body_sequence run once per image and view, their maps are kept, and the rest trains on them."""
+
+    ctx: FoldContext
+    stage_i: int
+    n: int
+
+    @classmethod
+    def of(cls, ctx: FoldContext, stage_i: int) -> FrozenCut:
+        where = f"stages.{stage_i}.precompute"
+        return cls(ctx, stage_i, frozen_prefix(ctx.model, ctx.groups, ctx.recipe.stages[stage_i].frozen_groups, where))
+
+    @property
+    def size(self) -> int:
+        return self.ctx.recipe.stages[self.stage_i].size
+
+    def top(self, x: torch.Tensor) -> torch.Tensor:
+        """The network from the cut on: maps in, logits out."""
+        for _, module in body_sequence(self.ctx.model, "precompute")[self.n :]:
+            x = module(x)
+        return self.ctx.model.forward_head(x)
+
+    def train_maps(self) -> torch.Tensor:
+        """Maps of every training image (shared by the run's folds while the backbone is the pretrained one)."""
+        return self._cached(f"maps{self.n}-d4-{len(self.ctx.labels)}", np.arange(len(self.ctx.labels)), None)
+
+    def test_maps(self, images: np.ndarray, test_key: str) -> torch.Tensor:
+        """Maps of the test images (`test_key`: their contents), computed once for every fold that shares them."""
+        return self._cached(f"test-maps{self.n}-d4-{test_key}", np.arange(len(images)), images)
+
+    def _cached(self, name: str, index: np.ndarray, images: np.ndarray | None) -> torch.Tensor:
+        path = features_dir(self.ctx, self.stage_i) / f"s{self.stage_i}-{self.size}px-{name}.pt"
+        if path.exists():
+            return load_torch(path, "precomputed maps")
+        maps = frozen_maps(self.ctx, self.size, self.n, index, images)
+        save_torch(path, maps)
+        return maps
+
+    def view_batches(self, maps: torch.Tensor, rows: np.ndarray, view: int) -> Iterator:
+        """(maps, None) of `rows` in one dihedral view, in order, at the evaluation batch size."""
+        step = self.ctx.recipe.batch_size * 2
+        return ((maps[rows[i : i + step], view].float(), None) for i in range(0, len(rows), step))
 
 
 @dataclasses.dataclass

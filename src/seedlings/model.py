@@ -143,6 +143,32 @@ def layer_groups(model: nn.Module, n_groups: int) -> list[list[str]]:
     return groups + [list(head)]
 
 
+def body_sequence(model: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what `forward_features` runs, in order, each block on its own: the EfficientNet family of timm
+    (conv_stem, bn1, blocks, conv_head, bn2; Lite0-2 among them). Other models have no cut point here."""
+    if not all(hasattr(model, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        raise UserError(f"{where}: precomputing frozen layer groups needs a model of timm's EfficientNet family "
+                        f"(conv_stem, blocks, conv_head), not {type(model).__name__}; "
+                        "use precompute: false")  # fmt: skip
+    blocks = [(f"blocks.{i}.{j}", b) for i, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
+    return [("conv_stem", model.conv_stem), ("bn1", model.bn1), *blocks, ("conv_head", model.conv_head),
+            ("bn2", model.bn2)]  # fmt: skip
+
+
+def frozen_prefix(model: nn.Module, groups: list[list[str]], k: int, where: str) -> int:
+    """How many modules of body_sequence the first k layer groups hold: they must be exactly its start."""
+    frozen, n = {p for g in groups[:k] for p in g}, 0
+    seq = body_sequence(model, where)
+    covered: set[str] = set()
+    while n < len(seq) and (names := {f"{seq[n][0]}.{p}" for p, _ in seq[n][1].named_parameters()}) <= frozen:
+        covered |= names
+        n += 1
+    if frozen - covered or n == 0:
+        raise UserError(f"{where}: the first {k} layer groups of {type(model).__name__} are not the start of its body "
+                        "(a group boundary inside a block); use precompute: false")  # fmt: skip
+    return n
+
+
 def is_norm_param(model: nn.Module, name: str) -> bool:
     module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))

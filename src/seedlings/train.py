@@ -18,10 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from seedlings.checkpoint import FoldLog, record_weights, resume_from_checkpoint
-from seedlings.config import lrs_of
+from seedlings.config import Stage, lrs_of
 from seedlings.context import FoldContext, eval_loader, predict_probs, prepare_fold, training_batches
+from seedlings.data import batch_slices
 from seedlings.errors import Busy, UserError
-from seedlings.features import features_for, fit_head
+from seedlings.features import FrozenCut, features_for, fit_head
 from seedlings.files import exclusive, read_json, save_torch, write_json
 from seedlings.metrics import val_scores
 from seedlings.mixing import mix_batch, mixed_criterion
@@ -81,7 +82,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             if stage.fit == "logistic":  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
                 continue
-            trainee = HeadOnFeatures(ctx, stage_i) if stage.precompute else WholeNet(ctx, stage_i)
+            trainee = trainee_for(ctx, stage_i)
             optimizer = make_optimizer(recipe, trainee.param_groups)
             warmup = round(stage.warmup * trainee.steps_per_epoch)
             scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
@@ -171,23 +172,27 @@ class WholeNet:
             return self.net(x)
 
     def train_mode(self) -> None:
-        ctx = self.ctx
-        ctx.model.train()
-        if ctx.recipe.bn_stats == "frozen":  # the features the head was fitted on stay the features it sees
-            for m in ctx.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-            return
-        if self.stage.freeze and not ctx.recipe.train_bn:  # frozen norm layers keep their running statistics too
-            for m in frozen_norm_modules(ctx, len(ctx.groups) - 1):
-                m.eval()
-        elif self.stage.frozen_groups:  # so do the norms of the groups that stay frozen
-            for m in frozen_norm_modules(ctx, self.stage.frozen_groups):
-                m.eval()
+        network_train_mode(self.ctx, self.stage)
 
     def val_probs(self) -> np.ndarray:
         self.ctx.model.eval()
         return predict_probs(self.ctx, self.forward, iter(eval_loader(self.ctx, self.stage.size, self.ctx.val_idx)))
+
+
+def network_train_mode(ctx: FoldContext, stage: Stage) -> None:
+    """Training mode, but the batch norms that must keep their running statistics in eval mode."""
+    ctx.model.train()
+    if ctx.recipe.bn_stats == "frozen":  # the features the head was fitted on stay the features it sees
+        for m in ctx.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return
+    if stage.freeze and not ctx.recipe.train_bn:  # frozen norm layers keep their running statistics too
+        for m in frozen_norm_modules(ctx, len(ctx.groups) - 1):
+            m.eval()
+    elif stage.frozen_groups:  # so do the norms of the groups that stay frozen
+        for m in frozen_norm_modules(ctx, stage.frozen_groups):
+            m.eval()
 
 
 def outermost_within(model: nn.Module, names: set[str]) -> list[nn.Module]:
@@ -253,9 +258,46 @@ class HeadOnFeatures:
         return predict_probs(self.ctx, self.head, iter([(self.x_val, None)]))
 
 
-def trainee_for(ctx: FoldContext, stage_i: int) -> WholeNet | HeadOnFeatures:
+class AfterFrozenMaps:
+    """An SGDR stage whose frozen groups (`frozen_groups`) ran once, not once per epoch (`precompute` without
+    `freeze`): their output for the 8 dihedral views of every image is computed once (features.FrozenCut), and each
+    epoch trains the layers after them on one view of each image, drawn by (seed, fold, epoch); mixup and cutmix mix
+    those maps. The views are the whole of its augmentation: no crop, no colour jitter."""
+
+    def __init__(self, ctx: FoldContext, stage_i: int):
+        recipe, stage = ctx.recipe, ctx.recipe.stages[stage_i]
+        self.ctx, self.stage = ctx, stage
+        self.cut = FrozenCut.of(ctx, stage_i)
+        self.maps = self.cut.train_maps()
+        lrs = lrs_of(stage.lr, recipe.layer_groups)
+        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, False, recipe.train_bn,
+                                         stage.frozen_groups)  # fmt: skip
+        self.steps_per_epoch = len(batch_slices(len(ctx.train_idx), recipe.batch_size))
+        self.mixes = bool(recipe.mixup_alpha or recipe.cutmix_alpha)
+        self.forward = self.cut.top
+
+    def batches(self, epoch: int) -> Iterator:
+        ctx, recipe = self.ctx, self.ctx.recipe
+        rng = np.random.default_rng([recipe.seed, ctx.fold, epoch])
+        rows = ctx.train_idx[rng.permutation(len(ctx.train_idx))]
+        views = rng.integers(0, self.maps.shape[1], len(rows))
+        for s in batch_slices(len(rows), recipe.batch_size):
+            yield self.maps[rows[s], views[s]].float(), torch.from_numpy(ctx.labels[rows[s]])
+
+    def train_mode(self) -> None:
+        network_train_mode(self.ctx, self.stage)
+
+    def val_probs(self) -> np.ndarray:
+        self.ctx.model.eval()
+        return predict_probs(self.ctx, self.forward, self.cut.view_batches(self.maps, self.ctx.val_idx, 0))
+
+
+def trainee_for(ctx: FoldContext, stage_i: int) -> WholeNet | HeadOnFeatures | AfterFrozenMaps:
     """What stage `stage_i` trains (an SGDR stage), as fit_fold builds it: the LR finder and the benchmark use it."""
-    return HeadOnFeatures(ctx, stage_i) if ctx.recipe.stages[stage_i].precompute else WholeNet(ctx, stage_i)
+    stage = ctx.recipe.stages[stage_i]
+    if not stage.precompute:
+        return WholeNet(ctx, stage_i)
+    return HeadOnFeatures(ctx, stage_i) if stage.freeze else AfterFrozenMaps(ctx, stage_i)
 
 
 def remove_if_empty(folder: Path) -> None:

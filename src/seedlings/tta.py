@@ -65,7 +65,12 @@ def tta_predict(
         p = torch.stack(logits).softmax(-1)
     else:
         p = torch.stack([forward(view(x, k, scale)).float().softmax(-1) for k, scale in views])
-    if mean == "geom":  # geometric mean, renormalised to sum to 1
+    return mean_of_views(p, mean)
+
+
+def mean_of_views(p: torch.Tensor, mean: str = "arith") -> torch.Tensor:
+    """(views, N, classes) probabilities averaged over the views: arithmetic, or geometric renormalised to sum to 1."""
+    if mean == "geom":
         g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
         return g / g.sum(-1, keepdim=True)
     return p.mean(0)
