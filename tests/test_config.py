@@ -69,7 +69,7 @@ def test_lr_forms():
     ("stages.1.lr=[1e-3, 1e-2]", "stages.1.lr"),
     ("stages.1.lr={max: 0.1}", "stages.1.lr"),
     ("stages.1.cycle_mult=0.5", "stages.1.cycle_mult"),
-    ("stages.0.freeze=false", "stages.0.precompute"),  # nothing frozen to precompute
+    ("stages.1.frozen_groups=0", "stages.1.precompute"),  # nothing frozen left to precompute
     ("tta=d8", "tta"),
     ("pretrained=weights.bin", "pretrained"),
     ("bn_stats=running", "bn_stats"),

@@ -236,8 +236,9 @@ def _validate_stage(recipe: Recipe, i: int, s: Stage) -> None:
                         f"got {s.frozen_groups}")  # fmt: skip
     if s.fit not in ("sgdr", "logistic"):
         raise UserError(f"{key}.fit: expected sgdr or logistic, got {s.fit!r}")
-    if s.fit == "logistic" and not s.precompute:
-        raise UserError(f"{key}.fit: logistic needs precompute: true (it solves the head on precomputed features)")
+    if s.fit == "logistic" and not (s.precompute and s.freeze):
+        raise UserError(f"{key}.fit: logistic needs freeze: true and precompute: true (it solves the head alone on "
+                        "precomputed pooled features)")  # fmt: skip
     if s.precompute and not s.freeze and not s.frozen_groups:
         raise UserError(f"{key}.precompute: needs freeze: true or frozen_groups (what trains cannot be precomputed)")
     if isinstance(s.lr, list) and len(s.lr) != recipe.layer_groups:
