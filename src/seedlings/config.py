@@ -37,7 +37,8 @@ class Stage:
     freeze: bool = False  # true: train only the head (last layer group)
     precompute: bool = False  # with freeze: compute pooled backbone features once, train the head on them; with
     #   frozen_groups (EfficientNet family): the frozen groups' maps of the 8 dihedral views of each image computed
-    #   once, the later layers trained on one view per image and epoch (no crop or colour jitter): 2x faster here
+    #   once, the later layers trained on one view per image and epoch (no crop or colour jitter); an epoch of the
+    #   recipe (Lite2, 192 px, 3 of 5 groups frozen, 888 images) took 6.0 s against 11.6 s through the network here
     lr: LR = 1.0e-3  # peak learning rate of each cycle (see LR above)
     n_cycles: int = 1  # cosine cycles with warm restarts
     cycle_len: int = 1  # epochs in the first cycle
