@@ -7,9 +7,10 @@ image, which the layers after them train on (`precompute` with `frozen_groups`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +35,38 @@ C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standard
 CV_FOLDS = 3
 
 
-@torch.no_grad()
 def pooled_features(
     ctx: FoldContext, size: int, index: np.ndarray, views: tuple[int, ...] = (0,), images: np.ndarray | None = None
 ) -> torch.Tensor:
     """Frozen backbone's pooled features, (N, len(views), F): fast.ai's precompute; views are dihedral members."""
+    model = ctx.model
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x), pre_logits=True).float()
+
+    return per_view(ctx, pooled, size, index, views, images, f"features {size}px")
+
+
+@torch.no_grad()
+def per_view(
+    ctx: FoldContext,
+    through: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    index: np.ndarray,
+    views: tuple[int, ...],
+    images: np.ndarray | None,
+    desc: str,
+) -> torch.Tensor:
+    """`through` each dihedral view of `index` rows of the training cache (or of `images`), in eval mode and the
+    inference autocast: (N, len(views), ...) on the host."""
     ctx.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"features {size}px", leave=False, disable=None):
-        x, model, feats = to_device(x, ctx.device), ctx.model, []
+    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=desc, leave=False, disable=None):
+        x, got = to_device(x, ctx.device), []
         for k in views:
             with autocast(ctx.device, ctx.inference_bf16):
-                feats.append(model.forward_head(model.forward_features(dihedral(x, k)), pre_logits=True).float())
-        out.append(torch.stack(feats, 1).cpu())
+                got.append(through(dihedral(x, k)))
+        out.append(torch.stack(got, 1).cpu())
     return torch.cat(out)
 
 
@@ -70,26 +90,20 @@ def features_for(ctx: FoldContext, stage_i: int) -> torch.Tensor:
     return feats
 
 
-@torch.no_grad()
 def frozen_maps(
     ctx: FoldContext, size: int, n_modules: int, index: np.ndarray, images: np.ndarray | None = None
 ) -> torch.Tensor:
     """The output of the first `n_modules` of body_sequence for every dihedral view, (N, 8, C, H, W): bf16 where
     forwards run in bf16 (they come out of the frozen layers so), float32 otherwise."""
-    ctx.model.eval()
     trunk = [m for _, m in body_sequence(ctx.model, "precompute")[:n_modules]]
     dtype = torch.bfloat16 if ctx.inference_bf16 and fast_bf16(ctx.device) else torch.float32
-    out = []
-    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=f"frozen maps {size}px", leave=False, disable=None):
-        x, views = to_device(x, ctx.device), []
-        for k in DIHEDRAL:
-            with autocast(ctx.device, ctx.inference_bf16):
-                a = dihedral(x, k)
-                for module in trunk:
-                    a = module(a)
-            views.append(a.to(dtype).cpu())
-        out.append(torch.stack(views, 1))
-    return torch.cat(out)
+
+    def through_trunk(x: torch.Tensor) -> torch.Tensor:
+        for module in trunk:
+            x = module(x)
+        return x.to(dtype)
+
+    return per_view(ctx, through_trunk, size, index, tuple(DIHEDRAL), images, f"frozen maps {size}px")
 
 
 @dataclasses.dataclass
@@ -110,9 +124,14 @@ class FrozenCut:
     def size(self) -> int:
         return self.ctx.recipe.stages[self.stage_i].size
 
+    @functools.cached_property
+    def top_modules(self) -> list[nn.Module]:
+        """The body after the cut (found once: `top` runs on every training step)."""
+        return [m for _, m in body_sequence(self.ctx.model, "precompute")[self.n :]]
+
     def top(self, x: torch.Tensor) -> torch.Tensor:
         """The network from the cut on: maps in, logits out."""
-        for _, module in body_sequence(self.ctx.model, "precompute")[self.n :]:
+        for module in self.top_modules:
             x = module(x)
         return self.ctx.model.forward_head(x)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -100,14 +101,16 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
     test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
     has_val = len(ctx.val_idx) > 0  # the full fit has no validation images: test probabilities only
-    cut = maps_cut(ctx)
-    if cut is not None:  # the frozen layers' maps: the training images' from training, the test images' once a run
-        train_maps, test_maps = cut.train_maps(), cut.test_maps(test.images, test_key)
+    cut = maps_cut(ctx)  # the frozen layers' maps: the training images' from training, the test images' once a run
+
+    @functools.cache  # read once for all members, and the training images' only when there are validation images
+    def maps(split: str) -> torch.Tensor:
+        return cut.train_maps() if split == "train" else cut.test_maps(test.images, test_key)
 
     def probs(images: np.ndarray | None, rows: np.ndarray, tta: str) -> np.ndarray:
         if cut is None:
             return tta_probs(ctx, images, rows, size, tta)
-        return tta_probs_from_maps(cut, train_maps if images is None else test_maps, rows, tta)
+        return tta_probs_from_maps(cut, maps("train" if images is None else "test"), rows, tta)
 
     for m in todo:
         ctx.model.load_state_dict(m.state_dict(ctx.device))
