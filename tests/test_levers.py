@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from seedlings.cache import green_only, load_cache
+from seedlings.cache import DIM_BACKGROUND, green_only, load_cache
 from seedlings.context import prepare_fold
 from seedlings.errors import UserError
 from seedlings.mixing import mix_batch, mixed_criterion
@@ -86,6 +86,15 @@ def test_green_mask_keeps_the_plant_and_blacks_out_the_gravel():
     assert (green_only(bare) == bare).all()  # no plant found: the image as it is
 
 
+def test_dim_mask_keeps_the_plant_and_a_quarter_of_the_gravel():
+    img = np.full((100, 100, 3), (160, 120, 80), np.uint8)  # brown soil
+    img[30:70, 40:60] = (60, 170, 60)  # a green leaf
+    out = green_only(img, DIM_BACKGROUND)
+    assert (out[35:65, 45:55] == img[35:65, 45:55]).all()  # the leaf kept
+    assert (out[:10, :10] == (40, 30, 20)).all()  # the soil at a quarter of its brightness, its texture kept
+    assert (green_only(img, 0.0) == green_only(img)).all()  # background 0 is plant_mask: green
+
+
 def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
     from seedlings.images import scan_competition
 
@@ -93,6 +102,8 @@ def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
     plain, masked = load_cache(comp, "train", 36), load_cache(comp, "train", 36, mask="green")
     assert plain.images.shape == masked.images.shape and not np.array_equal(plain.images, masked.images)
     assert (np.asarray(masked.images) == 0).mean() > (np.asarray(plain.images) == 0).mean()
+    dim = load_cache(comp, "train", 36, mask="dim")  # a third cache: neither the plain nor the masked one
+    assert not np.array_equal(dim.images, masked.images) and not np.array_equal(dim.images, plain.images)
     run = tiny_run(demo_master, "masked", "plant_mask=green", UNFROZEN % 1)
     assert 0 <= train_fold(run, 0)["val_f1"] <= 1
 

@@ -30,22 +30,30 @@ GREEN_LOW, GREEN_HIGH = (25, 40, 40), (95, 255, 255)
 MIN_PLANT = 0.002  # a mask keeping less of the image than this found no plant: the image is kept as it is
 
 
-def green_only(img: np.ndarray) -> np.ndarray:
+DIM_BACKGROUND = 0.25  # plant_mask: dim keeps this fraction of the background's brightness
+
+
+def green_only(img: np.ndarray, background: float = 0.0) -> np.ndarray:
     """The plant on black: pixels outside the green HSV range set to 0, the mask closed and grown a little so that
-    thin stems and leaf edges stay (plant_mask: green)."""
+    thin stems and leaf edges stay (plant_mask: green). `background` > 0 keeps that fraction of the gravel and
+    soil's brightness instead (plant_mask: dim): the plant stands out and the grains' size, a cue to the photo's
+    scale, stays."""
     mask = cv2.inRange(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), GREEN_LOW, GREEN_HIGH)
     k = max(3, round(min(img.shape[:2]) / 60) | 1)  # odd, about 1/60 of the side
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
     mask = cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel), kernel)
     if (mask > 0).mean() < MIN_PLANT:
         return img
-    return img * (mask[..., None] > 0).astype(np.uint8)
+    keep = np.where(mask[..., None] > 0, 1.0, background).astype(np.float32)
+    return (img * keep).round().astype(np.uint8)
 
 
 def _load(path: Path, size: int, mask: str = "none") -> tuple[np.ndarray | None, str | None]:
     try:
         img = read_image(path)
-        return resize_square(green_only(img) if mask == "green" else img, size), None
+        if mask != "none":
+            img = green_only(img, DIM_BACKGROUND if mask == "dim" else 0.0)
+        return resize_square(img, size), None
     except UserError as e:
         return None, str(e)
 

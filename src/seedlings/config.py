@@ -62,7 +62,8 @@ class Recipe:
     cutmix_alpha: float = 0.0  # cutmix: a box of one image pasted into another, area ~ Beta(alpha, alpha); 0: off
     #   (both on: each batch takes one of them at even odds; neither touches a precomputed-features stage)
     plant_mask: str = "none"  # none | green: the cached images keep only the green plant (HSV threshold, the gravel
-    #   and soil set to black), as many competitors did; every stage, TTA and probe sees the masked image
+    #   and soil set to black), as many competitors did; every stage, TTA and probe sees the masked image | dim: the
+    #   gravel and soil kept at a quarter of their brightness (cache.DIM_BACKGROUND)
     batch_size: int = 32  # images per optimizer step
     optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD at fast.ai-style rates collapsed the first
     #   unfrozen epoch on the real images; README)
@@ -183,7 +184,7 @@ CHOICES = {
     "tta_mean": ("arith", "geom"),
     "bn_stats": ("frozen", "batch"),
     "augment": ("auto", "albumentations", "tensor"),
-    "plant_mask": ("none", "green"),
+    "plant_mask": ("none", "green", "dim"),
     "calibrate": ("none", "bias"),
     "validate": ("epoch", "cycle"),
 }
