@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from seedlings.cache import DIM_BACKGROUND, green_only, load_cache
+from seedlings.cache import BACKGROUND, green_only, load_cache
 from seedlings.context import prepare_fold
 from seedlings.errors import UserError
 from seedlings.mixing import mix_batch, mixed_criterion
@@ -89,10 +89,11 @@ def test_green_mask_keeps_the_plant_and_blacks_out_the_gravel():
 def test_dim_mask_keeps_the_plant_and_a_quarter_of_the_gravel():
     img = np.full((100, 100, 3), (160, 120, 80), np.uint8)  # brown soil
     img[30:70, 40:60] = (60, 170, 60)  # a green leaf
-    out = green_only(img, DIM_BACKGROUND)
+    out = green_only(img, BACKGROUND["dim"])
     assert (out[35:65, 45:55] == img[35:65, 45:55]).all()  # the leaf kept
     assert (out[:10, :10] == (40, 30, 20)).all()  # the soil at a quarter of its brightness, its texture kept
-    assert (green_only(img, 0.0) == green_only(img)).all()  # background 0 is plant_mask: green
+    plant = green_only(img, BACKGROUND["green"]) > 0
+    assert plant.any() and (out[plant] == img[plant]).all()  # green and dim keep the same plant pixels
 
 
 def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):

@@ -30,7 +30,7 @@ GREEN_LOW, GREEN_HIGH = (25, 40, 40), (95, 255, 255)
 MIN_PLANT = 0.002  # a mask keeping less of the image than this found no plant: the image is kept as it is
 
 
-DIM_BACKGROUND = 0.25  # plant_mask: dim keeps this fraction of the background's brightness
+BACKGROUND = {"green": 0.0, "dim": 0.25}  # per plant_mask: the fraction of the background's brightness it keeps
 
 
 def green_only(img: np.ndarray, background: float = 0.0) -> np.ndarray:
@@ -52,7 +52,7 @@ def _load(path: Path, size: int, mask: str = "none") -> tuple[np.ndarray | None,
     try:
         img = read_image(path)
         if mask != "none":
-            img = green_only(img, DIM_BACKGROUND if mask == "dim" else 0.0)
+            img = green_only(img, BACKGROUND[mask])
         return resize_square(img, size), None
     except UserError as e:
         return None, str(e)

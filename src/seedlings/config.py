@@ -63,7 +63,7 @@ class Recipe:
     #   (both on: each batch takes one of them at even odds; neither touches a precomputed-features stage)
     plant_mask: str = "none"  # none | green: the cached images keep only the green plant (HSV threshold, the gravel
     #   and soil set to black), as many competitors did; every stage, TTA and probe sees the masked image | dim: the
-    #   gravel and soil kept at a quarter of their brightness (cache.DIM_BACKGROUND)
+    #   gravel and soil kept at a quarter of their brightness (cache.BACKGROUND)
     batch_size: int = 32  # images per optimizer step
     optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD at fast.ai-style rates collapsed the first
     #   unfrozen epoch on the real images; README)
