@@ -78,6 +78,11 @@ def test_ablation_variants_switch_one_thing_off():
     no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
     assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2
     assert variant(recipe, ["tta=none"]).tta == "none"
+    long = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+                       " {size: 32, freeze: false, lr: 0.01, cycle_len: 20, warmup: 2}]")  # fmt: skip
+    short = variant(long, ABLATIONS["the last stage's schedule a fifth shorter (the time the chain would save)"])
+    assert [(s.cycle_len, s.warmup) for s in short.stages] == [(long.stages[0].cycle_len, 0.0), (16, 2.0)]
+    assert variant(recipe, ["@shorter"]) == recipe  # a 1-epoch schedule keeps its epoch: not run
     with pytest.raises(Exception, match="nope"):
         variant(recipe, ["nope=1"])
 
@@ -124,3 +129,15 @@ def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home
     # (here the calibrated chain grades 0.17, the uncalibrated 0.11: a row that kept the calibration would fail)
     assert table.micro_f1.iloc[-1] == pytest.approx(grade(uncalibrated, held / "answers.csv"))
     assert table.seconds.iloc[-1] >= table.seconds.iloc[-2] * 0.5  # the chain's seconds, not the blend's
+
+
+def test_probe_rows_name_the_mask_the_recipes_probe_saw(demo_master, home):
+    """The bar's probe sees the unmasked photos; the recipe's own probe row says which mask its features came from."""
+    import seedlings.compare as C
+
+    recipe = tiny_recipe(HEAD_THEN_BODY, "plant_mask=dim")
+    table = C.compare(Run("msk", demo_master, recipe, 3), sizes=(32,), probes_only=True)
+    assert table.what.tolist() == [
+        "linear probe, tf_efficientnet_lite0 features at 32 px",
+        "linear probe, test_efficientnet features with plant_mask=dim at 32 px",
+    ]
