@@ -171,7 +171,7 @@ def variant(recipe: Recipe, overrides: list[str]) -> Recipe:
                 s.update(frozen_groups=0, precompute=False)
         elif item == "@shorter":  # whole epochs: a schedule of 20 becomes 16
             for last in unfrozen[-1:]:
-                last["cycle_len"] = max(1, round(last["cycle_len"] * 0.8))
+                last["cycle_len"] = round(last["cycle_len"] * 0.8)  # 1 stays 1: not run
                 last["warmup"] = min(last["warmup"], last["cycle_len"] / 2)
         elif item == "@no_maps":
             for s in unfrozen:
