@@ -7,11 +7,12 @@ TTA: speed, scores, and how many images get the same answer.
 import sys
 import time
 
-from seedlings.context import prepare_fold
 from seedlings.metrics import val_scores
-from seedlings.predict import tta_probs
+from seedlings.predict.infer import tta_probs
+from seedlings.predict.members import run_members
 from seedlings.run import saved_run
-from seedlings.step import cpu_has_bf16
+from seedlings.train.fold import prepare_fold
+from seedlings.train.step import cpu_has_bf16
 
 run = saved_run(sys.argv[1])
 tta = sys.argv[2] if len(sys.argv) > 2 else run.recipe.tta
@@ -20,7 +21,7 @@ header = ("fold", "float32 img/s", "bf16 img/s", "micro-F1 f32", "micro-F1 bf16"
 print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 14, 11, 13, 14, 12))))
 for fold in run.models():
     ctx = prepare_fold(run, fold)
-    ctx.model.load_state_dict(run.members(fold)[-1].state_dict(ctx.device))
+    ctx.model.load_state_dict(run_members(run, fold)[-1].state_dict(ctx.device))
     labels, probs, speed = ctx.labels[ctx.val_idx], {}, {}
     for bf16 in (False, True):
         run.recipe.bf16 = bf16

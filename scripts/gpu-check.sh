@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one device call (no network there): installs nothing but the wheels carried in .whl/ (make
 # gpu-wheels builds them here: albumentations and what it needs beyond torch, timm, opencv, pandas, scikit-learn),
-# then runs seedlings.gpu_check: throughput table, peak memory, one shortened fold; JSON in $OUT (or runs/gpu-check).
+# then runs seedlings.lab.gpu_check: throughput table, peak memory, one shortened fold; JSON in $OUT (or runs/gpu-check).
 #   device run:  bash scripts/gpu-check.sh            (carry: .whl; about 5 minutes on one H100, estimated)
 #   here:        bash scripts/gpu-check.sh --dry-run  (toy sizes on CPU; the test suite runs the same code)
 set -euo pipefail
@@ -14,4 +14,4 @@ if ! "$PY" -c "import albumentations" 2>/dev/null; then
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
-exec "$PY" -m seedlings.gpu_check --out "${OUT:-runs/gpu-check}" "$@"
+exec "$PY" -m seedlings.lab.gpu_check --out "${OUT:-runs/gpu-check}" "$@"

@@ -22,7 +22,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_master(tmp_path_factory) -> Path:
-    from seedlings.demo import make_demo
+    from seedlings.data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "comp", per_class=4, seed=3, max_size=300)
 
@@ -70,7 +70,7 @@ DEFAULTS = str(Path(__file__).with_name("defaults.yaml"))  # --config for the CL
 
 
 def tiny_recipe(*extra):
-    from seedlings.recipes import load_recipe
+    from seedlings.recipe.load import load_recipe
 
     return load_recipe(None, [*TINY, *extra])
 
@@ -89,13 +89,13 @@ def trained_fold(demo_master, tmp_path_factory):
 
     import numpy as np
 
-    from seedlings.folds import load_folds
+    from seedlings.data.folds import load_folds
 
     home = tmp_path_factory.mktemp("trained-home")
     old = os.environ.get("SEEDLINGS_HOME")
     os.environ["SEEDLINGS_HOME"] = str(home)
     try:
-        from seedlings.train import train_fold
+        from seedlings.train.fit import train_fold
 
         run = tiny_run(demo_master)
         recipe = run.recipe

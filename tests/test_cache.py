@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from seedlings import cache as C
-from seedlings.data import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
+from seedlings.data import cache as C
+from seedlings.data.competition import read_image, scan_competition
+from seedlings.data.loaders import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.errors import UserError
-from seedlings.images import read_image, scan_competition
 
 
 def test_cache_holds_resized_images_and_is_reused(demo, home):

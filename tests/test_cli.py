@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seedlings import kaggle_client
 from seedlings.cli import main
-from seedlings.ensemble import assemble
+from seedlings.data import kaggle as kaggle_client
 from seedlings.errors import UserError
-from seedlings.members import Member, Probs, load_probs, save_probs
+from seedlings.predict.blend import assemble
+from seedlings.predict.members import Member, Probs, load_probs, run_members, save_probs
 
 
 def seedlings(*args, home):
@@ -149,8 +149,8 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     import pandas as pd
 
     from conftest import tiny_recipe
-    from seedlings.holdout import grade_members, make_holdout
-    from seedlings.images import scan_competition
+    from seedlings.data.competition import scan_competition
+    from seedlings.lab.holdout import grade_members, make_holdout
     from seedlings.run import Run
 
     out = make_holdout(demo_master, tmp_path / "ho", fraction=0.25, seed=0)
@@ -167,15 +167,8 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     for fold, probs in ((0, right), (1, wrong * 0.6 + right * 0.4)):
         (run.fold_dir(fold) / "done.json").parent.mkdir(parents=True)
         (run.fold_dir(fold) / "done.json").write_text("{}")
-        (member,) = run.members(fold)
+        (member,) = run_members(run, fold)
         member.save("test", Probs(probs, answers.file.tolist(), classes))
     graded = grade_members(run, out / "answers.csv")
     assert graded["fold0-final"] == 1.0 and graded["fold1-final"] == 0.0
     assert graded["all folds, final"] == 1.0 and graded["all folds x snapshots"] == 1.0
-
-
-def test_moved_names_still_import_from_their_old_module():
-    """Probs and its I/O moved from run.py to members.py: scripts and notebooks that import them from run still work."""
-    from seedlings import members, run
-
-    assert run.load_probs is members.load_probs and run.save_probs is members.save_probs and run.Probs is members.Probs

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import tiny_recipe
 from seedlings.cli import main
-from seedlings.compare import ABLATIONS, variant
+from seedlings.lab.ablations import ABLATIONS, variant
 from seedlings.run import Run
 
 HEAD_THEN_BODY = (
@@ -17,7 +17,7 @@ def test_compare_table_on_a_held_out_split(demo_master, home, capsys):
     import yaml
 
     from conftest import TINY
-    from seedlings.config import recipe_dict
+    from seedlings.recipe.schema import recipe_dict
 
     old = home / "old.yaml"  # the recipe this one replaced: its rows join the same table
     old.write_text(yaml.safe_dump(recipe_dict(tiny_recipe(HEAD_THEN_BODY.replace("0.01", "0.02"), "train_folds=1"))))
@@ -89,7 +89,7 @@ def test_ablation_variants_switch_one_thing_off():
 
 def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
     """A training switch trains fold 0 anew under its own run; a prediction switch (TTA) reuses the recipe's fold 0."""
-    import seedlings.compare as C
+    import seedlings.lab.compare as C
 
     monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["crop_scale=0.9"], "same": ["seed=0"]})
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=1")
@@ -111,9 +111,9 @@ def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home
     import dataclasses
     import json
 
-    import seedlings.compare as C
-    from seedlings.chain import submit
-    from seedlings.holdout import grade
+    import seedlings.lab.compare as C
+    from seedlings.lab.holdout import grade
+    from seedlings.predict.submit import submit
 
     monkeypatch.setattr(C, "ABLATIONS", {"no calibration": ["calibrate=none"]})
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2", "calibrate=bias")
@@ -133,7 +133,7 @@ def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home
 
 def test_probe_rows_name_the_mask_the_recipes_probe_saw(demo_master, home):
     """The bar's probe sees the unmasked photos; the recipe's own probe row says which mask its features came from."""
-    import seedlings.compare as C
+    import seedlings.lab.compare as C
 
     recipe = tiny_recipe(HEAD_THEN_BODY, "plant_mask=dim")
     table = C.compare(Run("msk", demo_master, recipe, 3), sizes=(32,), probes_only=True)

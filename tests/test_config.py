@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from seedlings.config import Recipe, Stage, lrs_of, recipe_dict
 from seedlings.errors import UserError
-from seedlings.recipes import load_recipe
+from seedlings.recipe.load import load_recipe
+from seedlings.recipe.schema import Recipe, Stage, lrs_of, recipe_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -113,7 +113,7 @@ def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path, capsys):
     (`--config runs/<run>/config.yaml`, to reproduce a run) and as the run (to blend or grade it)."""
     import yaml
 
-    from seedlings.folds import load_folds
+    from seedlings.data.folds import load_folds
     from seedlings.run import Run, saved_run
 
     r = load_recipe(CONFIGS / "cpu.yaml", ["seed=4"])
@@ -151,7 +151,7 @@ def test_each_key_role_decides_whether_the_run_refuses_a_change(demo_master):
     is checked against) alone; every other key changes it."""
     import dataclasses
 
-    from seedlings.config import TRAINS
+    from seedlings.recipe.schema import TRAINS
     from seedlings.run import Run
 
     base = Recipe()

@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from seedlings.demo import make_demo
+from seedlings.data.competition import REAL_TRAIN_COUNTS, read_image, scan_competition
+from seedlings.data.demo import make_demo
 from seedlings.errors import UserError
-from seedlings.images import REAL_TRAIN_COUNTS, read_image, scan_competition
 
 
 def digest(folder):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from seedlings.ensemble import (
+from seedlings.metrics import log_loss
+from seedlings.predict.blend import (
     Blendable,
     Calibration,
     blend,
@@ -12,7 +13,6 @@ from seedlings.ensemble import (
     format_table,
     score,
 )
-from seedlings.metrics import log_loss
 
 
 def noisy(labels, n_classes, strength, rng):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from seedlings import fetch as F
-from seedlings import kaggle_client as K
+from seedlings.data import fetch as F
+from seedlings.data import kaggle as K
 from seedlings.errors import UserError
 
 
@@ -167,7 +167,7 @@ def test_real_client_maps_the_kaggle_packages_own_objects(tmp_path, capsys):
     from kaggle.api.kaggle_api_extended import KaggleApi
     from kagglesdk.competitions.types.competition_api_service import ApiSubmission
 
-    from seedlings.kaggle_client import RealKaggle, leaderboard
+    from seedlings.data.kaggle import RealKaggle, leaderboard
 
     scored = {"date": "2026-11-27T10:00:00Z", "description": "cpu: OOF 0.91", "status": "COMPLETE"}
     scored |= {"publicScore": "0.97103", "privateScore": "0.96852"}

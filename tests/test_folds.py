@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
+from seedlings.data.folds import load_folds, make_folds
 from seedlings.errors import UserError
-from seedlings.folds import load_folds, make_folds
 
 
 def test_stratified_disjoint_and_deterministic(demo, tmp_path):
@@ -61,7 +61,7 @@ def test_mismatched_folds_file_is_an_error(demo):
 
 def test_load_folds_creates_and_orders(demo):
     df = load_folds(demo, 3, 0)
-    from seedlings.images import scan_competition
+    from seedlings.data.competition import scan_competition
 
     assert df.file.tolist() == scan_competition(demo).train_files
 

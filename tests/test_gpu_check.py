@@ -34,7 +34,7 @@ def test_gpu_check_times_the_pipelines_own_step(monkeypatch):
 
     import torch
 
-    import seedlings.gpu_check as G
+    import seedlings.lab.gpu_check as G
 
     calls = []
 

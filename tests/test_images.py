@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from seedlings.data.competition import check_competition, read_image, scan_competition
 from seedlings.errors import UserError
-from seedlings.images import check_competition, read_image, scan_competition
 
 
 @pytest.fixture

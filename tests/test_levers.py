@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from seedlings.cache import BACKGROUND, green_only, load_cache
-from seedlings.context import prepare_fold
+from seedlings.data.cache import BACKGROUND, green_only, load_cache
 from seedlings.errors import UserError
-from seedlings.mixing import mix_batch, mixed_criterion
-from seedlings.recipes import load_recipe
-from seedlings.train import WholeNet, train_fold
+from seedlings.recipe.load import load_recipe
+from seedlings.train.fit import train_fold
+from seedlings.train.fold import prepare_fold
+from seedlings.train.mixing import mix_batch, mixed_criterion
+from seedlings.train.trainees import WholeNet
 
 UNFROZEN = "stages=[{size: 32, freeze: false, lr: 0.01, n_cycles: 1, cycle_len: %d, cycle_mult: 1}]"
 
@@ -97,7 +98,7 @@ def test_dim_mask_keeps_the_plant_and_a_quarter_of_the_gravel():
 
 
 def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
-    from seedlings.images import scan_competition
+    from seedlings.data.competition import scan_competition
 
     comp = scan_competition(demo_master)
     plain, masked = load_cache(comp, "train", 36), load_cache(comp, "train", 36, mask="green")
@@ -110,7 +111,7 @@ def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
 
 
 def test_drop_path_reaches_the_model(demo_master, home):
-    from seedlings.model import create_model
+    from seedlings.train.model import create_model
 
     model = create_model(load_recipe(None, ["model=test_efficientnet", "pretrained=none", "bn_stats=batch",
                                             "drop_path_rate=0.2"]), 12)  # fmt: skip
@@ -121,8 +122,8 @@ def test_drop_path_reaches_the_model(demo_master, home):
 def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(demo_master, home):
     """full_fit: after the folds, one model on every training image (no validation, no out-of-fold score); its test
     probabilities join the fold blend with weight 1/(k + 1)."""
-    from seedlings.chain import submit
-    from seedlings.members import load_probs
+    from seedlings.predict.members import load_probs, run_members
+    from seedlings.predict.submit import submit
 
     run = tiny_run(demo_master, "full", UNFROZEN % 1, "train_folds=2", "full_fit=true", "tta=none")
     submit(run)
@@ -130,7 +131,7 @@ def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(dem
     assert full.name == "full" and (full / "done.json").exists()
     rows = pd.read_csv(full / "metrics.csv")
     assert rows.val_f1.isna().all()  # nothing held out
-    members = run.members()
+    members = run_members(run)
     assert [m.label for m in members] == ["fold0-stage0-cycle0", "fold1-stage0-cycle0", "full-stage0-cycle0"]
     assert not members[-1].probs_path("oof").exists() and members[-1].probs_path("test").exists()
     folds = [load_probs(m.probs_path("test")).values for m in members[:2]]
@@ -142,7 +143,7 @@ def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(dem
 
 
 def test_the_full_fit_trains_every_training_image(demo_master, home):
-    from seedlings.context import prepare_fold
+    from seedlings.train.fold import prepare_fold
 
     run = tiny_run(demo_master, "full", UNFROZEN % 1, "full_fit=true")
     ctx = prepare_fold(run, run.full)
@@ -153,9 +154,9 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
     """pseudo_label: the chain's second round (runs/<run>-pseudo) trains every fold on the training images plus the
     test images the first round's blend gave at least that probability, labelled with their predicted species; its
     submission is the chain's answer, the first round's stays beside it."""
-    from seedlings.chain import pseudo_round, submit
-    from seedlings.context import prepare_fold
-    from seedlings.members import Probs
+    from seedlings.predict.members import Probs
+    from seedlings.predict.submit import pseudo_round, submit
+    from seedlings.train.fold import prepare_fold
 
     run = tiny_run(demo_master, "pl", UNFROZEN % 1, "train_folds=2", "pseudo_label=0.5", "tta=none")
     out = submit(run)
@@ -186,10 +187,10 @@ def test_pseudo_label_must_be_a_confidence():
 def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities(demo_master, home):
     """calibrate: bias: the submission comes from the fold blend's test probabilities after a temperature and class
     biases fitted on the out-of-fold ones; the OOF score is cross-fitted, the uncalibrated blend stays in the table."""
-    from seedlings.chain import submit
-    from seedlings.ensemble import Calibration, oof_summary
-    from seedlings.folds import load_folds
-    from seedlings.members import load_probs
+    from seedlings.data.folds import load_folds
+    from seedlings.predict.blend import Calibration, oof_summary
+    from seedlings.predict.members import load_probs, run_members
+    from seedlings.predict.submit import submit
 
     run = tiny_run(demo_master, "cal", UNFROZEN % 1, "train_folds=2", "calibrate=bias", "tta=flip")
     submit(run)
@@ -200,7 +201,7 @@ def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities
     blend_row, before = provenance["members"]["blend"], provenance["members"]["blend, uncalibrated"]
     assert blend_row["log_loss"] < before["log_loss"]
     assert set(provenance["members"]) >= {"blend", "blend, uncalibrated"}
-    folds = [load_probs(m.probs_path("test")).values for m in run.members()]
+    folds = [load_probs(m.probs_path("test")).values for m in run_members(run)]
     expected = Calibration(cal["temperature"], np.array(list(cal["bias"].values()))).apply(np.mean(folds, 0))
     blended = load_probs(run.dir / "probs" / "blend.test.csv").values
     np.testing.assert_allclose(blended, expected, atol=1e-6)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import TINY, tiny_run
 from seedlings.cli import main
-from seedlings.context import prepare_fold
-from seedlings.lr_find import lr_sweep, suggestions, sweep_lrs
+from seedlings.train.fold import prepare_fold
+from seedlings.train.lr_find import lr_sweep, suggestions, sweep_lrs
 
 FIRST_STAGE_UNFROZEN = "stages=[{size: 32, freeze: false, lr: {max: 0.01, mult: 10}, n_cycles: 1, cycle_len: 1}]"
 
@@ -58,7 +58,7 @@ def test_cli_writes_plot_and_csv(demo_master, home, capsys):
 def test_later_stage_sweeps_from_the_weights_it_starts_with(demo_master, home, capsys):
     """--stage 1 first trains stage 0 as `make train` would (checkpointed at the stage boundary), then sweeps stage 1
     from those weights: its first losses differ from a sweep of stage 1 from the untrained head."""
-    from seedlings.checkpoint import load_checkpoint
+    from seedlings.train.checkpoint import load_checkpoint
 
     overrides = [*TINY, "lr_find_steps=8", "lr_find_end=1e-6"]  # tiny steps: the losses show the starting weights
     args = ["lr-find", "--data", str(demo_master), "--n-folds", "3", *overrides]

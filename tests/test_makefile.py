@@ -79,7 +79,7 @@ def test_parallel_folds_share_the_cpu():
 def test_jobs_share_threads_and_workers(monkeypatch):
     import torch
 
-    from seedlings.data import default_workers, parallel_jobs
+    from seedlings.data.loaders import default_workers, parallel_jobs
 
     monkeypatch.setenv("SEEDLINGS_JOBS", "3")
     monkeypatch.setattr("os.cpu_count", lambda: 16)

@@ -2,9 +2,9 @@ import pytest
 import timm
 import torch
 
-from seedlings import model as M
 from seedlings.errors import UserError
-from seedlings.recipes import load_recipe
+from seedlings.recipe.load import load_recipe
+from seedlings.train import model as M
 
 
 @pytest.mark.parametrize(

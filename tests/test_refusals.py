@@ -15,9 +15,9 @@ import pytest
 
 from conftest import DEFAULTS, TINY
 from seedlings.cli import main
-from seedlings.data import batch_slices
+from seedlings.data.loaders import batch_slices
 from seedlings.errors import UserError
-from seedlings.recipes import load_recipe
+from seedlings.recipe.load import load_recipe
 
 HEAD_ONLY = "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]"
 SHORT = "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}, {size: 32, freeze: false, lr: 0.003}]"
@@ -74,7 +74,7 @@ def test_a_probability_file_cut_short_is_predicted_again_not_blended(submitted, 
     probs = home / "runs" / "tiny" / "probs" / f"fold0-stage1-cycle0.{split}.csv"
     whole, csv = probs.read_bytes(), (home / "submissions" / "tiny.csv").read_bytes()
     probs.write_bytes(whole[: len(whole) * 2 // 3])  # cut short at no particular place
-    from seedlings.members import Member
+    from seedlings.predict.members import Member
 
     member = Member("tiny", 0, "stage1-cycle0", home / "runs" / "tiny" / "fold0" / "snapshots" / "x.pt")
     with pytest.raises(UserError, match=f"fold0-stage1-cycle0.{split}.csv: not the probabilities predict wrote"):
@@ -119,7 +119,7 @@ def test_batches_never_leave_one_image_alone():
 def test_a_fold_whose_last_batch_would_hold_one_image_trains(demo_master, home, augment):
     """Batch norms following the batches (bn_stats: batch) cannot normalise a batch of one image: it joins the batch
     before it, on every device and data path."""
-    from seedlings.folds import load_folds
+    from seedlings.data.folds import load_folds
 
     n_train = int((load_folds(demo_master, 3, 0).fold != 0).sum())
     batch = next(b for b in range(8, 40) if n_train % b == 1)
@@ -311,7 +311,7 @@ def test_check_data_reports_dangling_links_and_conflicting_labels(demo, capsys):
 
 
 def test_disk_space_message_shows_real_sizes(tmp_path, monkeypatch):
-    import seedlings.files as files
+    import seedlings.storage as files
 
     monkeypatch.setattr(files, "free_bytes", lambda folder: 10 << 20)
     with pytest.raises(UserError, match=r"needs 3.5 MB \(and 64 MB spare\), 10 MB free"):
@@ -319,7 +319,7 @@ def test_disk_space_message_shows_real_sizes(tmp_path, monkeypatch):
 
 
 def test_a_read_only_target_folder_names_the_target_not_the_temporary_file(tmp_path, capsys):
-    from seedlings.files import write_text
+    from seedlings.storage import write_text
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -348,7 +348,7 @@ def test_the_loose_token_warning_is_printed_once(tmp_path):
     token.write_text(json.dumps({"username": "someone", "key": "0" * 32}))
     token.chmod(0o644)
     env = {k: v for k, v in os.environ.items() if k not in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")}
-    code = "from seedlings.kaggle_client import RealKaggle; RealKaggle()"
+    code = "from seedlings.data.kaggle import RealKaggle; RealKaggle()"
     done = subprocess.run([sys.executable, "-c", code], env={**env, "KAGGLE_CONFIG_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

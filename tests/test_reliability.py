@@ -176,7 +176,7 @@ def test_checkpoint_of_another_run_is_refused(trained_fold, demo, home, capsys):
 def test_a_fold_held_by_another_writer_is_skipped_and_named(demo, home, capsys):
     import socket
 
-    from seedlings.files import exclusive
+    from seedlings.storage import exclusive
 
     with exclusive(home / "runs" / "tiny" / "fold0" / ".lock", "fold 0"):
         assert main(cli("train", demo, HEAD_ONLY, "--fold", "0")) == 0
@@ -189,7 +189,7 @@ def test_a_fold_held_by_another_writer_is_skipped_and_named(demo, home, capsys):
 
 # ------------------------------------------------------------------------------------------------------ archives
 def test_damaged_zip_member_is_named_and_nothing_is_left(tmp_path):
-    from seedlings.fetch import fetch
+    from seedlings.data.fetch import fetch
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
@@ -204,7 +204,7 @@ def test_damaged_zip_member_is_named_and_nothing_is_left(tmp_path):
 
 
 def test_zip_bomb_is_capped(tmp_path):
-    from seedlings.fetch import fetch
+    from seedlings.data.fetch import fetch
 
     (tmp_path / "dl").mkdir()
     with zipfile.ZipFile(tmp_path / "dl" / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
@@ -215,7 +215,7 @@ def test_zip_bomb_is_capped(tmp_path):
 
 
 def test_archive_given_for_an_existing_folder_says_so(demo, tmp_path, capsys):
-    from seedlings.fetch import fetch
+    from seedlings.data.fetch import fetch
 
     fetch(demo, archive=tmp_path / "never-read.zip")
     assert f"note: {demo} exists, so {tmp_path / 'never-read.zip'} was not unpacked" in capsys.readouterr().err
@@ -223,9 +223,9 @@ def test_archive_given_for_an_existing_folder_says_so(demo, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- files and the disk
 def test_no_room_for_the_cache_is_said_before_writing(demo, home, monkeypatch):
-    import seedlings.files as files
-    from seedlings.cache import load_cache
-    from seedlings.images import scan_competition
+    import seedlings.storage as files
+    from seedlings.data.cache import load_cache
+    from seedlings.data.competition import scan_competition
 
     monkeypatch.setattr(files, "free_bytes", lambda folder: 10 << 20)
     with pytest.raises(UserError, match=r"needs \d+ MB \(and 64 MB spare\), 10 MB free"):
@@ -236,7 +236,7 @@ def test_no_room_for_the_cache_is_said_before_writing(demo, home, monkeypatch):
 def test_disk_full_write_exits_2_naming_the_file(home):
     import errno
 
-    from seedlings.files import atomic_write
+    from seedlings.storage import atomic_write
 
     def fill(tmp):
         tmp.write_bytes(b"x" * 10)
@@ -251,7 +251,7 @@ def test_temporary_files_of_dead_processes_are_removed(home):
     import subprocess
     import sys
 
-    from seedlings.files import write_text
+    from seedlings.storage import write_text
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = home / f"x.tmp{int(dead.stdout)}.csv"
@@ -263,8 +263,8 @@ def test_temporary_files_of_dead_processes_are_removed(home):
 
 
 def test_submission_with_a_byte_order_mark_is_accepted(demo, tmp_path):
-    from seedlings.holdout import grade
-    from seedlings.submission import validate_submission
+    from seedlings.lab.holdout import grade
+    from seedlings.predict.submission import validate_submission
 
     sample = (demo / "sample_submission.csv").read_text()
     (tmp_path / "bom.csv").write_text("\ufeff" + sample, encoding="utf-8")
@@ -274,7 +274,7 @@ def test_submission_with_a_byte_order_mark_is_accepted(demo, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- kaggle
 def test_loose_credentials_warned_once(monkeypatch, tmp_path, capsys):
-    from seedlings import kaggle_client as F
+    from seedlings.data import kaggle as F
 
     for k in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(k, raising=False)
@@ -309,7 +309,7 @@ def test_a_single_species_is_refused(demo, capsys):
 
 
 def test_held_out_split_of_other_images_is_refused(demo, home):
-    from seedlings.compare import ensure_holdout
+    from seedlings.lab.compare import ensure_holdout
 
     out = ensure_holdout(demo, 0.25, 0)
     assert ensure_holdout(demo, 0.25, 0) == out  # the same images: reused

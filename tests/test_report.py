@@ -3,9 +3,9 @@
 import numpy as np
 
 from conftest import tiny_recipe
-from seedlings.images import scan_competition
-from seedlings.members import Probs
-from seedlings.report import write_report
+from seedlings.data.competition import scan_competition
+from seedlings.predict.members import Probs
+from seedlings.predict.report import write_report
 from seedlings.run import Run
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from seedlings.schedule import cycle_end_epochs, make_scheduler, sgdr_lr
+from seedlings.train.schedule import cycle_end_epochs, make_scheduler, sgdr_lr
 
 
 def closed_form(step, peak, steps_per_epoch, cycle_len, cycle_mult):
@@ -87,7 +87,7 @@ def test_logged_trace_of_a_real_fold(trained_fold):
         rows = lrs[lrs.stage == stage_i].reset_index(drop=True)
         n = steps[stage_i]
         assert len(rows) == cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)[-1] * n
-        from seedlings.config import lrs_of
+        from seedlings.recipe.schema import lrs_of
 
         peaks = lrs_of(stage.lr, 3)
         for i, row in rows.iterrows():

@@ -6,9 +6,9 @@ import timm
 import torch
 from torch import nn
 
-from seedlings import model as M
-from seedlings import step
-from seedlings.train import outermost_within
+from seedlings.train import model as M
+from seedlings.train import step
+from seedlings.train.trainees import outermost_within
 
 
 def lite0(frozen_groups: int) -> tuple[nn.Module, set[str]]:
@@ -67,7 +67,7 @@ def test_a_forward_that_raises_leaves_no_autocast_behind(monkeypatch):
 
 
 def test_bench_times_prediction_in_both_precisions():
-    from seedlings.bench import inference_row
+    from seedlings.lab.bench import inference_row
 
     row = inference_row("test_efficientnet", 32, 1)
     assert set(row) == {"float32", "bf16"} and all(v > 0 for v in row.values())

@@ -2,10 +2,10 @@ import pandas as pd
 import pytest
 
 from seedlings.cli import main
+from seedlings.data.competition import scan_competition
 from seedlings.errors import UserError
-from seedlings.holdout import grade
-from seedlings.images import scan_competition
-from seedlings.submission import validate_submission, write_submission
+from seedlings.lab.holdout import grade
+from seedlings.predict.submission import validate_submission, write_submission
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
-from seedlings.submission import validate_submission
+from seedlings.predict.submission import validate_submission
 
 FAST = [*TINY, "precompute_d4=false"]
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import DEFAULTS, TINY
 from seedlings.cli import main
-from seedlings.recipes import load_recipe
+from seedlings.recipe.load import load_recipe
 
 STAGES = (
     "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
@@ -347,8 +347,8 @@ def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path
 def test_a_study_outlives_a_new_recipe_key_but_not_a_changed_one():
     """A key the project gained after the study was created counts as its default in the recorded base (a setting
     too: a study from before objectives is one of `fold`); any key that really differs is named."""
-    from seedlings.config import Recipe, recipe_dict
-    from seedlings.study import settings_diff
+    from seedlings.lab.sweep.study import settings_diff
+    from seedlings.recipe.schema import Recipe, recipe_dict
 
     now = {"base": recipe_dict(Recipe()), "data": "d", "n_folds": 5}
     older = {**now, "base": {k: v for k, v in now["base"].items() if k != "full_fit"}}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from seedlings.data import EpochSampler, item_seed
-from seedlings.tensor_aug import DeviceBatches, ItemParams, colour_jitter, sample_item
+from seedlings.data.device_batches import DeviceBatches, ItemParams, colour_jitter, sample_item
+from seedlings.data.loaders import EpochSampler, item_seed
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -88,7 +88,7 @@ def test_colour_jitter_factors():
 
 def test_a_fold_trains_on_device_made_batches(demo_master, home):
     from conftest import tiny_run
-    from seedlings.train import train_fold
+    from seedlings.train.fit import train_fold
 
     stages = "stages=[{size: 32, freeze: false, lr: 0.01, n_cycles: 1, cycle_len: 2}]"
     run = tiny_run(demo_master, "tensor", stages, "augment=tensor")
@@ -101,8 +101,8 @@ def test_compiled_model_trains_and_predicts(demo_master, home):
     """compile: true (torch.compile, inductor) on CPU: the fold trains and predicts like the eager one, closely
     (slow: 2.5 minutes of compiling on 2 cores)."""
     from conftest import tiny_run
-    from seedlings.predict import predict_fold
-    from seedlings.train import train_fold
+    from seedlings.predict.infer import predict_fold
+    from seedlings.train.fit import train_fold
 
     stages = "stages=[{size: 32, freeze: false, lr: 0.01, n_cycles: 1, cycle_len: 1}]"
     finals = {}

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, tiny_run
-from seedlings.checkpoint import load_checkpoint
 from seedlings.cli import main
-from seedlings.context import prepare_fold
 from seedlings.errors import UserError
 from seedlings.run import open_run
-from seedlings.train import train_fold, trainee_for
+from seedlings.train.checkpoint import load_checkpoint
+from seedlings.train.fit import train_fold
+from seedlings.train.fold import prepare_fold
+from seedlings.train.trainees import trainee_for
 
 
 def test_fold_artifacts(trained_fold):
@@ -141,11 +142,11 @@ def test_prediction_keys_may_change_and_are_recorded_per_prediction(demo_master,
 def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeypatch):
     """The head trained on precomputed features equals the head trained through the frozen net on the same images,
     same order, same dropout masks, when nothing else moves (no augmentation, frozen norm layers)."""
-    import seedlings.context as C
-    import seedlings.train as T
-    from seedlings.data import eval_transform
-    from seedlings.model import make_optimizer
-    from seedlings.schedule import make_scheduler
+    import seedlings.train.fit as T
+    import seedlings.train.fold as C
+    from seedlings.data.loaders import eval_transform
+    from seedlings.train.model import make_optimizer
+    from seedlings.train.schedule import make_scheduler
 
     stage = "{size: 32, freeze: true, precompute: %s, lr: 0.05, n_cycles: 2, cycle_len: 1, cycle_mult: 1}"
     heads, body_before = [], None
@@ -172,7 +173,7 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
 
 def pretrained_file(folder):
     """The tiny net's initial weights as a weights file: 'pretrained' statistics that bn_stats: frozen keeps."""
-    from seedlings.model import create_model
+    from seedlings.train.model import create_model
 
     path = folder / "tiny-init.pth"
     torch.save(create_model(tiny_recipe(), 12).state_dict(), path)
@@ -229,7 +230,7 @@ def test_batch_norm_statistics_move_when_asked(demo_master, home):
 def test_logistic_head_is_the_converged_probe(demo_master, home):
     """fit: logistic puts the cross-validated logistic regression into the classifier: its validation loss is far
     below what a few SGD epochs reach, and its predictions are the probe's."""
-    from seedlings.features import features_for, fit_logistic
+    from seedlings.train.features import features_for, fit_logistic
 
     recipe = tiny_recipe(
         "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "precompute_d4=false", "pretrained=none"
@@ -250,7 +251,7 @@ def test_logistic_head_is_the_converged_probe(demo_master, home):
 def test_frozen_features_are_computed_once_for_every_fold(demo_master, home, monkeypatch):
     """While the backbone is still the pretrained one, every fold's precompute stage reads one feature file of the
     run: the backbone runs over the images once, not once per fold; each fold still fits its own head."""
-    import seedlings.features as features
+    import seedlings.train.features as features
 
     calls = []
     original = features.pooled_features
@@ -276,7 +277,7 @@ def test_real_images_no_collapse_at_stage_changes(real, home):
     above the solved head by the fifth (README, "The fourth sweep"): a rate's transient, with the batch-norm
     statistics frozen, not the collapse this test is for."""
     from seedlings.paths import REPO
-    from seedlings.recipes import load_recipe
+    from seedlings.recipe.load import load_recipe
 
     recipe = load_recipe(REPO / "configs" / "cpu-v2.yaml", ["validate=epoch"])  # the recipe scores cycle ends only
     train_fold(open_run("cpu", real, recipe), 0)
@@ -299,10 +300,10 @@ def test_a_stage_on_frozen_maps_is_the_network_cut_after_its_frozen_groups(demo_
     """precompute with frozen_groups: the frozen groups' maps of every dihedral view are computed once, in the run's
     folder (shared by its folds); the layers after them fed those maps give the whole network's logits for that view;
     training moves only those layers; and predicting from the maps gives what predicting through the network gives."""
-    from seedlings.context import eval_loader
-    from seedlings.features import FrozenCut
-    from seedlings.predict import maps_cut, predict_fold, tta_probs
-    from seedlings.tta import dihedral
+    from seedlings.data.augment import dihedral
+    from seedlings.predict.infer import maps_cut, predict_fold, tta_probs
+    from seedlings.train.features import FrozenCut
+    from seedlings.train.fold import eval_loader
 
     recipe = tiny_recipe(MAPS_STAGES, "bf16=false", "mixup_alpha=0.4", "cutmix_alpha=1.0", "tta=d4")
     run = open_run("maps", demo_master, recipe, 3)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from seedlings.tta import dihedral, tta_predict, tta_views
+from seedlings.data.augment import dihedral
+from seedlings.predict.tta import tta_predict, tta_views
 
 
 class Invariant(nn.Module):

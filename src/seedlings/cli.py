@@ -10,28 +10,29 @@ from pathlib import Path
 import cv2
 import torch
 
-from seedlings.baseline import linear_probe
-from seedlings.bench import bench
-from seedlings.chain import submit
-from seedlings.compare import PROBE_MODEL, compare
-from seedlings.data import parallel_jobs
-from seedlings.demo import make_demo
-from seedlings.ensemble import print_oof_summary
+from seedlings.data.competition import check_competition, scan_competition
+from seedlings.data.demo import make_demo
+from seedlings.data.fetch import fetch
+from seedlings.data.folds import make_folds
+from seedlings.data.kaggle import leaderboard, upload
+from seedlings.data.loaders import parallel_jobs
 from seedlings.errors import Busy, UserError
-from seedlings.fetch import fetch
-from seedlings.folds import make_folds
-from seedlings.holdout import grade, grade_members, make_holdout
-from seedlings.images import check_competition, scan_competition
-from seedlings.kaggle_client import leaderboard, upload
-from seedlings.lr_find import lr_find
-from seedlings.predict import predict_run
-from seedlings.recipes import load_recipe
+from seedlings.lab.bench import bench
+from seedlings.lab.compare import PROBE_MODEL, compare
+from seedlings.lab.holdout import grade, grade_members, make_holdout
+from seedlings.lab.probe import linear_probe
+from seedlings.lab.sweep.report import finish_sweep, write_sweep_report
+from seedlings.lab.sweep.space import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS, sweep_from_args
+from seedlings.lab.sweep.study import open_study, safe_url, serve_dashboard
+from seedlings.lab.sweep.worker import run_worker
+from seedlings.predict.blend import print_oof_summary
+from seedlings.predict.infer import predict_run
+from seedlings.predict.submission import validate_submission
+from seedlings.predict.submit import submit
+from seedlings.recipe.load import load_recipe
 from seedlings.run import Run, open_run, saved_run
-from seedlings.study import open_study, run_worker, safe_url, serve_dashboard
-from seedlings.submission import validate_submission
-from seedlings.sweep import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS, sweep_from_args
-from seedlings.sweep_report import finish_sweep, write_sweep_report
-from seedlings.train import train_fold
+from seedlings.train.fit import train_fold
+from seedlings.train.lr_find import lr_find
 
 DEFAULT_DATA = "data/plant-seedlings-classification"
 DEFAULT_CONFIG = "configs/cpu.yaml"

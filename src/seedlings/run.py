@@ -14,13 +14,12 @@ from pathlib import Path
 import yaml
 
 from seedlings import paths
-from seedlings.config import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
+from seedlings.data.competition import Competition, file_digest, parallel_map, scan_competition
+from seedlings.data.folds import default_folds_path
 from seedlings.errors import UserError
-from seedlings.files import read_json, write_json, write_text
-from seedlings.folds import default_folds_path
-from seedlings.images import Competition, file_digest, parallel_map, scan_competition
-from seedlings.members import Member, Probs, load_probs, save_probs  # noqa: F401 - Probs and its I/O lived here before
-from seedlings.recipes import read_yaml, recipe_from_dict
+from seedlings.recipe.load import read_yaml, recipe_from_dict
+from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
+from seedlings.storage import read_json, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -169,27 +168,18 @@ class Run:
         now = digests(self.comp, "test", recorded)
         return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
-    def members(self, fold: int | None = None) -> list[Member]:
-        """The models to predict with, of one fold or of every trained fold: the last stage's cycle-end snapshots
-        (the last of which is the final model), or the final model alone when snapshots are off."""
-        folds = self.models() if fold is None else [fold]
-        last = len(self.recipe.stages) - 1
-        stage = self.recipe.stages[last]
-        n_cycles = stage.n_cycles if stage.fit == "sgdr" else 1
-        out = []
-        for k in folds:
-            if not self.is_trained(k):
-                if fold is not None:
-                    raise UserError(f"{self.fold_dir(k)}: fold {k} of run {self.name!r} is not trained yet "
-                                    f"(make train FOLD={k})")  # fmt: skip
-                continue
-            if self.recipe.snapshots:
-                snaps = self.fold_dir(k) / "snapshots"
-                names = [f"stage{last}-cycle{c}" for c in range(n_cycles)]
-                out += [Member(self.name, k, n, snaps / f"{n}.pt", k == self.full) for n in names]
-            else:
-                out.append(Member(self.name, k, "final", self.fold_dir(k) / "final.pt", k == self.full))
-        return out
+    def snapshot_path(self, fold: int, stage: int, cycle: int) -> Path:
+        """The weights at the end of SGDR cycle `cycle` of stage `stage` (one file per cycle: the snapshot ensemble's
+        members, and where a later stage or the LR finder starts from)."""
+        return self.fold_dir(fold) / "snapshots" / f"{snapshot_name(stage, cycle)}.pt"
+
+    def final_path(self, fold: int) -> Path:
+        """The fold's weights when training ended."""
+        return self.fold_dir(fold) / "final.pt"
+
+
+def snapshot_name(stage: int, cycle: int) -> str:
+    return f"stage{stage}-cycle{cycle}"
 
 
 def open_run(

@@ -1,0 +1,2 @@
+"""Data in: the competition (fetch, scan, folds), images decoded once (cache), and training batches (loaders,
+augmentation)."""

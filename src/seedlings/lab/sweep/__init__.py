@@ -1,0 +1,1 @@
+"""`make sweep`: recipes searched with Optuna (space), a study shared by workers (study, worker), and its report."""

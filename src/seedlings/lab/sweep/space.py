@@ -1,0 +1,179 @@
+"""`make sweep`: recipes searched with Optuna. A sweep is a base recipe and a search space of recipe keys; its study
+(study.py) lives in a storage every worker shares, and each trial is an ordinary run under the sweep
+(runs/<sweep>/trial-<n>), trained by train_fold, which reports every epoch's validation micro-F1 to the pruner.
+A trial's value, over its first `sweep_folds` folds: `fold`, the mean of their last-epoch validation micro-F1 (one
+view, no blend); `chain`, the out-of-fold micro-F1 of what `make submit` would blend from them (TTA, snapshot
+weights, calibration when it lowers the cross-fitted log loss). Held-out answers never choose.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning
+
+from seedlings import paths
+from seedlings.errors import UserError
+from seedlings.lab.holdout import ensure_holdout
+from seedlings.recipe.load import apply_override, load_recipe, parse_value, read_yaml, recipe_from_dict
+from seedlings.recipe.schema import FREE_KEYS, Recipe, recipe_dict
+from seedlings.run import Run
+from seedlings.train.schedule import cycle_end_epochs
+
+warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat and retry are marked experimental
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial says what happened
+
+PRUNERS = ("sha", "hyperband", "none")
+OBJECTIVES = ("fold", "chain")
+SETTINGS_BEFORE = {"objective": "fold"}  # what a study recorded before a setting existed ran with
+HEARTBEAT_S = 60  # a running trial writes its heartbeat this often (RDB storages)
+GRACE_S = 180  # ...and is failed and retried when none came for this long (a dead worker, a lost node)
+MAX_RETRY = 3  # a trial whose worker died is retried this many times at most
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A study over recipes: `base` (the recipe as a mapping) with the keys of `space` drawn per trial."""
+
+    name: str  # runs/<name>/: the study's journal, its trials' runs, its report
+    data: Path
+    base: dict
+    space: dict[str, BaseDistribution]
+    trials: int  # the study's total, however many workers share it
+    n_folds: int = 5
+    fold_seed: int = 0
+    sweep_folds: int = 1  # a trial's value comes from its first sweep_folds folds
+    storage: str = ""  # "" : a journal file in the sweep's folder; postgresql://..., mysql://... across machines
+    pruner: str = "sha"
+    min_resource: int = 4  # metrics rows (a solved head, then epochs) before the pruner may stop a trial
+    reduction_factor: int = 2  # successive halving keeps the best 1/reduction_factor at each rung
+    seed: int = 0  # the sampler's seed (each worker adds its own number)
+    heartbeat: int = HEARTBEAT_S
+    grace: int = GRACE_S
+    objective: str = "fold"  # fold: mean last-epoch validation micro-F1 | chain: OOF micro-F1 of the folds' blend
+
+    @property
+    def dir(self) -> Path:
+        return paths.run_dir(self.name)
+
+    @property
+    def journal(self) -> Path:
+        return self.dir / "study.journal"
+
+    @property
+    def is_file_storage(self) -> bool:
+        return not self.storage or self.storage.startswith("sqlite")
+
+    def settings(self) -> dict:
+        """What the study was created with: a worker with other settings is refused instead of mixing two searches."""
+        space = {k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()}
+        return {"base": self.base, "space": space, "data": Path(self.data).resolve().name, "n_folds": self.n_folds,
+                "fold_seed": self.fold_seed, "sweep_folds": self.sweep_folds, "objective": self.objective}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------- the space
+def load_space(path: str | Path, base: dict) -> dict[str, BaseDistribution]:
+    """A search-space file: recipe key (dotted, as in ARGS) -> a list of choices | {low, high, log} | {low, high,
+    step}. Every key, bound and choice is checked against the base recipe before any trial trains."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: search space not found")
+    raw = read_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: a search space maps recipe keys to choices or ranges")
+    return {str(key): distribution(path, str(key), spec, base) for key, spec in raw.items()}
+
+
+def distribution(path: Path, key: str, spec: Any, base: dict) -> BaseDistribution:
+    where = f"{path}: {key}"
+    if any(part.strip().split(".")[0] in FREE_KEYS for part in key.split(",")):
+        raise UserError(f"{where}: changes predictions or how the pipeline runs, not the trained fold a trial is "
+                        "scored on; leave it out of the space")  # fmt: skip
+    if isinstance(spec, list):
+        if not spec:
+            raise UserError(f"{where}: an empty list of choices")
+        choices = [encode_choice(parse_value(v) if isinstance(v, str) else v) for v in spec]
+        if len(set(choices)) != len(choices):
+            raise UserError(f"{where}: a choice is listed twice")
+        dist: BaseDistribution = CategoricalDistribution(choices)
+        values = [decode_choice(c) for c in choices]
+    elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log", "step"}:
+        low, high = (parse_value(str(spec[k])) for k in ("low", "high"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise UserError(f"{where}: low and high must be numbers, got {spec['low']!r} and {spec['high']!r}")
+        if low > high:
+            raise UserError(f"{where}: low {low} is above high {high}")
+        log, step = bool(spec.get("log", False)), spec.get("step")
+        if log and (low <= 0 or step is not None):
+            raise UserError(f"{where}: log ranges need low > 0 and no step")
+        if isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int)):
+            dist = IntDistribution(low, high, log=log, step=step or 1)
+        else:
+            dist = FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+        values = [low, high]
+    else:
+        raise UserError(f"{where}: expected a list of choices, {{low, high, log}} or {{low, high, step}}, got {spec!r}")
+    for value in values:  # each bound and choice must make a valid recipe with the base (ranges, known keys)
+        try:
+            recipe_with(base, {key: value})
+        except UserError as e:
+            raise UserError(f"{where}: {value!r} does not make a valid recipe ({e})") from None
+    return dist
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna stores choices as plain scalars: a list or mapping (a stage list, an LR {max, mult}) as its YAML text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return "yaml:" + yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+
+def decode_choice(value: Any) -> Any:
+    return parse_value(value[5:]) if isinstance(value, str) and value.startswith("yaml:") else value
+
+
+def recipe_with(base: dict, params: dict[str, Any]) -> Recipe:
+    """The base recipe with a trial's values; an impossible combination exits 2 naming the key (the trial fails)."""
+    values = json.loads(json.dumps(base))  # a deep copy
+    for key, value in params.items():
+        for part in key.split(","):  # keys joined by commas take one value together (a size for every stage)
+            apply_override(values, part.strip(), decode_choice(value))
+    return recipe_from_dict(values)
+
+
+def fold_epochs(recipe: Recipe) -> int:
+    """SGDR epochs a fold of this recipe trains (a solved head writes a metrics row but is no epoch)."""
+    return sum(cycle_end_epochs(s.n_cycles, s.cycle_len, s.cycle_mult)[-1] for s in recipe.stages if s.fit == "sgdr")
+
+
+def sweep_from_args(args) -> Sweep:
+    """The sweep of a command line (cli's sweep arguments): base recipe (CONFIG + ARGS), space, data (or compare's
+    held-out split of it), every number checked."""
+    checks = {
+        "--trials": args.trials,
+        "--sweep-folds": args.sweep_folds,
+        "--min-resource": args.min_resource,
+        "--reduction-factor": args.reduction_factor - 1,
+        "--heartbeat": args.heartbeat,
+        "--grace": args.grace,
+    }
+    for flag, value in checks.items():
+        if value < 1:
+            raise UserError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
+    if args.grace <= args.heartbeat:
+        raise UserError(f"--grace: must exceed --heartbeat ({args.heartbeat} s), got {args.grace}")
+    recipe = load_recipe(args.config, args.overrides)
+    data = ensure_holdout(args.data, 0.2, 0) if args.holdout else Path(args.data)
+    name = args.sweep or Path(args.space).stem
+    Run(name, data, recipe, args.n_folds, args.fold_seed).check_fold(args.sweep_folds - 1)  # names and split checked
+    base = recipe_dict(recipe)
+    return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
+                 args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
+                 heartbeat=args.heartbeat, grace=args.grace, objective=args.objective)  # fmt: skip

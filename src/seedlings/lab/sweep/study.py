@@ -1,0 +1,180 @@
+"""A sweep's Optuna study: its storage (a journal file on one machine, PostgreSQL or MySQL across machines), the lock
+under which workers create it and start trials, the sampler and pruner, and the dashboard on it."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import optuna_dashboard
+import sqlalchemy
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+from seedlings.errors import UserError
+from seedlings.lab.sweep.space import MAX_RETRY, SETTINGS_BEFORE, Sweep
+from seedlings.recipe.schema import Recipe, recipe_dict
+
+
+# ----------------------------------------------------------------------------------------------- storage and study
+def check_storage(sweep: Sweep) -> None:
+    """A file storage (journal, SQLite) holds one machine's workers: Optuna documents both as unsafe on network file
+    systems, so a second host is refused."""
+    if not sweep.is_file_storage:
+        return
+    hosts = sweep.dir / "hosts.json"
+    host = socket.gethostname()
+    known = json.loads(hosts.read_text()) if hosts.exists() else [host]
+    if host not in known:
+        raise UserError(f"{sweep.journal if not sweep.storage else sweep.storage}: a file storage is safe for the "
+                        f"workers of one machine ({known[0]}), not {host} too (Optuna documents journal and SQLite "
+                        "files as unsafe on network file systems); use STORAGE=postgresql://...")  # fmt: skip
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(json.dumps(known))
+
+
+def storage_of(sweep: Sweep):
+    """The Optuna storage: built under the sweep's lock (N workers that start at once would race on creating an RDB's
+    tables); an unreachable server exits 2 naming the host, never the password."""
+    if not sweep.storage:
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        path = str(sweep.journal)
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    heartbeat = {} if sweep.storage.startswith("sqlite") else {
+        "heartbeat_interval": sweep.heartbeat, "grace_period": sweep.grace,
+        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+    }  # fmt: skip
+    try:
+        return optuna.storages.RDBStorage(sweep.storage, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+    except Exception as e:  # noqa: BLE001 - a wrong URL or a down server is the user's input
+        raise UserError(f"STORAGE: cannot open the study's database at {safe_url(sweep.storage)} "
+                        f"({type(e).__name__}: {first_line(e)})") from None  # fmt: skip
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with its password masked."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("@")[-1]
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+class SweepLock:
+    """One worker at a time counts the trials and starts the next one (so the study ends at exactly `trials`), and
+    creates the study: an advisory lock of the database server across machines, a file lock on one."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep, self.conn, self.file, self.held = sweep, None, None, False
+
+    def acquire(self) -> None:
+        url = self.sweep.storage
+        if url.startswith(("postgresql", "mysql")):
+            key = int(hashlib.sha256(self.sweep.name.encode()).hexdigest()[:15], 16)  # a bigint from the name
+            try:
+                self.conn = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()
+                lock = "SELECT pg_advisory_lock(:k)" if url.startswith("postgresql") else "SELECT GET_LOCK(:k, -1)"
+                self.conn.execute(sqlalchemy.text(lock), {"k": key if url.startswith("postgresql") else str(key)})
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"STORAGE: cannot reach the study's database at {safe_url(url)} "
+                                f"({type(e).__name__}: {first_line(e)})") from None  # fmt: skip
+        else:
+            self.sweep.dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.sweep.dir / ".sweep.lock", "a+")  # noqa: SIM115 - held across calls
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.conn is not None:
+            self.conn.close()  # ends the session: the advisory lock goes with it
+            self.conn = None
+        if self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+    @contextmanager
+    def held_for(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
+    """The sweep's study, created on first use with its settings recorded; later workers must bring the same ones."""
+    check_storage(sweep)
+    lock = lock or SweepLock(sweep)
+    with lock.held_for():
+        storage = storage_of(sweep)
+        study = optuna.create_study(study_name=sweep.name, storage=storage, direction="maximize",
+                                    sampler=sampler(sweep), pruner=pruner(sweep), load_if_exists=True)  # fmt: skip
+        recorded = study.user_attrs.get("settings")
+        if recorded is None:
+            study.set_user_attr("settings", sweep.settings())
+            study.set_user_attr("trials", sweep.trials)
+            study.set_user_attr("pruner", sweep.pruner)
+            study.set_user_attr("data_path", str(Path(sweep.data).resolve()))
+        else:
+            diff = settings_diff(recorded, sweep.settings())
+            if diff:
+                raise UserError(f"study {sweep.name!r}: created with another {', '.join(diff)}; use the same CONFIG, "
+                                "ARGS, SPACE and data, or another SWEEP")  # fmt: skip
+    return study
+
+
+def settings_diff(recorded: dict, now: dict) -> list[str]:
+    """What differs between a study's recorded settings and a worker's, the base recipe key by key. A recipe key the
+    project gained after the study was created counts as its default in the recorded base, so an update that adds a
+    key (off by default) does not orphan a study; so does a setting (a study from before objectives: `fold`)."""
+    defaults = recipe_dict(Recipe())
+    recorded, now = {**SETTINGS_BEFORE, **recorded}, {**SETTINGS_BEFORE, **now}
+    old_base = {k: recorded["base"].get(k, defaults[k]) for k in now["base"]}
+    keys = [f"base key {k}" for k in now["base"] if old_base[k] != now["base"][k]]
+    keys += [f"base key {k}" for k in recorded["base"] if k not in now["base"]]
+    return keys + [k for k in recorded if k != "base" and recorded[k] != now.get(k)]
+
+
+def sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
+    """TPE, its first trials random; each worker draws from its own seed, so parallel workers do not repeat each
+    other's first trials."""
+    startup = max(4, min(10, sweep.trials // 3))
+    return optuna.samplers.TPESampler(n_startup_trials=startup, seed=sweep.seed + os.getpid() % 10_000)
+
+
+def pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.min_resource, reduction_factor=sweep.reduction_factor)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_resource,
+                                                  reduction_factor=sweep.reduction_factor)  # fmt: skip
+
+
+def serve_dashboard(name: str, storage: str, port: int) -> int:
+    """optuna-dashboard on the sweep's storage, on 127.0.0.1 only (it has no authentication)."""
+    sweep = Sweep(name, Path("."), {}, {}, 0, storage=storage)
+    if not storage and not sweep.journal.exists():
+        raise UserError(f"{sweep.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    print(f"optuna-dashboard for sweep {name!r}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
+    optuna_dashboard.run_server(storage_of(sweep), host="127.0.0.1", port=port)
+    return 0

@@ -1,0 +1,157 @@
+"""A sweep's worker: trials run through train_fold until the study holds its total, each scored by its objective
+(the folds' last epochs, or the chain's blend of them); a dead worker's trial is queued again and resumes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from seedlings.data.folds import load_folds
+from seedlings.errors import UserError
+from seedlings.lab.sweep.space import MAX_RETRY, Sweep, fold_epochs, recipe_with
+from seedlings.lab.sweep.study import SweepLock, open_study
+from seedlings.predict.infer import predict_run
+from seedlings.predict.submit import blend_members
+from seedlings.run import Run, open_run
+from seedlings.train.fit import train_fold
+
+
+def slots_taken(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count towards the total: every trial but a dead worker's, whose retry stands in for it."""
+    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+    return sum(1 for t in trials if t.number not in retried)
+
+
+def run_worker(sweep: Sweep) -> int:
+    """Run trials until the study holds `trials` of them; returns how many this worker ran."""
+    lock = SweepLock(sweep)
+    study = open_study(sweep, lock)
+    ran = 0
+    while True:
+        lock.acquire()
+        try:
+            optuna.storages.fail_stale_trials(study)  # dead workers' trials failed and queued again (heartbeat)
+            if sweep.is_file_storage:
+                fail_dead_local_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and slots_taken(trials) >= sweep.trials:
+                break
+            # the lock is released by the objective once its trial exists: counting and asking are one step
+            study.optimize(lambda trial: objective(sweep, trial, lock), n_trials=1,
+                           catch=(UserError, MemoryError))  # fmt: skip
+            ran += 1
+        finally:
+            lock.release()
+    return ran
+
+
+def process_alive(pid: int) -> bool:
+    """Whether pid is a live seedlings process on this machine (a pid reused by another program counts as dead)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc (macOS): the pid alone
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return b"seedlings" in cmdline
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """A file storage has no heartbeat (Optuna's journal and SQLite backends keep none), but all its workers are on
+    this machine: a running trial whose worker process is gone (kill -9, a reboot, the OOM killer) is failed and
+    queued again with the same parameters, like the heartbeat's retry, so it resumes from its checkpoint."""
+    host = socket.gethostname()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if pid is None or t.user_attrs.get("host") != host or process_alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # what fail_stale_trials does
+        print(f"trial {t.number}: its worker (process {pid}) is gone; failed and queued again")
+        retry(study, study._storage.get_trial(t._trial_id))
+
+
+def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
+    lock.release()
+    params = {key: suggest(trial, key, dist) for key, dist in sweep.space.items()}
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    number = trial.number if original is None else original  # a retry trains on in its original's folder
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    try:
+        recipe = recipe_with(sweep.base, params)
+        run = open_run(f"{sweep.name}/trial-{number:04d}", sweep.data, recipe, sweep.n_folds, sweep.fold_seed)
+    except UserError as e:
+        trial.set_user_attr("error", str(e))
+        print(f"trial {trial.number}: refused: {e}")
+        raise
+    trial.set_user_attr("planned_epochs", fold_epochs(recipe) * sweep.sweep_folds)
+    trial.set_user_attr("run", run.name)
+    epochs, scores = 0, []
+    for i in range(sweep.sweep_folds):
+
+        def on_epoch(row: dict, fold: int = i) -> None:
+            # the pruner sees fold 0's epochs only: every trial's step k is then the same epoch of the same fold
+            # whatever its length (numbered on through the next folds, a 12-epoch trial's fold 1 would meet a
+            # 16-epoch trial's fold 0 at one rung); a trial that survives fold 0 runs its other folds to the end
+            nonlocal epochs
+            epochs += 1
+            trial.set_user_attr("epochs", epochs)
+            if fold > 0:
+                return
+            step = int(row["epoch"])
+            trial.report(float(row["val_f1"]), step)
+            if trial.should_prune():
+                print(f"trial {trial.number}: pruned at epoch {step} (val micro-F1 {row['val_f1']:.4f})")
+                raise optuna.TrialPruned(f"epoch {step}: val micro-F1 {row['val_f1']:.4f}")
+
+        try:
+            final = train_fold(run, i, on_epoch=on_epoch)
+        except UserError as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        scores.append(final["val_f1"])
+    trial.set_user_attr("epochs", epochs)
+    value = float(np.mean(scores))
+    trial.set_user_attr("fold_value", value)
+    what = f"val micro-F1 {value:.4f}"
+    if sweep.objective == "chain":
+        value, log_loss, calibrated = chain_value(run, sweep.sweep_folds)
+        trial.set_user_attr("log_loss", log_loss)
+        trial.set_user_attr("calibrated", calibrated)
+        what = f"chain OOF micro-F1 {value:.4f}, log loss {log_loss:.4f} (the folds' last epochs: {what})"
+    print(f"trial {trial.number}: {what} ({', '.join(f'{k}={v}' for k, v in params.items())})")
+    return value
+
+
+def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
+    """The trial's first n_folds folds predicted (TTA, every snapshot; skipped when already done) and blended as `make
+    submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
+    finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
+    members = predict_run(run, list(range(n_folds)))
+    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    *_, table, calibration = blend_members(run.recipe, members, folds, run.comp.classes)
+    row = table["blend"]
+    return float(row["micro_f1"]), float(row["log_loss"]), bool(calibration and calibration["used"])
+
+
+def suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)

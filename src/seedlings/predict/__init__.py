@@ -1,0 +1,1 @@
+"""From trained folds to a submission: TTA probabilities, blends and calibration, the submission CSV and the chain."""

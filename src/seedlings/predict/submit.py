@@ -1,0 +1,137 @@
+"""The one-command chain: folds, train every fold, predict, blend, write and validate submissions/<run>.csv."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from seedlings import paths
+from seedlings.data.cache import load_cache
+from seedlings.data.competition import Competition
+from seedlings.data.folds import load_folds
+from seedlings.errors import Busy, UserError
+from seedlings.predict.blend import assemble, blend, blend_full, calibrate_blend, fold_of_files, format_table
+from seedlings.predict.infer import predict_run
+from seedlings.predict.members import Member, Probs, save_probs
+from seedlings.predict.report import write_report
+from seedlings.predict.submission import species_of, validate_submission, write_submission
+from seedlings.recipe.schema import Recipe, recipe_dict
+from seedlings.run import Run, git_commit
+from seedlings.storage import write_csv, write_json
+from seedlings.train.fit import train_fold
+
+
+@contextmanager
+def timed(timings: dict, step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
+    """The split's unreadable images (skip_bad_images: true; otherwise the first exits 2), named where they go."""
+    bad = load_cache(comp, split, recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask).bad
+    if bad:
+        what = "left out of training" if split == "train" else "predicted from a blank image"
+        print(f"warning: {len(bad)} unreadable {split} images {what}: {', '.join(bad)}", file=sys.stderr)
+    return bad
+
+
+def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None) -> Path:
+    """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished
+    runs on the same data and folds whose members join the blend."""
+    timings: dict[str, float] = {}
+    comp = run.comp  # sample_submission.csv against test/: checked before anything trains
+    with timed(timings, "folds"):
+        folds = load_folds(run.data, run.n_folds, run.fold_seed)
+        # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours
+        skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
+    if comp.ignored:
+        print(f"warning: not read (images go in train/<Species>/ and test/): {'; '.join(comp.ignored)}")
+    missing = {}
+    with timed(timings, "train"):
+        for fold in run.models():
+            try:
+                train_fold(run, fold)
+            except Busy as e:  # trained by another process or host (shared runs/): blended when it is done
+                missing[fold] = str(e)
+    if len(missing) == len(run.models()):
+        raise UserError(f"run {run.name!r}: every fold is being trained elsewhere ({'; '.join(missing.values())})")
+    for fold, why in missing.items():
+        print(f"warning: fold {fold} is not in this blend: {why}; make submit again when it is done", file=sys.stderr)
+    with timed(timings, "predict"):
+        members = [m for blended in [run, *others] for m in predict_run(blended)]
+    with timed(timings, "blend"):
+        oof, test, labels, table, calibration = blend_members(run.recipe, members, folds, comp.classes, weights)
+        print(format_table(table))
+        out = paths.submissions_dir() / f"{run.name}.csv"
+        write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
+        n_rows = validate_submission(run.data, out)
+    save_probs(run.dir / "probs" / "blend.oof.csv", oof)
+    save_probs(run.dir / "probs" / "blend.test.csv", test)
+    provenance = {
+        "submission": str(out),
+        "rows": n_rows,
+        "run": run.name,
+        "runs": [blended.name for blended in [run, *others]],
+        "data": str(run.data.resolve()),
+        "n_folds": run.n_folds,
+        "fold_seed": run.fold_seed,
+        "git_commit": git_commit(),
+        "recipe": recipe_dict(run.recipe),
+        "weights": weights,
+        "members": table,
+        "calibration": calibration,
+        "oof_files": len(oof.files),
+        "skipped_images": skipped,
+        "missing_folds": sorted(missing),
+        "seconds": timings,
+        "command": command or [],
+    }
+    write_json(out.with_suffix(".json"), provenance)
+    report = write_report(run, comp, oof, labels, table, skipped)
+    print(
+        f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
+        f"{out.with_suffix('.json')}; report in {report}"
+    )
+    if run.recipe.pseudo_label and not run.pseudo_path.exists():  # round 2 on the confident test images
+        return submit(pseudo_round(run, test), others, weights, command)
+    return out
+
+
+def blend_members(
+    recipe: Recipe, members: list[Member], folds: pd.DataFrame, classes: list[str], weights: str = "fit"
+) -> tuple[Probs, Probs, np.ndarray, dict, dict | None]:
+    """The chain's blend of predicted members: (OOF probabilities, test probabilities, OOF labels, the members'
+    table, the calibration or None): snapshots weighted by OOF log loss, the full fit joined, and with `calibrate:
+    bias` the blend calibrated on its cross-fitted OOF probabilities when that lowers their log loss."""
+    files, parts = assemble(members)
+    label_of = dict(zip(folds.file, folds.species))
+    labels = np.array([classes.index(label_of[f]) for f in files])
+    oof, test, table = blend(parts, labels, weights)
+    test = blend_full(members, test, table)
+    calibration = None
+    if recipe.calibrate == "bias":
+        oof, test, calibration = calibrate_blend(oof, test, labels, fold_of_files(folds, files), table, classes)
+    return Probs(oof, files, classes), Probs(test, members[0].load("test").files, classes), labels, table, calibration
+
+
+def pseudo_round(run: Run, test: Probs) -> Run:
+    """The pseudo-label round of a run: runs/<run>-pseudo/ with pseudo.csv (the test images whose blended probability
+    reaches pseudo_label, labelled with the predicted species), trained like the first round."""
+    confident = test.values.max(1) >= run.recipe.pseudo_label
+    second = Run(f"{run.name}-pseudo", run.data, run.recipe, run.n_folds, run.fold_seed)
+    chosen = pd.DataFrame({"file": np.array(test.files)[confident], "species": species_of(test.values[confident],
+                           run.comp.classes), "probability": test.values[confident].max(1)})  # fmt: skip
+    if not second.pseudo_path.exists():
+        write_csv(second.pseudo_path, chosen, float_format="%.6f")
+    print(f"pseudo-labels: {int(confident.sum())} of {len(test.files)} test images at probability >= "
+          f"{run.recipe.pseudo_label:g}; round 2 in {second.dir}")  # fmt: skip
+    second.check()
+    return second

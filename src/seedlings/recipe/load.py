@@ -1,0 +1,213 @@
+"""Reading recipes: a YAML file (or a run's saved mapping) type-checked into schema.Recipe, with dotted key=value
+overrides from the command line; unknown keys and wrong types exit 2 naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seedlings.errors import UserError
+from seedlings.recipe.schema import LR, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, Stage, validate
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a few hundred bytes of nested aliases expand to gigabytes: "billion laughs") and without
+    a key given twice in one mapping (the last would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not accepted", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, StrictLoader.construct_mapping)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """YAML text (a recipe, a space, a run's config, an override's value); bad YAML exits 2 naming `where`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its annotated type; errors name the key."""
+    if tp is LR or tp == "LR":
+        return _coerce_lr(key, value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}.{i}", v, item_tp) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return _finite(key, value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise UserError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_lr(key: str, value: Any) -> LR:
+    if isinstance(value, bool):
+        raise UserError(f"{key}: expected a learning rate, got {value!r}")
+    if isinstance(value, (int, float)):
+        return _finite(key, value)
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        return [_finite(f"{key}.{i}", v) for i, v in enumerate(value)]
+    if isinstance(value, dict) and set(value) == {"max", "mult"}:
+        return {"max": _coerce(f"{key}.max", value["max"], float), "mult": _coerce(f"{key}.mult", value["mult"], float)}
+    raise UserError(f"{key}: expected a number, a list of numbers or {{max, mult}}, got {value!r}")
+
+
+def _finite(key: str, value: float) -> float:
+    """NaN compares false both ways, so it would pass every range check: every number must be finite."""
+    if not math.isfinite(value):
+        raise UserError(f"{key}: must be a finite number, got {value}")
+    return float(value)
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls, globalns={**vars(typing), "LR": LR, "Stage": Stage})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise UserError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str, key: str = "") -> Any:
+    """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
+    return _fix_floats(read_yaml(text, f"{key}: the value {text!r}" if key else f"the value {text!r}"))
+
+
+def _fix_floats(obj: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number."""
+    if isinstance(obj, dict):
+        return {k: _fix_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_floats(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if any(c.isdigit() for c in obj) and obj.strip().lower() not in ("nan", "inf") else obj
+        except ValueError:
+            return obj
+    return obj
+
+
+def apply_override(values: dict, key: str, value: Any) -> None:
+    """Set a dotted key (`stages.1.size`) in a nested dict/list, creating nothing that the recipe lacks."""
+    parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"{key or '(empty)'}: not a recipe key (an override is key=value, dotted: stages.1.size=160)")
+    node: Any = values
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"{path}: no such list index (the recipe has {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                if part == "stages" or part in {f.name for f in dataclasses.fields(Recipe)}:
+                    node[part] = {}
+                else:
+                    raise UserError(f"{path}: unknown key")
+            node = node[part]
+        else:
+            raise UserError(f"{path}: is not a mapping or a list")
+    last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        parent = ".".join(parts[:-1])
+        raise UserError(f"{key}: {parent} is a value ({node!r}), not a mapping with keys")
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"{key}: no such list index (the recipe has {len(node)})")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (None: the defaults), apply `key=value` overrides, type-check and validate."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: recipe not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not a text file") from None
+        values = read_yaml(text, str(p))
+        if values is None:
+            raise UserError(f"{p}: an empty recipe (it would silently train the defaults); give its keys")
+        if not isinstance(values, dict):
+            raise UserError(f"{p}: a recipe is a mapping of keys to values")
+        values = _fix_floats(drop_run_record(values, p))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"{item}: an override is key=value")
+        key, text = item.split("=", 1)
+        apply_override(values, key.strip(), parse_value(text, key.strip()))
+    return recipe_from_dict(values)
+
+
+def drop_run_record(values: dict, path: Path) -> dict:
+    """A run's runs/<run>/config.yaml (it names its git commit) as a recipe: its split and provenance are not recipe
+    keys, so they are left out and said (N_FOLDS, FOLD_SEED and DATA give them). A recipe file with `n_folds` and no
+    commit is refused as an unknown key, like any other."""
+    if "git_commit" not in values:
+        return values
+    record = {k: values[k] for k in (*SPLIT_KEYS, *PROVENANCE_KEYS) if k in values}
+    print(f"{path}: a run's record; its recipe is used, not its {', '.join(f'{k} {v}' for k, v in record.items())}"
+          " (N_FOLDS, FOLD_SEED and DATA set those)", file=sys.stderr)  # fmt: skip
+    return {k: v for k, v in values.items() if k not in record}
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
+    recipe = _build(Recipe, values)
+    validate(recipe)
+    return recipe

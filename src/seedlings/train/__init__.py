@@ -1,0 +1,1 @@
+"""Training a fold: the model, its stages and steps, checkpoints, precomputed features, the LR finder."""

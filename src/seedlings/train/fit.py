@@ -1,0 +1,154 @@
+"""Train one fold with the fast.ai recipe: stages of SGDR at growing sizes, head first, checkpointed every epoch.
+
+`fit_fold` is the whole of a fold's training, top to bottom; the pieces it calls each do one thing: `fit_head` solves
+the head (features.py), a trainee says what a stage trains and on what (trainees.py), `train_epoch` runs one pass,
+`FoldLog` writes what an epoch leaves behind (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from seedlings.errors import Busy, UserError
+from seedlings.metrics import val_scores
+from seedlings.run import Run
+from seedlings.storage import exclusive, read_json, save_torch, write_json
+from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
+from seedlings.train.curves import plot_fold
+from seedlings.train.features import fit_head
+from seedlings.train.fold import FoldContext, prepare_fold
+from seedlings.train.mixing import mix_batch, mixed_criterion
+from seedlings.train.model import make_optimizer
+from seedlings.train.schedule import cycle_end_epochs, make_scheduler
+from seedlings.train.step import train_step
+from seedlings.train.trainees import trainee_for
+
+EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
+# the full fit (no validation images), and the epochs inside a cycle with validate: cycle
+NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}
+
+
+def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
+    """Train (or resume, or skip when finished) one fold under its lock; returns the final validation scores.
+
+    until_stage: stop (checkpointed, resumable) before that stage starts; the LR finder sweeps a later stage so.
+    on_epoch: called after every epoch (a sweep reports the score to its pruner there, which may stop the fold).
+    """
+    out = run.fold_dir(fold)
+    done = out / "done.json"
+    if done.exists():
+        print(f"{out}: finished, nothing to do")
+        return read_done(done, fold)
+    try:
+        with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
+            if done.exists():  # finished by the process that held the lock before
+                return read_done(done, fold)
+            ctx = prepare_fold(run, fold)
+            run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
+            return fit_fold(ctx, until_stage, on_epoch)
+    except Busy:
+        raise  # the folder and its lock file are the holder's
+    except UserError:
+        remove_if_empty(out)  # refused before anything was written: no folder of the fold, nor of the run
+        remove_if_empty(run.dir)
+        raise
+
+
+def read_done(done: Path, fold: int) -> dict:
+    fix = f"delete it, and make train FOLD={fold} finishes the fold again from its checkpoint"
+    return read_json(done, "record of a finished fold", fix, ("val_loss", "val_f1", "val_macro_f1", "seconds"))
+
+
+def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
+    """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch."""
+    recipe = ctx.recipe
+    every_epoch = recipe.validate == "epoch" or on_epoch is not None  # a pruner reads every epoch's score
+    ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
+    log = FoldLog(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
+    try:
+        for stage_i, stage in enumerate(recipe.stages[:until_stage]):
+            resuming = ckpt is not None and stage_i == ckpt["stage"]
+            if ckpt is not None and stage_i < ckpt["stage"]:
+                continue  # finished before the interruption
+            if stage.fit == "logistic":  # the head solved on precomputed features: one row, no epochs
+                log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
+                continue
+            trainee = trainee_for(ctx, stage_i)
+            optimizer = make_optimizer(recipe, trainee.param_groups)
+            warmup = round(stage.warmup * trainee.steps_per_epoch)
+            scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
+            first_epoch = 0
+            if resuming and ckpt["epoch"] > 0:  # within the stage: its optimizer and schedule go on where they were
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                first_epoch = ckpt["epoch"]
+            ends = cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)
+            for epoch in range(first_epoch, ends[-1]):
+                start = time.perf_counter()
+                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs)
+                scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
+                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if scored else NO_VALIDATION
+                row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
+                       "train_loss": train["train_loss"], **val, "lr": train["lr"],
+                       "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
+                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler)  # snapshot, checkpoint, CSVs
+                if on_epoch is not None:
+                    on_epoch(row)
+        log.saver.wait()  # a failed checkpoint write raises here
+    finally:
+        log.saver.close()
+    if until_stage is not None:
+        return {}
+    record_weights(ctx.dir, save_torch(ctx.run.final_path(ctx.fold), ctx.model.state_dict()))
+    plot_fold(ctx.dir)
+    final = {k: log.metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
+    final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
+    final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: several processes)
+    write_json(ctx.dir / "done.json", final)
+    return final
+
+
+def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict]) -> dict:
+    """One pass over the training batches, every step's learning rates appended to lr_rows: train loss, the head's
+    last learning rate, images/s."""
+    recipe = ctx.recipe
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    trainee.train_mode()
+    start, seen = time.perf_counter(), 0
+    total_loss = torch.zeros((), device=ctx.device)  # summed on the device: reading it is a host sync
+    bar = tqdm(trainee.batches(epoch), total=trainee.steps_per_epoch, desc=f"fold {ctx.fold} epoch {epoch + 1}",
+               leave=False, disable=None)  # fmt: skip
+    for x, y in bar:
+        lrs = {g["layer_group"]: g["lr"] for g in reversed(optimizer.param_groups) if g["params"]}
+        lr_rows.append({"step": len(lr_rows), "epoch": epoch, "stage": stage_i,
+                        **{f"lr_g{g}": lrs.get(g, 0.0) for g in range(recipe.layer_groups)}})  # fmt: skip
+        step_loss = criterion
+        if trainee.mixes:  # mixup / cutmix: the batch's pairs and weights from (seed, fold, epoch, step)
+            key = (recipe.seed, ctx.fold, epoch, len(lr_rows))
+            x, y_a, y_b, lam = mix_batch(x, y, recipe.mixup_alpha, recipe.cutmix_alpha, key)
+            step_loss = mixed_criterion(criterion, y_a, y_b, lam)
+        loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.bf16)
+        scheduler.step()
+        seen += len(y)
+        total_loss += loss * len(y)
+        if len(lr_rows) % 50 == 0:  # the bar's loss: one host read every 50 steps, not one per step
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", lr=f"{lrs.get(recipe.layer_groups - 1, 0):.2e}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
+    return {
+        "train_loss": total_loss.item() / max(seen, 1),
+        "lr": lr_rows[-1][f"lr_g{recipe.layer_groups - 1}"] if lr_rows else 0.0,
+        "images_per_s": seen / (time.perf_counter() - start),
+    }
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder that holds nothing but a lock file."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+        (folder / ".lock").unlink(missing_ok=True)
+        folder.rmdir()
