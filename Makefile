@@ -10,7 +10,7 @@ FOLD     ?=# one fold only (train, predict, lr-find)
 STAGE    ?=# lr-find: the stage to sweep (default: the first SGDR stage), from the weights it starts with
 RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
-ABLATIONS ?=# compare: 1 also runs the chain once per technique switched off (README's ablation table)
+ABLATIONS ?=# compare: 1 also runs the chain once per technique switched off (docs/results.md's ablation table)
 BASELINE ?=# compare: another recipe whose fold 0 and chain join the table (BASELINE=configs/cpu-v1.yaml)
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 SPACE    ?= configs/sweep-cpu.yaml# sweep: the search space (recipe key -> choices or a range)

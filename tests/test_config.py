@@ -9,7 +9,7 @@ from seedlings.recipe.schema import Recipe, Stage, lrs_of, recipe_dict
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-# training choices a shipped recipe states itself rather than leaving to the defaults (README: the recipe)
+# training choices a shipped recipe states itself rather than leaving to the defaults (docs/recipe.md)
 STATED = ("model", "pretrained", "drop_rate", "batch_size", "optimizer", "weight_decay", "label_smoothing",
           "layer_groups", "bn_stats", "crop_scale", "precompute_d4", "tta", "stages")  # fmt: skip
 

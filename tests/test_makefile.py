@@ -9,47 +9,44 @@ import pytest
 from seedlings.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = (
-    "setup data demo-data check-data folds lr-find train predict submit compare upload leaderboard demo test bench lint"
-    " clean gpu-wheels gpu-check sweep sweep-study sweep-report dashboard"
-)
 
 
 def make(*args):
     return subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
+def documented_targets() -> dict[str, str]:
+    """{target: its recipe} of every target the Makefile documents (`name: prerequisites ## what it does`)."""
+    text = (REPO / "Makefile").read_text()
+    out = {}
+    for m in re.finditer(r"^([a-z][a-z-]*):[^\n]*## [^\n]*\n((?:\t[^\n]*\n|[^\n]*\\\n)*)", text, flags=re.M):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+TARGETS = documented_targets()
+
+
+def test_the_makefile_is_read():
+    assert {"submit", "train", "demo", "test", "sweep", "help"} <= set(TARGETS)
+    assert "$(SEEDLINGS) submit" in TARGETS["submit"]
+
+
 def test_help_lists_every_target():
     out = make("help").stdout
     listed = {line.split()[0] for line in out.splitlines() if line.strip()}
-    assert set(TARGETS.split()) <= listed
+    assert set(TARGETS) <= listed
 
 
-@pytest.mark.parametrize(
-    "target",
-    [
-        "data",
-        "demo-data",
-        "check-data",
-        "folds",
-        "lr-find",
-        "predict",
-        "submit",
-        "compare",
-        "upload",
-        "leaderboard",
-        "bench",
-        "sweep-study",
-        "sweep-report",
-        "dashboard",
-    ],
-)
+@pytest.mark.parametrize("target", sorted(TARGETS))
 def test_targets_call_known_stages(target):
+    """Each target's dry run calls only commands the CLI declares; one whose recipe runs the CLI calls it."""
     stages = set(build_parser()._subparsers._group_actions[0].choices)
     dry = make("-n", "-W", ".venv/.installed", target, "DATA=data/demo", "FOLD=0").stdout
     called = re.findall(r"\.venv/bin/seedlings (\S+)", dry)
-    assert called, dry
     assert set(called) <= stages
+    if "$(SEEDLINGS)" in TARGETS[target] or target == "train":
+        assert called, dry
 
 
 def test_train_without_fold_trains_every_fold():

@@ -274,7 +274,7 @@ def test_real_images_no_collapse_at_stage_changes(real, home):
     cost the first unfrozen epoch about 4, recovered later in the cycle), and the fine-tuned model ends above the
     solved head. The recipe before the fourth sweep: today's configs/cpu.yaml, with twice its peak rate and the last
     blocks at half the head's rate instead of a quarter, dips 14 points on its first unfrozen epoch and is back
-    above the solved head by the fifth (README, "The fourth sweep"): a rate's transient, with the batch-norm
+    above the solved head by the fifth (docs/history.md, "The fourth sweep"): a rate's transient, with the batch-norm
     statistics frozen, not the collapse this test is for."""
     from seedlings.paths import REPO
     from seedlings.recipe.load import load_recipe

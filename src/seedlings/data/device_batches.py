@@ -5,7 +5,8 @@ operations.
 The same augmentation family as loaders.train_transform (augment.py: a crop of area [crop_scale, 1] and aspect RATIO,
 the 8 dihedral orientations, JITTER), with every random number drawn on the host from the same (seed, fold, epoch,
 item) seeds as EpochSampler: resume replays identical batches. The code
-runs on CPU tensors too (tests); on a CPU the albumentations loader stays the default (README: which path runs where).
+runs on CPU tensors too (tests); on a CPU the albumentations loader stays the default (docs/recipe.md: which data
+path runs where).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from seedlings.run import Run, open_run
 from seedlings.storage import read_json
 from seedlings.train.fold import prepare_fold
 
-# The README's ablations: the recipe with one technique switched (overrides on top of the recipe; @names depend on
-# the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are graded by
-# `seedlings grade --run`; a blend key's row is the recipe's whole chain blended again.
+# The ablations of docs/results.md: the recipe with one technique switched (overrides on top of the recipe; @names
+# depend on the recipe's own stages). Fold blending is the chain row against the fold-0 row; snapshot blends are
+# graded by `seedlings grade --run`; a blend key's row is the recipe's whole chain blended again.
 ABLATIONS: dict[str, list[str]] = {
     "no precompute: head by 2 SGDR epochs through the frozen net": [
         "stages.0.precompute=false", "stages.0.fit=sgdr", "stages.0.lr=3e-3", "stages.0.cycle_len=2",

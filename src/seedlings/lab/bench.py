@@ -179,7 +179,7 @@ def memory_format_row(size: int, n_batches: int) -> dict:
 
 
 def bench(data: Path | None = None, quick: bool = False) -> None:
-    """data: a competition folder of real images (the README's figures use ../shared/data/seedlings-150); without
+    """data: a competition folder of real images (docs/results.md's figures use ../shared/data/seedlings-150); without
     it only generated large images are measured."""
     torch.manual_seed(0)
     rows = []

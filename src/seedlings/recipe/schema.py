@@ -70,7 +70,7 @@ class Recipe:
     #   gravel and soil kept at a quarter of their brightness (cache.BACKGROUND)
     batch_size: int = 32  # images per optimizer step
     optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD at fast.ai-style rates collapsed the first
-    #   unfrozen epoch on the real images; README)
+    #   unfrozen epoch on the real images; docs/history.md)
     momentum: float = 0.9  # SGD momentum (adamw: beta1)
     weight_decay: float = 1.0e-2  # decoupled (AdamW) or L2 (SGD) per step; not on biases and norm layers
     label_smoothing: float = 0.1  # cross-entropy target smoothing, 0 to 1
@@ -91,7 +91,7 @@ class Recipe:
     train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
     #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
-    #   label smoothing leave a blend under-confident and leaning to the large classes; README)
+    #   label smoothing leave a blend under-confident and leaning to the large classes; docs/recipe.md)
     validate: str = runs("epoch")  # epoch: the validation images scored after every epoch (the loss plots; a sweep's
     #   pruner always gets every epoch's score) | cycle: only after each SGDR cycle's last epoch, where the snapshots
     #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training here)
@@ -106,7 +106,7 @@ class Recipe:
     #   without gradients (features, validation, prediction, a stage's frozen groups); float32 on other CPUs
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
     head_c: float = 0.0  # fit: logistic stages: inverse L2 strength on standardised features; 0: chosen by
-    #   cross-validated log loss (a calibrated head, README: transition)
+    #   cross-validated log loss (a calibrated head, docs/history.md: the transition)
     bn_stats: str = "frozen"  # frozen: batch norms keep their pretrained running statistics in every stage (eval
     #   mode), so the features the head was fitted on do not shift when the body starts training | batch: torch's
     #   default, normalise by batch statistics and update the running ones

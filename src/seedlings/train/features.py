@@ -173,7 +173,8 @@ def choose_c(x: np.ndarray, y: np.ndarray, seed: int = 0, scoring: str = "accura
     """The C of C_GRID with the best cross-validated score (ties: the smaller C, the stronger prior).
 
     scoring: accuracy for the probe (the metric); neg_log_loss for a head that fine-tuning starts from: calibrated
-    rather than confident, so the first unfrozen epochs are not spent undoing its confidence (README: transition).
+    rather than confident, so the first unfrozen epochs are not spent undoing its confidence (docs/history.md: the
+    transition).
     """
     n_splits = min(CV_FOLDS, int(np.bincount(y).min()) if len(y) else 0)
     if n_splits < 2:

@@ -109,7 +109,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
     plot_fold(ctx.dir)
     final = {k: log.metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
-    final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: several processes)
+    final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
     write_json(ctx.dir / "done.json", final)
     return final
 

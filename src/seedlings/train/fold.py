@@ -75,7 +75,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     device = device or pick_device()
     torch.manual_seed(recipe.seed * 1000 + fold)  # the new head's initial weights
     # channels_last: 1.4x to 1.6x faster training of tf_efficientnet_lite0 on this 2-core CPU (make bench, three runs
-    # in the README), the fast path on GPUs
+    # in docs/results.md), the fast path on GPUs
     model = create_model(recipe, len(comp.classes)).to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -34,7 +34,8 @@ def autocast(device: torch.device, bf16: bool):
 def bf16_forwards(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
     """Within this block, `modules` (layers that train nothing) run under bf16 autocast inside a float32 forward and
     hand float32 on to the layers that train. On a CPU with native bf16, a frozen prefix's forward runs twice as fast
-    in bf16, while the bf16 backward of the layers that train runs slower than float32 (README: CPU bf16)."""
+    in bf16, while the bf16 backward of the layers that train runs slower than float32 (docs/recipe.md: bf16 on a
+    CPU)."""
     if not modules or not fast_bf16(device):
         yield
         return
