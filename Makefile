@@ -1,6 +1,7 @@
 # seedlings: the pipeline. `make help` lists the targets; each is a thin call of the `seedlings` CLI.
 # Variables shared by every target (override on the command line: make train FOLD=0 CONFIG=configs/gpu.yaml):
-DEFAULT_DATA := data/plant-seedlings-classification
+COMPETITION ?= plant-seedlings-classification# Kaggle's name of the competition (data, upload, leaderboard)
+DEFAULT_DATA := data/$(COMPETITION)
 DATA     ?= $(DEFAULT_DATA)# competition folder: train/<Species>/*, test/*, sample_submission.csv
 CONFIG   ?= configs/cpu.yaml# recipe (YAML)
 RUN      ?= $(basename $(notdir $(CONFIG)))# run name: runs/$(RUN)/, submissions/$(RUN).csv
@@ -53,7 +54,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 data: $(STAMP) ## download the competition with the kaggle CLI into DATA (skipped when verified)
-	$(SEEDLINGS) fetch --data "$(DATA)"
+	$(SEEDLINGS) fetch --data "$(DATA)" --competition "$(COMPETITION)"
 
 demo-data: $(STAMP) ## generate a small synthetic competition in data/demo
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
@@ -74,7 +75,7 @@ train-fold-%: $(STAMP) folds
 	$(JOBS_SH); $(if $(GPUS),CUDA_VISIBLE_DEVICES=$(word $(shell echo $$(( $* % $(words $(GPUS)) + 1 ))),$(GPUS))) \
 	SEEDLINGS_JOBS=$$jobs $(SEEDLINGS) train $(COMMON) --fold $* $(ARGS)
 
-predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/{oof,test}_*
+predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/probs/<member>.{oof,test}.csv
 	$(SEEDLINGS) predict $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
 
 submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, predict, blend: submissions/RUN.csv
@@ -96,7 +97,7 @@ sweep: sweep-study ## search recipes with Optuna: SPACE, TRIALS, STORAGE, PRUNER
 	done; rc=0; for p in $$pids; do wait $$p || rc=$$?; done; exit $$rc
 
 sweep-report: $(STAMP) ## a sweep's trials.csv, best.yaml, plots and report.md in runs/SWEEP/ (graded on a held-out split)
-	$(SEEDLINGS) sweep-report $(SWEEP_ARGS) $(ARGS)
+	$(SEEDLINGS) sweep-report --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(filter 0,$(GRADE)),--no-grade)
 
 dashboard: $(STAMP) ## optuna-dashboard on the sweep's study, on 127.0.0.1 (the port is printed)
 	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)")
@@ -105,10 +106,10 @@ evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with an
 	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)
 
 upload: $(STAMP) ## send submissions/RUN.csv to Kaggle with a message from its provenance
-	$(SEEDLINGS) upload --run "$(RUN)"
+	$(SEEDLINGS) upload --run "$(RUN)" --competition "$(COMPETITION)"
 
 leaderboard: $(STAMP) ## list your Kaggle submissions and their public and private scores
-	$(SEEDLINGS) leaderboard
+	$(SEEDLINGS) leaderboard --competition "$(COMPETITION)"
 
 demo: $(STAMP) ## the whole chain on a generated competition: submissions/demo.csv
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0

@@ -1,5 +1,6 @@
 """The CLI as users type it: the foundation's acceptance commands, bad input as one line and exit 2, Kaggle I/O."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -172,3 +173,65 @@ def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):
     graded = grade_members(run, out / "answers.csv")
     assert graded["fold0-final"] == 1.0 and graded["fold1-final"] == 0.0
     assert graded["all folds, final"] == 1.0 and graded["all folds x snapshots"] == 1.0
+
+
+def subcommands() -> dict:
+    from seedlings.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices
+
+
+def test_help_loads_nothing_of_the_pipeline():
+    """`seedlings --help` and every command's help are parsed without torch, OpenCV, Optuna or the pipeline's
+    modules: the parser imports none of them (each command imports what it runs)."""
+    names = list(subcommands())
+    code = (
+        "import sys\nfrom seedlings.cli import main\n"
+        f"for args in [['--help'], ['--version'], *[[n, '--help'] for n in {names!r}]]:\n"
+        "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in ('torch', 'cv2', 'optuna', 'timm', 'albumentations', 'sqlalchemy', 'seedlings.run',"
+        " 'seedlings.recipe.schema') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "seedlings 0.1.0" in done.stdout and "usage: seedlings sweep-report" in done.stdout
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_option_says_what_it_is_and_its_default(name):
+    from seedlings.cli import Help
+
+    for action in subcommands()[name]._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+        shown = Help("seedlings")._get_help_string(action)
+        if action.option_strings and action.nargs != 0 and not action.required:
+            assert "default" in shown, f"{name} {action.option_strings}: default not shown"
+
+
+def test_recipe_prints_every_key_with_its_role_and_meaning(capsys):
+    import dataclasses
+
+    from seedlings.recipe.load import load_recipe
+    from seedlings.recipe.schema import Recipe, Stage
+
+    assert main(["recipe", "--config", "configs/cpu.yaml", "stages.1.size=160"]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe("configs/cpu.yaml")
+    keys = [f.name for f in dataclasses.fields(Recipe) if f.name != "stages"]
+    keys += [f"stages.{i}.{f.name}" for i in range(len(recipe.stages)) for f in dataclasses.fields(Stage)]
+    lines = out.splitlines()
+    for key in keys:
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"{key}: ")]
+        role = lines[at + 1].split(";")[0]
+        assert role.startswith("    ") and role.strip() in ("trains", "predicts", "runs")
+    assert "stages.1.size: 160\n" in out and "model: tf_efficientnet_lite2\n" in out
+    assert "tta: d4\n    predicts; allowed none | flip | d2 | d4 | d4+scales" in out
+    assert "dropout before the classifier" in out  # the field's own comment in schema.py
+
+
+def test_upload_defaults_the_run_like_every_other_command(home, capsys):
+    assert main(["upload", "--config", "configs/cpu.yaml"]) == 2
+    assert "submissions/cpu.csv: not found (make submit RUN=cpu first)" in capsys.readouterr().err

@@ -130,7 +130,7 @@ class HTTPError(Exception):
 
 
 @pytest.mark.parametrize("error,expect", [
-    (HTTPError(403), K.RULES_URL),
+    (HTTPError(403), "https://www.kaggle.com/competitions/plant-seedlings-classification/rules"),
     (HTTPError(401), "credentials"),
     (ConnectionError("Failed to establish a new connection"), "network"),
     (TimeoutError("timed out"), "network"),
@@ -177,8 +177,8 @@ def test_real_client_maps_the_kaggle_packages_own_objects(tmp_path, capsys):
     class Api:  # records each call after checking it binds to the real method's signature
         def __getattr__(self, name):
             def call(*args, **kwargs):
-                inspect.signature(getattr(KaggleApi, name)).bind(None, *args, **kwargs)
-                calls.append(name)
+                bound = inspect.signature(getattr(KaggleApi, name)).bind(None, *args, **kwargs)
+                calls.append((name, bound.arguments["competition"]))
                 return [ApiSubmission.from_dict(scored), None, ApiSubmission.from_dict(pending)]
 
             return call
@@ -186,9 +186,12 @@ def test_real_client_maps_the_kaggle_packages_own_objects(tmp_path, capsys):
     client = object.__new__(RealKaggle)  # no authentication: the boundary is the api object
     client.api = Api()
     client.submit(tmp_path / "s.csv", "message")
+    client.competition = "another-competition"  # --competition: every call names it
     client.download(tmp_path / "dl")
     rows = leaderboard(client)
-    assert calls == ["competition_submit", "competition_download_files", "competition_submissions"]
+    assert calls == [("competition_submit", "plant-seedlings-classification"),
+                     ("competition_download_files", "another-competition"),
+                     ("competition_submissions", "another-competition")]  # fmt: skip
     assert [(r["status"], r["public_score"], r["private_score"]) for r in rows] == [
         ("complete", "0.97103", "0.96852"),
         ("pending", "", ""),

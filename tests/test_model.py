@@ -5,6 +5,7 @@ import torch
 from seedlings.errors import UserError
 from seedlings.recipe.load import load_recipe
 from seedlings.train import model as M
+from seedlings.train import optim as O
 
 
 @pytest.mark.parametrize(
@@ -101,14 +102,14 @@ def test_layer_groups_across_families(name, head, n):
 def test_freeze_trains_head_and_norms_only():
     model = timm.create_model("test_efficientnet", num_classes=12)
     groups = M.layer_groups(model, 3)
-    opt_groups = M.param_groups(model, groups, [1e-3, 1e-2, 1e-1], 1e-4, freeze=True, train_bn=True)
+    opt_groups = O.param_groups(model, groups, [1e-3, 1e-2, 1e-1], 1e-4, freeze=True, train_bn=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(groups[-1]) <= trainable
-    assert all(M.is_norm_param(model, n) for n in trainable - set(groups[-1]))
+    assert all(O.is_norm_param(model, n) for n in trainable - set(groups[-1]))
     assert any("bn" in n for n in trainable)
     assert {g["layer_group"]: g["lr"] for g in opt_groups} == {0: 1e-3, 1: 1e-2, 2: 1e-1}
     assert all(g["weight_decay"] == 0 for g in opt_groups if any(p.ndim <= 1 for p in g["params"]))
-    M.param_groups(model, groups, [1e-3] * 3, 1e-4, freeze=False)
+    O.param_groups(model, groups, [1e-3] * 3, 1e-4, freeze=False)
     assert all(p.requires_grad for p in model.parameters())
-    M.param_groups(model, groups, [1e-3] * 3, 1e-4, freeze=True, train_bn=False)
+    O.param_groups(model, groups, [1e-3] * 3, 1e-4, freeze=True, train_bn=False)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(groups[-1])

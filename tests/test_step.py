@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from seedlings.train import model as M
+from seedlings.train import optim as O
 from seedlings.train import step
 from seedlings.train.trainees import outermost_within
 
@@ -14,7 +15,7 @@ from seedlings.train.trainees import outermost_within
 def lite0(frozen_groups: int) -> tuple[nn.Module, set[str]]:
     model = timm.create_model("tf_efficientnet_lite0", num_classes=12).eval()
     groups = M.layer_groups(model, 5)
-    M.param_groups(model, groups, [1e-3] * 5, 0.0, freeze=False, frozen_groups=frozen_groups)
+    O.param_groups(model, groups, [1e-3] * 5, 0.0, freeze=False, frozen_groups=frozen_groups)
     return model, {n for g in groups[:frozen_groups] for n in g}
 
 

@@ -145,7 +145,7 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
     import seedlings.train.fit as T
     import seedlings.train.fold as C
     from seedlings.data.loaders import eval_transform
-    from seedlings.train.model import make_optimizer
+    from seedlings.train.optim import make_optimizer
     from seedlings.train.schedule import make_scheduler
 
     stage = "{size: 32, freeze: true, precompute: %s, lr: 0.05, n_cycles: 2, cycle_len: 1, cycle_mult: 1}"
@@ -155,7 +155,7 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
         monkeypatch.setattr(C, "train_transform", lambda size, mean, std, scale: eval_transform(size, mean, std))
         ctx = prepare_fold(open_run(f"eq-{precompute}", demo_master, recipe, 3), 0)
         trainee = trainee_for(ctx, 0)
-        opt = make_optimizer(recipe, trainee.param_groups)
+        opt = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
         sched = make_scheduler(opt, trainee.steps_per_epoch, 1, 1)
         torch.manual_seed(123)
         rows = []

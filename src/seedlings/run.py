@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from seedlings import paths
 from seedlings.data.competition import Competition, file_digest, parallel_map, scan_competition
-from seedlings.data.folds import default_folds_path
+from seedlings.data.folds import default_folds_path, load_folds
+from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.recipe.load import read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
@@ -27,8 +29,8 @@ class Run:
     name: str
     data: Path
     recipe: Recipe
-    n_folds: int = 5
-    fold_seed: int = 0
+    n_folds: int = N_FOLDS
+    fold_seed: int = FOLD_SEED
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_folds <= 100:
@@ -42,6 +44,11 @@ class Run:
     def comp(self) -> Competition:
         """The competition folder, scanned once per command (train/, test/ and the sample checked against it)."""
         return scan_competition(self.data)
+
+    @cached_property
+    def fold_table(self) -> pd.DataFrame:
+        """file, species, fold of every training image, in the competition's file order (made when missing)."""
+        return load_folds(self.comp, self.n_folds, self.fold_seed)
 
     @property
     def dir(self) -> Path:
@@ -183,7 +190,12 @@ def snapshot_name(stage: int, cycle: int) -> str:
 
 
 def open_run(
-    name: str, data: str | Path, recipe: Recipe, n_folds: int = 5, fold_seed: int = 0, fold: int | None = None
+    name: str,
+    data: str | Path,
+    recipe: Recipe,
+    n_folds: int = N_FOLDS,
+    fold_seed: int = FOLD_SEED,
+    fold: int | None = None,
 ) -> Run:
     """The run of every stage's command line, checked against what it recorded (and the fold against the split)."""
     run = Run(name, Path(data), recipe, n_folds, fold_seed)
@@ -203,8 +215,8 @@ def saved_run(
         raise UserError(f"{paths.run_dir(name) / 'config.yaml'}: run {name!r} not found (train it first)")
     recipe = recipe_from_dict({k: v for k, v in saved.items() if k not in SPLIT_KEYS + PROVENANCE_KEYS})
     data = data if data is not None else saved.get("data", ".")
-    n_folds = n_folds if n_folds is not None else saved.get("n_folds", 5)
-    fold_seed = fold_seed if fold_seed is not None else saved.get("fold_seed", 0)
+    n_folds = n_folds if n_folds is not None else saved.get("n_folds", N_FOLDS)
+    fold_seed = fold_seed if fold_seed is not None else saved.get("fold_seed", FOLD_SEED)
     return open_run(name, data, recipe, n_folds, fold_seed)
 
 

@@ -30,7 +30,8 @@ GREEN_LOW, GREEN_HIGH = (25, 40, 40), (95, 255, 255)
 MIN_PLANT = 0.002  # a mask keeping less of the image than this found no plant: the image is kept as it is
 
 
-BACKGROUND = {"green": 0.0, "dim": 0.25}  # per plant_mask: the fraction of the background's brightness it keeps
+# plant_mask's choices: the fraction of the background's brightness each keeps around the plant; none: the photo as is
+BACKGROUND = {"none": None, "green": 0.0, "dim": 0.25}
 
 
 def green_only(img: np.ndarray, background: float = 0.0) -> np.ndarray:
@@ -51,7 +52,7 @@ def green_only(img: np.ndarray, background: float = 0.0) -> np.ndarray:
 def _load(path: Path, size: int, mask: str = "none") -> tuple[np.ndarray | None, str | None]:
     try:
         img = read_image(path)
-        if mask != "none":
+        if BACKGROUND[mask] is not None:
             img = green_only(img, BACKGROUND[mask])
         return resize_square(img, size), None
     except UserError as e:
@@ -71,7 +72,7 @@ def cache_paths(comp: Competition, split: str, size: int, mask: str = "none") ->
     files = comp.train_files if split == "train" else comp.test_files
     where = comp.train_path if split == "train" else comp.test_path
     key = listing_hash([where(f) for f in files], files, with_mtime=True)  # a changed file changes the key
-    masked = "" if mask == "none" else f"-{mask}"
+    masked = "" if BACKGROUND[mask] is None else f"-{mask}"
     stem = f"{comp.root.resolve().name}-{key}-{split}-{size}px{masked}-v{CACHE_VERSION}"
     return paths.cache_dir() / f"{stem}.u8", paths.cache_dir() / f"{stem}.json"
 

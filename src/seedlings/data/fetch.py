@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 
 from seedlings import paths
 from seedlings.data.competition import REAL_TEST_IMAGES, REAL_TRAIN_COUNTS, check_competition, scan_competition
-from seedlings.data.kaggle import COMPETITION, KaggleClient, RealKaggle
+from seedlings.data.kaggle import KaggleClient, RealKaggle
+from seedlings.defaults import COMPETITION
 from seedlings.errors import UserError
 from seedlings.storage import write_json
 
@@ -82,10 +83,10 @@ def find_root(folder: Path) -> Path:
     return candidates[0]
 
 
-def write_manifest(root: Path, report, digests: dict[str, str]) -> None:
+def write_manifest(root: Path, report, digests: dict[str, str], competition: str = COMPETITION) -> None:
     files = {name: {"bytes": (root / name).stat().st_size, "sha256": d} for name, d in sorted(digests.items())}
     manifest = {
-        "competition": COMPETITION,
+        "competition": competition,
         "counts": {"train": sum(report.counts.values()), "test": report.n_test},
         "species": report.counts,
         "files": files,
@@ -114,6 +115,7 @@ def fetch(
     archive: str | Path | None = None,
     client: KaggleClient | None = None,
     max_expand: float = MAX_EXPAND,
+    competition: str = COMPETITION,
 ) -> Path:
     """Make `data` a verified competition folder: download (or take `archive`), extract, check, write MANIFEST.json.
     Nothing is left behind by a failure: the folder appears under its name complete or not at all."""
@@ -129,7 +131,7 @@ def fetch(
         scan_competition(data)  # a folder unpacked by hand: use it as it is, never write into it
         print(f"{data}: exists without a matching MANIFEST.json; using it as it is (check it with `make check-data`)")
         return data
-    source = download(client) if archive is None else Path(archive)
+    source = download(client or RealKaggle(competition)) if archive is None else Path(archive)
     if not source.exists():
         raise UserError(f"{source}: archive not found")
     packed = sum(z.stat().st_size for z in source.glob("*.zip")) if source.is_dir() else source.stat().st_size
@@ -141,7 +143,7 @@ def fetch(
     try:
         unpack_bundle(source, data.with_name(data.name + ".unpack"), tmp, budget)
         report, digests = check_competition(tmp, with_digests=True)
-        write_manifest(tmp, report, digests)
+        write_manifest(tmp, report, digests, competition)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(made):  # deepest first; only if still empty
@@ -157,10 +159,10 @@ def fetch(
     return data
 
 
-def download(client: KaggleClient | None) -> Path:
+def download(client: KaggleClient) -> Path:
     """The competition's files from Kaggle into data/raw/: the bundle's zip, or the folder it was unpacked into."""
     raw = paths.raw_dir()
-    (client or RealKaggle()).download(raw)
+    client.download(raw)
     zips = sorted(raw.glob("*.zip"))
     if not zips and not (raw / "train").is_dir():
         raise UserError(f"{raw}: the download left no zip and no train/ folder")

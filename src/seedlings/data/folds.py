@@ -11,6 +11,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from seedlings import paths
 from seedlings.data.competition import Competition, file_digest, listing_hash, parallel_map, scan_competition
+from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.storage import write_csv, write_json
 
@@ -37,15 +38,24 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
     return fold
 
 
+def scanned(comp: Competition | str | Path) -> Competition:
+    """A competition already scanned (a run's), or its folder, scanned here (its test/ is not needed for folds)."""
+    return comp if isinstance(comp, Competition) else scan_competition(comp, need_test=False)
+
+
 def make_folds(
-    data: str | Path, n_folds: int = 5, seed: int = 0, out: str | Path | None = None, force: bool = False
+    comp: Competition | str | Path,
+    n_folds: int = N_FOLDS,
+    seed: int = FOLD_SEED,
+    out: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Write the folds CSV (and a .json of its parameters beside it); same parameters again: nothing to do."""
     if n_folds < 2:
         raise UserError(f"--n-folds: at least 2, got {n_folds}")
-    comp = scan_competition(data, need_test=False)
+    comp = scanned(comp)
     out = Path(out) if out else default_folds_path(comp, n_folds, seed)
-    params = {"data": str(Path(data).resolve()), "dataset_key": dataset_key(comp), "n_folds": n_folds, "seed": seed}
+    params = {"data": str(comp.root.resolve()), "dataset_key": dataset_key(comp), "n_folds": n_folds, "seed": seed}
     meta = out.with_suffix(".json")
     if out.exists() and not force:
         old = json.loads(meta.read_text()) if meta.exists() else {}
@@ -79,12 +89,12 @@ def check_folds_match(df: pd.DataFrame, comp: Competition, where: Path) -> None:
         )
 
 
-def load_folds(data: str | Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """The folds of (data, n_folds, seed), created when missing, in the dataset's file order."""
-    comp = scan_competition(data, need_test=False)
+def load_folds(comp: Competition | str | Path, n_folds: int = N_FOLDS, seed: int = FOLD_SEED) -> pd.DataFrame:
+    """The folds of (competition, n_folds, seed), created when missing, in the dataset's file order."""
+    comp = scanned(comp)
     out = default_folds_path(comp, n_folds, seed)
     if not out.exists():
-        make_folds(data, n_folds, seed)
+        make_folds(comp, n_folds, seed)
     df = pd.read_csv(out)
     check_folds_match(df, comp, out)
     return df.set_index("file").loc[comp.train_files].reset_index()

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 from seedlings import paths
+from seedlings.defaults import COMPETITION
 from seedlings.errors import UserError
 
-COMPETITION = "plant-seedlings-classification"
-RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
 KAGGLE_TIMEOUT_S = 120  # seconds a Kaggle call may wait on a silent network before it fails
 
 
@@ -79,16 +78,17 @@ def check_kaggle_json(path: Path) -> None:
                         "one (Account > API > Create New Token) and replace it")  # fmt: skip
 
 
-def explain_kaggle_error(e: BaseException) -> UserError:
+def explain_kaggle_error(e: BaseException, competition: str = COMPETITION) -> UserError:
     """One line for what went wrong at the Kaggle boundary; never echoes the key."""
     status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
     text = str(e)
     if status in (401,) or "401" in text[:80]:
         return UserError("Kaggle refused the credentials (401): create a new API token and replace the old one")
     if status == 403 or "403" in text[:80]:
-        return UserError(f"Kaggle answered 403: accept the competition rules first at {RULES_URL}")
+        rules = f"https://www.kaggle.com/competitions/{competition}/rules"
+        return UserError(f"Kaggle answered 403: accept the competition rules first at {rules}")
     if status == 404 or "404" in text[:80]:
-        return UserError(f"Kaggle answered 404: competition {COMPETITION!r} not found")
+        return UserError(f"Kaggle answered 404: competition {competition!r} not found")
     network = (ConnectionError, TimeoutError, OSError)
     if isinstance(e, network) or "connection" in text.lower() or "resolve" in text.lower():
         return UserError(f"cannot reach Kaggle (network failure: {type(e).__name__}); check the connection and retry")
@@ -96,9 +96,12 @@ def explain_kaggle_error(e: BaseException) -> UserError:
 
 
 class RealKaggle:
-    """The kaggle package's API, authenticated on first use."""
+    """The kaggle package's API for one competition, authenticated on first use."""
 
-    def __init__(self) -> None:
+    competition = COMPETITION
+
+    def __init__(self, competition: str = COMPETITION) -> None:
+        self.competition = competition
         source = credentials_source()
         # the package prints its own warning about a loose kaggle.json, at import and again at authentication (ours
         # was printed once already): kept out
@@ -115,7 +118,7 @@ class RealKaggle:
                     raise UserError(f"the kaggle package found no usable credentials in {source}") from None
                 raise
             except Exception as e:  # noqa: BLE001 - every failure becomes one line
-                raise explain_kaggle_error(e) from None
+                raise explain_kaggle_error(e, competition) from None
         for line in said.getvalue().splitlines():
             if "readable by other users" not in line:
                 print(line)
@@ -147,18 +150,18 @@ class RealKaggle:
         if isinstance(error, SystemExit):
             raise UserError("the kaggle package stopped (see its message above)")
         if error is not None:
-            raise explain_kaggle_error(error)
+            raise explain_kaggle_error(error, self.competition)
         return result.get("value")
 
     def download(self, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
-        self._call(self.api.competition_download_files, COMPETITION, path=str(dest), quiet=False, progress=dest)
+        self._call(self.api.competition_download_files, self.competition, path=str(dest), quiet=False, progress=dest)
 
     def submit(self, csv: Path, message: str) -> None:
-        self._call(self.api.competition_submit, str(csv), message, COMPETITION)
+        self._call(self.api.competition_submit, str(csv), message, self.competition)
 
     def submissions(self) -> list[dict]:
-        subs = self._call(self.api.competition_submissions, COMPETITION) or []
+        subs = self._call(self.api.competition_submissions, self.competition) or []
         return [submission_row(s) for s in subs if s is not None]
 
 
@@ -188,18 +191,20 @@ def upload_message(run: str) -> str:
     return f"{run}: OOF micro-F1 {oof:.4f}, {len(p['members']) - 1} members, commit {p['git_commit'][:10]}"
 
 
-def upload(run: str, message: str | None = None, client: KaggleClient | None = None) -> None:
+def upload(
+    run: str, message: str | None = None, client: KaggleClient | None = None, competition: str = COMPETITION
+) -> None:
     csv = paths.submissions_dir() / f"{run}.csv"
     if not csv.exists():
         raise UserError(f"{csv}: not found (make submit RUN={run} first)")
     message = message or upload_message(run)
-    (client or RealKaggle()).submit(csv, message)
+    (client or RealKaggle(competition)).submit(csv, message)
     print(f"uploaded {csv}: {message}")
 
 
-def leaderboard(client: KaggleClient | None = None) -> list[dict]:
+def leaderboard(client: KaggleClient | None = None, competition: str = COMPETITION) -> list[dict]:
     """Your submissions to the competition, newest first, with their public and private scores."""
-    rows = (client or RealKaggle()).submissions()
+    rows = (client or RealKaggle(competition)).submissions()
     if not rows:
         print("no submissions yet")
     for row in rows:

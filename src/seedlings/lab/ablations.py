@@ -11,7 +11,6 @@ import numpy as np
 
 from seedlings import paths
 from seedlings.data.cache import load_cache
-from seedlings.data.folds import load_folds
 from seedlings.lab.holdout import answers_of, fold_row, graded_row, json_seconds
 from seedlings.predict.infer import predict_run, tta_probs
 from seedlings.predict.members import run_members
@@ -117,7 +116,7 @@ def reblend_row(run: Run, label: str) -> dict:
     blend keys, without writing a submission; its seconds are the chain's, from the recipe's submission record."""
     start = time.perf_counter()
     members = predict_run(run)  # every member is there already: loaded, not predicted
-    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    folds = run.fold_table
     _, test, _, _, _ = blend_members(run.recipe, members, folds, run.comp.classes)
     y = answers_of(run.data, test.files, test.classes)
     chain = paths.submissions_dir() / f"{run.name}.json"

@@ -26,7 +26,7 @@ from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
 from seedlings.train.fold import prepare_fold
-from seedlings.train.model import make_optimizer
+from seedlings.train.optim import make_optimizer
 from seedlings.train.step import autocast, cpu_has_bf16, train_step
 from seedlings.train.trainees import trainee_for
 
@@ -97,7 +97,7 @@ def training_row(
     recipe = load_recipe(None, [stages, "optimizer=adamw", f"augment={augment}", *extra])
     ctx = prepare_fold(Run("bench", data, recipe), 0)
     trainee = trainee_for(ctx, 0)
-    optimizer = make_optimizer(recipe, trainee.param_groups)
+    optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
     criterion = torch.nn.CrossEntropyLoss()
 
     def step(x, y) -> None:

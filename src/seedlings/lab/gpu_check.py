@@ -105,7 +105,7 @@ def end_to_end(out: Path, dry: bool, device: torch.device) -> dict:
                       "stages.2.cycle_len=1", "stages.3.cycle_len=1"]  # fmt: skip
     recipe = load_recipe(paths.REPO / "configs" / "gpu.yaml", overrides)
     start = time.perf_counter()
-    final = train_fold(Run("gpu-check", data, recipe, n_folds=5), 0)
+    final = train_fold(Run("gpu-check", data, recipe), 0)
     return {"fold_seconds": time.perf_counter() - start, "val_f1": final["val_f1"], "device": str(device)}
 
 

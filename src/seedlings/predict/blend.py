@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from seedlings.data.folds import load_folds
 from seedlings.errors import UserError
 from seedlings.metrics import PROB_FLOOR, log_loss, micro_f1
 from seedlings.predict.members import Member, run_members
@@ -237,7 +236,7 @@ def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]
 
 def print_oof_summary(run: Run) -> None:
     """`make evaluate`: oof_summary as a table."""
-    rows = oof_summary(run, load_folds(run.data, run.n_folds, run.fold_seed))
+    rows = oof_summary(run, run.fold_table)
     width = max(len(what) for what, _, _ in rows)
     print(f"{'out-of-fold':<{width}}  {'micro-F1':>8}  {'log loss':>8}")
     for what, f1, loss in rows:

@@ -14,7 +14,6 @@ import pandas as pd
 from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
-from seedlings.data.folds import load_folds
 from seedlings.errors import Busy, UserError
 from seedlings.predict.blend import assemble, blend, blend_full, calibrate_blend, fold_of_files, format_table
 from seedlings.predict.infer import predict_run
@@ -49,7 +48,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     timings: dict[str, float] = {}
     comp = run.comp  # sample_submission.csv against test/: checked before anything trains
     with timed(timings, "folds"):
-        folds = load_folds(run.data, run.n_folds, run.fold_seed)
+        folds = run.fold_table
         # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours
         skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
     if comp.ignored:

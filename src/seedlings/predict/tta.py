@@ -8,25 +8,29 @@ import torch
 import torch.nn.functional as F
 
 from seedlings.data.augment import DIHEDRAL, dihedral
+from seedlings.errors import UserError
 from seedlings.metrics import PROB_FLOOR
 
 FLIPS = (0, 4, 6, 2)  # identity, left-right flip, up-down flip (half a turn, then left-right), half a turn
 ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
 
 
+# the `tta` choices: (dihedral member, scale) of each view; d2 is the four-element subgroup of d4 (as is, mirrored
+# left-right, upside down, half a turn)
+TTA_VIEWS = {
+    "none": ((0, 1.0),),
+    "flip": ((0, 1.0), (4, 1.0)),
+    "d2": tuple((k, 1.0) for k in FLIPS),
+    "d4": tuple((k, 1.0) for k in DIHEDRAL),
+    "d4+scales": tuple((k, s) for s in (1.0, ZOOM) for k in DIHEDRAL),
+}
+
+
 def tta_views(name: str) -> list[tuple[int, float]]:
     """(dihedral member, scale) pairs of a named TTA set."""
-    if name == "none":
-        return [(0, 1.0)]
-    if name == "flip":
-        return [(0, 1.0), (4, 1.0)]
-    if name == "d2":  # the four-element subgroup of d4: as is, mirrored left-right, upside down, half a turn
-        return [(k, 1.0) for k in FLIPS]
-    if name == "d4":
-        return [(k, 1.0) for k in DIHEDRAL]
-    if name == "d4+scales":
-        return [(k, s) for s in (1.0, ZOOM) for k in DIHEDRAL]
-    raise ValueError(f"unknown TTA set {name!r}")
+    if name not in TTA_VIEWS:
+        raise UserError(f"tta: expected {' or '.join(TTA_VIEWS)}, got {name!r}")
+    return list(TTA_VIEWS[name])
 
 
 def view(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
@@ -62,9 +66,14 @@ def tta_predict(
     return mean_of_views(p, mean)
 
 
+def geometric_mean(p: torch.Tensor) -> torch.Tensor:
+    g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
+    return g / g.sum(-1, keepdim=True)  # renormalised to sum to 1
+
+
+MEANS = {"arith": lambda p: p.mean(0), "geom": geometric_mean}  # the `tta_mean` choices
+
+
 def mean_of_views(p: torch.Tensor, mean: str = "arith") -> torch.Tensor:
     """(views, N, classes) probabilities averaged over the views: arithmetic, or geometric renormalised to sum to 1."""
-    if mean == "geom":
-        g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
-        return g / g.sum(-1, keepdim=True)
-    return p.mean(0)
+    return MEANS[mean](p)

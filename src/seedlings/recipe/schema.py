@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seedlings.data.augment import CROP_SCALE
+from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
+from seedlings.predict.tta import MEANS, TTA_VIEWS
+from seedlings.train.optim import OPTIMIZERS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
@@ -44,7 +47,7 @@ class Stage:
     cycle_mult: int = 1  # each cycle is this many times longer than the one before
     warmup: float = 0.0  # epochs of linear warm-up at the stage's start (the first cycle's cosine follows it)
     frozen_groups: int = 0  # with freeze: false, the first k layer groups stay frozen, norm layers too: no gradient
-    #   flows into them (on a CPU most of the backward time: Lite2 at 160 px trains 2.4x faster with 2 of 5 frozen)
+    #   flows into them (on a CPU most of the backward time: make bench's table in docs/results.md)
     fit: str = "sgdr"  # sgdr: epochs of SGDR | logistic: (precompute only) the head solved to convergence on the
     #   features by multinomial logistic regression, L2 strength chosen by cross-validation (seconds, no epochs)
 
@@ -78,10 +81,8 @@ class Recipe:
     seed: int = 0  # training seed: weights init, shuffling, augmentation
     tta: str = predicts("d4")  # used by predict: none | flip | d2 (4 views) | d4 (8) | d4+scales (16)
     tta_mean: str = predicts("arith")  # arith | geom: how TTA copies' probabilities are averaged
-    predict_size: int = predicts(
-        0
-    )  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during training,
-    #   so a model often scores best a little above its training size (FixRes)
+    predict_size: int = predicts(0)  # px of prediction (TTA); 0: the last stage's size. Random crops zoom in during
+    #   training, so a model often scores best a little above its training size (FixRes)
     pseudo_label: float = runs(0.0)  # > 0: after the chain, a second round trained on the training images plus the
     #   test images whose blended probability reaches this (their predicted species as label; the test pixels,
     #   never test labels), written as submissions/<run>-pseudo.csv, the chain's answer; 0: off
@@ -182,13 +183,16 @@ STAGE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "warmup": (0.0, None),
     "frozen_groups": (0, 15),
 }
-CHOICES = {
-    "optimizer": ("sgd", "adamw"),
-    "tta": ("none", "flip", "d2", "d4", "d4+scales"),
-    "tta_mean": ("arith", "geom"),
+STAGE_CHOICES = {
+    "fit": ("sgdr", "logistic"),
+}
+CHOICES = {  # each choice key's values, from the table that gives each value its behaviour
+    "optimizer": tuple(OPTIMIZERS),
+    "tta": tuple(TTA_VIEWS),
+    "tta_mean": tuple(MEANS),
     "bn_stats": ("frozen", "batch"),
     "augment": ("auto", "albumentations", "tensor"),
-    "plant_mask": ("none", "green", "dim"),
+    "plant_mask": tuple(BACKGROUND),
     "calibrate": ("none", "bias"),
     "validate": ("epoch", "cycle"),
 }
@@ -240,8 +244,9 @@ def _validate_stage(recipe: Recipe, i: int, s: Stage) -> None:
     if s.frozen_groups >= recipe.layer_groups:
         raise UserError(f"{key}.frozen_groups: must be below layer_groups ({recipe.layer_groups}): the head trains, "
                         f"got {s.frozen_groups}")  # fmt: skip
-    if s.fit not in ("sgdr", "logistic"):
-        raise UserError(f"{key}.fit: expected sgdr or logistic, got {s.fit!r}")
+    for name, allowed in STAGE_CHOICES.items():
+        if getattr(s, name) not in allowed:
+            raise UserError(f"{key}.{name}: expected {' or '.join(allowed)}, got {getattr(s, name)!r}")
     if s.fit == "logistic" and not (s.precompute and s.freeze):
         raise UserError(f"{key}.fit: logistic needs freeze: true and precompute: true (it solves the head alone on "
                         "precomputed pooled features)")  # fmt: skip

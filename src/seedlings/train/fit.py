@@ -24,7 +24,7 @@ from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.mixing import mix_batch, mixed_criterion
-from seedlings.train.model import make_optimizer
+from seedlings.train.optim import make_optimizer
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
@@ -80,7 +80,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
                 continue
             trainee = trainee_for(ctx, stage_i)
-            optimizer = make_optimizer(recipe, trainee.param_groups)
+            optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
             warmup = round(stage.warmup * trainee.steps_per_epoch)
             scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
             first_epoch = 0

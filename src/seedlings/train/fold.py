@@ -13,7 +13,6 @@ from torch import nn
 from seedlings.data.cache import ImageCache, load_cache
 from seedlings.data.competition import Competition
 from seedlings.data.device_batches import DeviceBatches
-from seedlings.data.folds import load_folds
 from seedlings.data.loaders import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.errors import UserError
 from seedlings.run import Run
@@ -68,7 +67,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     if fold != run.full:
         run.check_fold(fold)
     comp = run.comp
-    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    folds = run.fold_table
     cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     good = ~np.isin(np.array(comp.train_files), cache.bad)
     in_val = folds.fold.to_numpy() == fold

@@ -17,7 +17,7 @@ from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import FoldContext, prepare_fold
-from seedlings.train.model import make_optimizer
+from seedlings.train.optim import make_optimizer
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
 
@@ -70,7 +70,7 @@ def lr_sweep(
     saved_model = copy.deepcopy(ctx.model.state_dict())
     saved_rng = torch.get_rng_state()
     trainee = trainee_for(ctx, stage)
-    optimizer = make_optimizer(ctx.recipe, trainee.param_groups)
+    optimizer = make_optimizer(ctx.recipe.optimizer, trainee.param_groups, ctx.recipe.momentum)
     peak = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep
     criterion = nn.CrossEntropyLoss(label_smoothing=ctx.recipe.label_smoothing)

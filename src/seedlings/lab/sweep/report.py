@@ -13,6 +13,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from seedlings.lab.compare import format_compare, recipe_rows
+from seedlings.lab.sweep.settings import OBJECTIVES
 from seedlings.lab.sweep.space import Sweep, recipe_with
 from seedlings.lab.sweep.study import SweepLock, open_study
 from seedlings.recipe.load import recipe_from_dict
@@ -99,10 +100,7 @@ def write_plots(study: optuna.Study, out: Path) -> list[str]:
 
 
 def objective_text(sweep: Sweep) -> str:
-    folds = f"the first {sweep.sweep_folds} fold(s) of {sweep.n_folds}"
-    if sweep.objective == "chain":
-        return f"out-of-fold micro-F1 of the blend of {folds}, as make submit blends them"
-    return f"last-epoch validation micro-F1, mean over {folds}"
+    return f"{OBJECTIVES[sweep.objective]}, over the first {sweep.sweep_folds} fold(s) of {sweep.n_folds}"
 
 
 def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:

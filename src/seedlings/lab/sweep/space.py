@@ -20,8 +20,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.exceptions import ExperimentalWarning
 
 from seedlings import paths
+from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.lab.holdout import ensure_holdout
+from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS
 from seedlings.recipe.load import apply_override, load_recipe, parse_value, read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, Recipe, recipe_dict
 from seedlings.run import Run
@@ -30,11 +32,7 @@ from seedlings.train.schedule import cycle_end_epochs
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat and retry are marked experimental
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial says what happened
 
-PRUNERS = ("sha", "hyperband", "none")
-OBJECTIVES = ("fold", "chain")
 SETTINGS_BEFORE = {"objective": "fold"}  # what a study recorded before a setting existed ran with
-HEARTBEAT_S = 60  # a running trial writes its heartbeat this often (RDB storages)
-GRACE_S = 180  # ...and is failed and retried when none came for this long (a dead worker, a lost node)
 MAX_RETRY = 3  # a trial whose worker died is retried this many times at most
 
 
@@ -47,8 +45,8 @@ class Sweep:
     base: dict
     space: dict[str, BaseDistribution]
     trials: int  # the study's total, however many workers share it
-    n_folds: int = 5
-    fold_seed: int = 0
+    n_folds: int = N_FOLDS
+    fold_seed: int = FOLD_SEED
     sweep_folds: int = 1  # a trial's value comes from its first sweep_folds folds
     storage: str = ""  # "" : a journal file in the sweep's folder; postgresql://..., mysql://... across machines
     pruner: str = "sha"
@@ -167,6 +165,9 @@ def sweep_from_args(args) -> Sweep:
     for flag, value in checks.items():
         if value < 1:
             raise UserError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
+    for flag, value, allowed in (("--pruner", args.pruner, PRUNERS), ("--objective", args.objective, OBJECTIVES)):
+        if value not in allowed:
+            raise UserError(f"{flag}: expected {' or '.join(allowed)}, got {value!r}")
     if args.grace <= args.heartbeat:
         raise UserError(f"--grace: must exceed --heartbeat ({args.heartbeat} s), got {args.grace}")
     recipe = load_recipe(args.config, args.overrides)

@@ -19,6 +19,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from seedlings.errors import UserError
+from seedlings.lab.sweep.settings import PRUNERS
 from seedlings.lab.sweep.space import MAX_RETRY, SETTINGS_BEFORE, Sweep
 from seedlings.recipe.schema import Recipe, recipe_dict
 
@@ -158,12 +159,29 @@ def sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
 
 
 def pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
-    if sweep.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if sweep.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=sweep.min_resource, reduction_factor=sweep.reduction_factor)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_resource,
-                                                  reduction_factor=sweep.reduction_factor)  # fmt: skip
+    return PRUNERS[sweep.pruner](sweep.min_resource, sweep.reduction_factor)
+
+
+def load_sweep(name: str, storage: str = "") -> tuple[Sweep, optuna.Study]:
+    """A sweep as its study recorded it (base recipe, space, data, split, objective, pruner, trials) and the study: what
+    the report needs, with nothing typed again."""
+    shell = Sweep(name, Path("."), {}, {}, 0, storage=storage)
+    if not storage and not shell.journal.exists():
+        raise UserError(f"{shell.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_of(shell))
+    except KeyError:
+        raise UserError(f"{safe_url(storage) if storage else shell.journal}: no study named {name!r}") from None
+    attrs = study.user_attrs
+    if "settings" not in attrs:
+        raise UserError(f"study {name!r}: not made by `make sweep` (it records no settings)")
+    recorded = {**SETTINGS_BEFORE, **attrs["settings"]}
+    space = {k: optuna.distributions.json_to_distribution(v) for k, v in recorded["space"].items()}
+    data = Path(attrs.get("data_path") or recorded["data"])
+    sweep = Sweep(name, data, recorded["base"], space, int(attrs.get("trials", 0)), recorded["n_folds"],
+                  recorded["fold_seed"], recorded["sweep_folds"], storage, attrs.get("pruner", "sha"),
+                  objective=recorded["objective"])  # fmt: skip
+    return sweep, study
 
 
 def serve_dashboard(name: str, storage: str, port: int) -> int:

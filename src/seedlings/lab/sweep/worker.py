@@ -14,7 +14,6 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from seedlings.data.folds import load_folds
 from seedlings.errors import UserError
 from seedlings.lab.sweep.space import MAX_RETRY, Sweep, fold_epochs, recipe_with
 from seedlings.lab.sweep.study import SweepLock, open_study
@@ -143,7 +142,7 @@ def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
     submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
     finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
     members = predict_run(run, list(range(n_folds)))
-    folds = load_folds(run.data, run.n_folds, run.fold_seed)
+    folds = run.fold_table
     *_, table, calibration = blend_members(run.recipe, members, folds, run.comp.classes)
     row = table["blend"]
     return float(row["micro_f1"]), float(row["log_loss"]), bool(calibration and calibration["used"])

@@ -1,0 +1,226 @@
+"""What each `seedlings` command runs, one function per command (cli.py declares them and their arguments). Each
+imports the step it calls when it is called, so that the command line answers `--help` without loading torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seedlings.errors import Busy, UserError
+
+Args = argparse.Namespace
+
+
+def run_name(args: Args) -> str:
+    return args.run or Path(args.config).stem
+
+
+def opened_run(args: Args):
+    """The run of a recipe-driven command, checked against what it recorded (and --fold against its split)."""
+    from seedlings.recipe.load import load_recipe
+    from seedlings.run import open_run
+
+    recipe = load_recipe(args.config, args.overrides)
+    return open_run(run_name(args), args.data, recipe, args.n_folds, args.fold_seed, getattr(args, "fold", None))
+
+
+def unopened_run(args: Args):
+    """A run that is never trained on DATA itself (the probe, compare's held-out split): not checked against it."""
+    from seedlings.recipe.load import load_recipe
+    from seedlings.run import Run
+
+    return Run(run_name(args), Path(args.data), load_recipe(args.config, args.overrides), args.n_folds, args.fold_seed)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def fetch(args: Args) -> None:
+    from seedlings.data.fetch import fetch as fetch_competition
+
+    fetch_competition(args.data, archive=args.archive, max_expand=args.max_expand, competition=args.competition)
+
+
+def demo_data(args: Args) -> None:
+    from seedlings.data.demo import make_demo
+
+    out = Path(args.out)
+    if out.exists():
+        print(f"{out}: exists, nothing to do")
+        return
+    make_demo(out, args.per_class, args.seed, args.min_size, args.max_size)
+    print(f"{out}: demo competition written")
+
+
+def check_data(args: Args) -> None:
+    from seedlings.data.competition import check_competition
+    from seedlings.recipe.load import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    print("\n".join(check_competition(args.data, skip_bad_images=recipe.skip_bad_images).lines()))
+
+
+def folds(args: Args) -> None:
+    from seedlings.data.competition import scan_competition
+    from seedlings.data.folds import make_folds
+
+    make_folds(scan_competition(args.data, need_test=False), args.n_folds, args.fold_seed, args.out, args.force)
+
+
+def recipe(args: Args) -> None:
+    from seedlings.recipe.describe import describe
+    from seedlings.recipe.load import load_recipe
+
+    print(f"# {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    print("\n".join(describe(load_recipe(args.config, args.overrides))))
+
+
+# ------------------------------------------------------------------------------------------------ train, predict
+def lr_find(args: Args) -> None:
+    from seedlings.train.lr_find import lr_find as find
+
+    find(opened_run(args), args.fold or 0, args.stage)
+
+
+def train(args: Args) -> None:
+    from seedlings.train.fit import train_fold
+
+    run = opened_run(args)
+    for k in [args.fold] if args.fold is not None else run.models():
+        if k not in run.models():
+            print(f"fold {k}: not trained by this recipe (train_folds: {run.recipe.train_folds}), nothing to do")
+            continue
+        try:
+            final = train_fold(run, k)
+        except Busy as e:  # another process or host trains it: each fold is trained once
+            print(f"fold {k}: skipped, {e}")
+            continue
+        print(f"fold {k}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
+
+
+def predict(args: Args) -> None:
+    from seedlings.predict.infer import predict_run
+
+    predict_run(opened_run(args), [args.fold] if args.fold is not None else None)
+
+
+def evaluate(args: Args) -> None:
+    from seedlings.predict.blend import print_oof_summary
+
+    print_oof_summary(opened_run(args))
+
+
+def submit(args: Args) -> None:
+    from seedlings.predict.submit import submit as submit_chain
+    from seedlings.run import saved_run
+
+    run = opened_run(args)
+    names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
+    others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
+    submit_chain(run, others, weights=args.weights, command=sys.argv)
+
+
+def validate_submission(args: Args) -> None:
+    from seedlings.predict.submission import validate_submission as validate
+
+    print(f"{args.submission}: valid ({validate(args.data, args.submission)} rows)")
+
+
+# ---------------------------------------------------------------------------------------------------------- Kaggle
+def upload(args: Args) -> None:
+    from seedlings.data.kaggle import upload as send
+
+    send(run_name(args), args.message, competition=args.competition)
+
+
+def leaderboard(args: Args) -> None:
+    from seedlings.data.kaggle import leaderboard as show
+
+    show(competition=args.competition)
+
+
+# ------------------------------------------------------------------------------------------------------------- lab
+def holdout(args: Args) -> None:
+    from seedlings.lab.holdout import make_holdout
+
+    out = make_holdout(args.data, args.out, args.fraction, args.seed)
+    print(f"{out}: test set of held-out labelled images, labels in {out / 'answers.csv'}")
+
+
+def grade(args: Args) -> None:
+    from seedlings.lab.holdout import grade as grade_submission
+    from seedlings.lab.holdout import grade_members
+    from seedlings.run import saved_run
+
+    if not (args.run or args.submission):
+        raise UserError("grade: give --submission FILE or --run NAME")
+    if args.run:
+        for name, f1 in grade_members(saved_run(args.run), args.answers).items():
+            print(f"{name:<36} held-out micro-F1 {f1:.4f}")
+    if args.submission:
+        print(f"{args.submission}: held-out micro-F1 {grade_submission(args.submission, args.answers):.4f}")
+
+
+def probe(args: Args) -> None:
+    from seedlings.lab.probe import linear_probe
+
+    run = unopened_run(args)
+    res = linear_probe(run, args.fold or 0, args.size)
+    print(f"linear probe, {run.recipe.model} features at {res['size']} px (image + mirror, C={res['c']:g} by CV), "
+          f"fold {args.fold or 0}: val micro-F1 {res['val_f1']:.4f} ({res['seconds']:.0f} s)")  # fmt: skip
+
+
+def compare(args: Args) -> None:
+    from seedlings.lab.compare import compare as run_compare
+    from seedlings.recipe.load import load_recipe
+
+    sizes = tuple(int(s) for s in args.sizes.split(",") if s)
+    baseline = load_recipe(args.baseline) if args.baseline else None
+    label = Path(args.baseline).stem if args.baseline else ""
+    run_compare(unopened_run(args), args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only,
+                (label, baseline), args.probe_model)  # fmt: skip
+
+
+def bench(args: Args) -> None:
+    from seedlings.lab.bench import bench as run_bench
+
+    run_bench(Path(args.data) if args.data else None, quick=args.quick)
+
+
+def sweep(args: Args) -> None:
+    from seedlings.data.competition import scan_competition
+    from seedlings.lab.sweep.report import finish_sweep
+    from seedlings.lab.sweep.space import sweep_from_args
+    from seedlings.lab.sweep.study import open_study, safe_url
+    from seedlings.lab.sweep.worker import run_worker
+
+    sweep = sweep_from_args(args)
+    scan_competition(sweep.data)  # a missing or broken data folder stops here, not in every trial
+    if args.create_only:
+        open_study(sweep)
+        print(f"study {sweep.name!r}: ready in {sweep.storage and safe_url(sweep.storage) or sweep.journal}")
+        return
+    ran = run_worker(sweep)
+    print(f"study {sweep.name!r}: this worker ran {ran} trial(s); the study holds {sweep.trials}")
+    finish_sweep(sweep, grade=args.grade)
+
+
+def sweep_report(args: Args) -> None:
+    from seedlings.lab.sweep.report import write_sweep_report
+    from seedlings.lab.sweep.study import load_sweep
+
+    given = [flag for flag in ("data", "config", "run", "n_folds", "fold_seed", "space", "trials", "pruner",
+             "min_resource", "reduction_factor", "sweep_folds", "objective", "holdout", "heartbeat", "grace")
+             if getattr(args, flag) is not None]  # fmt: skip
+    if given or args.overrides:
+        print(f"note: sweep-report reads the sweep's settings from its study; {', '.join(given) or 'overrides'} "
+              "ignored (give --sweep, and --storage where it is not the journal file)", file=sys.stderr)  # fmt: skip
+    name = args.sweep or (Path(args.space).stem if isinstance(args.space, str) else None)
+    if not name:
+        raise UserError("--sweep: the sweep's name is needed (runs/<sweep>/)")
+    write_sweep_report(*load_sweep(name, args.storage), grade=args.grade)
+
+
+def dashboard(args: Args) -> int:
+    from seedlings.lab.sweep.study import serve_dashboard
+
+    return serve_dashboard(args.sweep, args.storage, args.port)

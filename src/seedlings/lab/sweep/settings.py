@@ -1,0 +1,35 @@
+"""What a sweep is set with, said once and light enough for the command line's help: the pruners (each built when a
+study is opened, Optuna imported then), the objectives a trial is scored by, and the heartbeat of RDB storages."""
+
+from __future__ import annotations
+
+HEARTBEAT_S = 60  # a running trial writes its heartbeat this often (RDB storages)
+GRACE_S = 180  # ...and is failed and retried when none came for this long (a dead worker, a lost node)
+
+
+def successive_halving(min_resource: int, reduction_factor: int):
+    """successive halving (the default)"""
+    from optuna.pruners import SuccessiveHalvingPruner
+
+    return SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=reduction_factor)
+
+
+def hyperband(min_resource: int, reduction_factor: int):
+    """Hyperband (successive halving at several budgets)"""
+    from optuna.pruners import HyperbandPruner
+
+    return HyperbandPruner(min_resource=min_resource, reduction_factor=reduction_factor)
+
+
+def no_pruning(min_resource: int, reduction_factor: int):
+    """every trial runs to the end"""
+    from optuna.pruners import NopPruner
+
+    return NopPruner()
+
+
+PRUNERS = {"sha": successive_halving, "hyperband": hyperband, "none": no_pruning}
+OBJECTIVES = {  # a trial's value, over its first `sweep_folds` folds
+    "fold": "the mean of the folds' last-epoch validation micro-F1 (one view each, no blend)",
+    "chain": "the out-of-fold micro-F1 of the folds' blend, as make submit blends them (TTA, snapshots, calibration)",
+}
