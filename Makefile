@@ -11,7 +11,7 @@ FOLD     ?=# one fold only (train, predict, lr-find)
 STAGE    ?=# lr-find: the stage to sweep (default: the first SGDR stage), from the weights it starts with
 RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
-ABLATIONS ?=# compare: 1 also runs the chain once per technique switched off (docs/results.md's ablation table)
+ABLATIONS ?=# compare: 1 adds fold 0 once per switch of configs/<recipe>-ablations.yaml (or ABLATIONS=<file>)
 BASELINE ?=# compare: another recipe whose fold 0 and chain join the table (BASELINE=configs/cpu-v1.yaml)
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 SPACE    ?= configs/sweep-cpu.yaml# sweep: the search space (recipe key -> choices or a range)
@@ -82,7 +82,7 @@ submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, p
 	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
 
 compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
-	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations) $(if $(BASELINE),--baseline "$(BASELINE)") $(ARGS)
+	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations $(if $(filter-out 1,$(ABLATIONS)),--ablations-file "$(ABLATIONS)")) $(if $(BASELINE),--baseline "$(BASELINE)") $(ARGS)
 
 sweep-study: $(STAMP) ## create the sweep's Optuna study once, before any worker (make sweep does this first)
 	$(SEEDLINGS) sweep --create-only $(SWEEP_ARGS) $(ARGS)

@@ -3,7 +3,6 @@ import pytest
 
 from conftest import tiny_recipe
 from seedlings.cli import main
-from seedlings.lab.ablations import ABLATIONS, variant
 from seedlings.run import Run
 
 HEAD_THEN_BODY = (
@@ -48,52 +47,53 @@ def test_compare_table_on_a_held_out_split(demo_master, home, capsys):
     assert "whole chain" in out and "held-out images of" in out
 
 
-def test_ablation_variants_switch_one_thing_off():
-    recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2")
-    one_lr = variant(recipe, ABLATIONS["one learning rate for all layer groups"])
-    assert one_lr.stages[1].lr == 0.01 and one_lr.stages[2].lr == 0.01 and one_lr.stages[0] == recipe.stages[0]
-    flat = variant(recipe, ["@restarts"])
-    assert (flat.stages[1].n_cycles, flat.stages[1].cycle_len) == (1, 2)
-    assert variant(flat, ["@restarts"]).stages[1] == recipe.stages[1]  # and back: two cycles of half the length
-    assert [s.size for s in variant(recipe, ["@sizes"]).stages] == [40, 40, 40]
-    grown = variant(
-        tiny_recipe("stages=[{size: 64, freeze: false, lr: {max: 0.01, mult: 3}, cycle_len: 6}]"), ["@sizes"]
-    )
-    assert [(s.size, s.cycle_len, s.lr) for s in grown.stages] == [
-        (64, 4, {"max": 0.01, "mult": 3.0}),
-        (80, 2, {"max": 0.0025, "mult": 3.0}),
-    ]
-    frozen = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
-                         " {size: 32, freeze: false, lr: 0.01, frozen_groups: 2}]")  # fmt: skip
-    assert [
-        s.frozen_groups for s in variant(frozen, ABLATIONS["every layer group trains (no frozen groups)"]).stages
-    ] == [0, 0]
-    maps = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
-                       " {size: 32, freeze: false, lr: 0.01, frozen_groups: 2, precompute: true}]")  # fmt: skip
-    unfrozen = variant(maps, ABLATIONS["every layer group trains (no frozen groups)"]).stages[1]
-    assert (unfrozen.frozen_groups, unfrozen.precompute) == (0, False)  # a valid recipe: nothing left to precompute
-    no_maps = variant(maps, ABLATIONS["frozen groups run every epoch (no precomputed maps; crops, colour jitter)"])
-    assert [(s.precompute, s.frozen_groups) for s in no_maps.stages] == [(True, 0), (False, 2)]
-    assert variant(recipe, ABLATIONS["no mixup or cutmix"]) == recipe  # the tiny recipe mixes nothing: not run
-    no_pre = variant(recipe, ABLATIONS["no precompute: head by 2 SGDR epochs through the frozen net"])
-    assert not no_pre.stages[0].precompute and no_pre.stages[0].fit == "sgdr" and no_pre.stages[0].cycle_len == 2
-    assert variant(recipe, ["tta=none"]).tta == "none"
-    long = tiny_recipe("stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
-                       " {size: 32, freeze: false, lr: 0.01, cycle_len: 20, warmup: 2}]")  # fmt: skip
-    short = variant(long, ABLATIONS["the last stage's schedule a fifth shorter (the time the chain would save)"])
-    assert [(s.cycle_len, s.warmup) for s in short.stages] == [(long.stages[0].cycle_len, 0.0), (16, 2.0)]
-    assert variant(recipe, ["@shorter"]) == recipe  # a 1-epoch schedule keeps its epoch: not run
-    with pytest.raises(Exception, match="nope"):
-        variant(recipe, ["nope=1"])
+@pytest.mark.parametrize("config", ["configs/cpu.yaml", "configs/cpu-v2.yaml"])
+def test_each_shipped_ablation_switches_its_recipe(config):
+    """The ablations beside a recipe are data: every row applies to the recipe, changes exactly the keys it names
+    (a stage list replaced counts as `stages`), and leaves a valid recipe; the file is found from the recipe's path."""
+    from seedlings.lab.ablations import ablations_path, load_ablations
+    from seedlings.recipe.load import load_recipe, with_changes
+    from seedlings.recipe.schema import recipe_dict
+    from seedlings.run import differences
+
+    recipe = load_recipe(config)
+    ablations = load_ablations(ablations_path(config))
+    assert len(ablations) >= 10
+    for label, changes in ablations.items():
+        changed = with_changes(recipe, changes)
+        moved = {
+            key.split(".")[0]
+            if key.startswith("stages") and len(recipe_dict(changed)["stages"]) != len(recipe.stages)
+            else key
+            for key, _, _ in differences(recipe_dict(recipe), recipe_dict(changed))
+        }
+        named = {("stages" if k == "stages" else k) for k in changes}
+        assert moved and moved <= named | {"stages"}, label  # fmt: skip
 
 
-def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
+def test_ablation_files_refuse_what_they_cannot_do(tmp_path):
+    from seedlings.errors import UserError
+    from seedlings.lab.ablations import ablation_row, load_ablations
+    from seedlings.run import Run
+
+    with pytest.raises(UserError, match="no ablations for this recipe"):
+        load_ablations(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("no TTA: tta=none\n")  # a string, not the keys it changes
+    with pytest.raises(UserError, match="maps each row's label"):
+        load_ablations(tmp_path / "bad.yaml")
+    held = Run("x", tmp_path, tiny_recipe(HEAD_THEN_BODY))
+    with pytest.raises(UserError, match="ablation 'typo': nope: unknown key"):
+        ablation_row(held, 0, "typo", {"nope": 1})
+    assert ablation_row(held, 0, "same", {"seed": 0})["how"] == "same as the recipe here: not run"
+
+
+def test_ablation_rows_train_or_only_predict(demo_master, home):
     """A training switch trains fold 0 anew under its own run; a prediction switch (TTA) reuses the recipe's fold 0."""
     import seedlings.lab.compare as C
 
-    monkeypatch.setattr(C, "ABLATIONS", {"no TTA": ["tta=none"], "bn": ["crop_scale=0.9"], "same": ["seed=0"]})
+    ablations = {"no TTA": {"tta": "none"}, "bn": {"crop_scale": 0.9}, "same": {"seed": 0}}
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=1")
-    table = C.compare(Run("abl", demo_master, recipe, 3), ablations=True, sizes=(32,))
+    table = C.compare(Run("abl", demo_master, recipe, 3), ablations=ablations, sizes=(32,))
     assert table.what.tolist()[-3:] == [
         "ablation: no TTA: fold 0 alone",
         "ablation: bn: fold 0 alone",
@@ -105,7 +105,7 @@ def test_ablation_rows_train_or_only_predict(demo_master, home, monkeypatch):
     assert table.micro_f1.iloc[-3:-1].between(0, 1).all()
 
 
-def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home, monkeypatch):
+def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home):
     """Switching calibration off trains nothing: the recipe's two folds are blended again, and the row grades what
     `make submit` with calibrate=none writes from the same folds."""
     import dataclasses
@@ -115,9 +115,10 @@ def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home
     from seedlings.lab.holdout import grade
     from seedlings.predict.submit import submit
 
-    monkeypatch.setattr(C, "ABLATIONS", {"no calibration": ["calibrate=none"]})
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2", "calibrate=bias")
-    table = C.compare(Run("cal", demo_master, recipe, 3), ablations=True, sizes=(32,))
+    table = C.compare(
+        Run("cal", demo_master, recipe, 3), ablations={"no calibration": {"calibrate": "none"}}, sizes=(32,)
+    )
     assert table.what.tolist()[-2:] == [
         "recipe: whole chain (make submit)",
         "ablation: no calibration: whole chain (make submit)",

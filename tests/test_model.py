@@ -2,10 +2,10 @@ import pytest
 import timm
 import torch
 
+from seedlings import optim as O
 from seedlings.errors import UserError
 from seedlings.recipe.load import load_recipe
 from seedlings.train import model as M
-from seedlings.train import optim as O
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import timm
 import torch
 from torch import nn
 
+from seedlings import optim as O
 from seedlings.train import model as M
-from seedlings.train import optim as O
 from seedlings.train import step
 from seedlings.train.trainees import outermost_within
 

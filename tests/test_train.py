@@ -145,7 +145,7 @@ def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeyp
     import seedlings.train.fit as T
     import seedlings.train.fold as C
     from seedlings.data.loaders import eval_transform
-    from seedlings.train.optim import make_optimizer
+    from seedlings.optim import make_optimizer
     from seedlings.train.schedule import make_scheduler
 
     stage = "{size: 32, freeze: true, precompute: %s, lr: 0.05, n_cycles: 2, cycle_len: 1, cycle_mult: 1}"

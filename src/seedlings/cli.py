@@ -161,7 +161,9 @@ def add_lab_commands(sub) -> None:
     run_args(p, fold=False)
     p.add_argument("--fraction", type=float, default=0.2, help="share of the labelled images held out")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--ablations", action="store_true", help="also fold 0 with each technique switched")
+    p.add_argument("--ablations", action="store_true", help="also fold 0 with each technique switched, as the "
+                   "recipe's ablations file says (configs/<recipe>-ablations.yaml beside it)")  # fmt: skip
+    p.add_argument("--ablations-file", default=None, help="another ablations file (implies --ablations; default: none)")
     p.add_argument("--probes-only", action="store_true", help="only the linear probes (no training)")
     p.add_argument("--sizes", default="", help="probe sizes in px, comma-separated (default: the data's own, 224)")
     p.add_argument(

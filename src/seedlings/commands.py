@@ -170,13 +170,17 @@ def probe(args: Args) -> None:
 
 
 def compare(args: Args) -> None:
+    from seedlings.lab.ablations import ablations_path, load_ablations
     from seedlings.lab.compare import compare as run_compare
     from seedlings.recipe.load import load_recipe
 
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
     baseline = load_recipe(args.baseline) if args.baseline else None
     label = Path(args.baseline).stem if args.baseline else ""
-    run_compare(unopened_run(args), args.fraction, args.holdout_seed, args.ablations, sizes, args.probes_only,
+    ablations = None
+    if args.ablations or args.ablations_file:
+        ablations = load_ablations(args.ablations_file or ablations_path(args.config))
+    run_compare(unopened_run(args), args.fraction, args.holdout_seed, ablations, sizes, args.probes_only,
                 (label, baseline), args.probe_model)  # fmt: skip
 
 

@@ -4,6 +4,7 @@ log loss, computed one way."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.metrics import f1_score
 
 PROB_FLOOR = 1e-15  # probabilities are clipped here before the log: one confident mistake costs 34.5, not infinity
@@ -22,11 +23,19 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], PROB_FLOOR, None)).mean())
 
 
+VAL_KEYS = ("val_loss", "val_f1", "val_macro_f1")  # a fold's validation scores: metrics.csv's and done.json's names
+NO_VALIDATION = dict.fromkeys(VAL_KEYS, float("nan"))  # an epoch not scored, or a model with no validation images
+
+
 def val_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     """A fold's validation row: loss, micro-F1, macro-F1 (metrics.csv's columns)."""
     pred = probs.argmax(1)
-    return {
-        "val_loss": log_loss(probs, labels),
-        "val_f1": micro_f1(labels, pred),
-        "val_macro_f1": macro_f1(labels, pred),
-    }
+    return dict(zip(VAL_KEYS, (log_loss(probs, labels), micro_f1(labels, pred), macro_f1(labels, pred))))
+
+
+def geometric_mean(p: torch.Tensor) -> torch.Tensor:
+    g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
+    return g / g.sum(-1, keepdim=True)  # renormalised to sum to 1
+
+
+MEANS = {"arith": lambda p: p.mean(0), "geom": geometric_mean}  # the `tta_mean` choices

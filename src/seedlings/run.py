@@ -15,13 +15,13 @@ import pandas as pd
 import yaml
 
 from seedlings import paths
-from seedlings.data.competition import Competition, file_digest, parallel_map, scan_competition
+from seedlings.data.competition import Competition, parallel_map, scan_competition
 from seedlings.data.folds import default_folds_path, load_folds
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.recipe.load import read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
-from seedlings.storage import read_json, write_json, write_text
+from seedlings.storage import file_sha256, read_json, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ class Run:
         extra["data"] = str(Path(self.data).resolve())
         comp = self.comp
         record = {split: digests(comp, split, {}) for split in ("train", "test")}
-        record["folds"] = file_digest(default_folds_path(comp, self.n_folds, self.fold_seed))
+        record["folds"] = file_sha256(default_folds_path(comp, self.n_folds, self.fold_seed))
         if self.pseudo_path.exists():
-            record["pseudo"] = file_digest(self.pseudo_path)
+            record["pseudo"] = file_sha256(self.pseudo_path)
         config = yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False)
         record["config_sha256"] = hashlib.sha256(config.encode()).hexdigest()  # a config.yaml cut short is told
         write_json(self.data_record_path, record)
@@ -152,12 +152,12 @@ class Run:
                 f"{self.data / 'train'}: the training images changed since run {self.name!r} was trained ({changes});"
                 f" start a new RUN, or delete runs/{self.name} to train it again"
             )
-        pseudo = file_digest(self.pseudo_path) if self.pseudo_path.exists() else None
+        pseudo = file_sha256(self.pseudo_path) if self.pseudo_path.exists() else None
         if pseudo != recorded.get("pseudo"):
             raise UserError(f"{self.pseudo_path}: not the pseudo-labels run {self.name!r} was trained with (changed or "
                             f"missing); delete runs/{self.name} to train the round again")  # fmt: skip
         folds = default_folds_path(comp, self.n_folds, self.fold_seed)
-        if folds.exists() and file_digest(folds) != recorded["folds"]:
+        if folds.exists() and file_sha256(folds) != recorded["folds"]:
             raise UserError(f"{folds}: not the folds run {self.name!r} was trained with; start a new RUN")
 
     def data_record(self) -> dict:
@@ -222,15 +222,14 @@ def saved_run(
 
 def digests(comp: Competition, split: str, known: dict[str, list]) -> dict[str, list]:
     """{file: [bytes, mtime_ns, sha256]} of a split; files whose size and mtime match `known` keep its hash."""
-    where = comp.train_path if split == "train" else comp.test_path
-    files = comp.train_files if split == "train" else comp.test_files
-    stats = {f: where(f).stat() for f in files}
+    files, folder = comp.split(split)
+    stats = {f: (folder / f).stat() for f in files}
     out = {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}
     for f, entry in out.items():
         if f in known and known[f][:2] == entry:
             entry.append(known[f][2])
     todo = [f for f, entry in out.items() if len(entry) == 2]
-    for f, digest in zip(todo, parallel_map(file_digest, [where(f) for f in todo], desc=f"hash {split}")):
+    for f, digest in zip(todo, parallel_map(file_sha256, [folder / f for f in todo], desc=f"hash {split}")):
         out[f].append(digest)
     return out
 

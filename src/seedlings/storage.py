@@ -36,11 +36,21 @@ def remove_stale_tmp(path: Path) -> None:
     """Temporary files of `path` left by processes that no longer run (killed mid-write)."""
     for old in path.parent.glob(f"{path.stem}.tmp*{path.suffix}"):
         pid = old.name[len(path.stem) + 4 : len(old.name) - len(path.suffix)]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             old.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
+def process_alive(pid: int, running: bytes = b"") -> bool:
+    """Whether process `pid` lives on this machine; with `running`, only if its command line holds those bytes (a pid
+    reused by another program counts as dead). Without /proc (macOS) the pid alone tells."""
+    if running:
+        try:
+            return running in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            if Path("/proc/self").exists():
+                return False  # /proc is there and the process is not
+        except OSError:
+            pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,5 +1,6 @@
 """The training augmentation's family, said once for both data paths (albumentations in loaders.py, tensors on the
-device in device_batches.py), and the dihedral group that TTA and the precomputed views share."""
+device in device_batches.py), and the dihedral group that the precomputed views and TTA share, with TTA's named view
+sets (the `tta` choices)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,18 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """Member k of the dihedral group on NCHW images: rotate k % 4 quarter turns, then flip left-right if k >= 4."""
     x = torch.rot90(x, k % 4, dims=(2, 3))
     return torch.flip(x, dims=(3,)) if k >= 4 else x
+
+
+FLIPS = (0, 4, 6, 2)  # identity, left-right flip, up-down flip (half a turn, then left-right), half a turn
+ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
+
+
+# the `tta` choices: (dihedral member, scale) of each view; d2 is the four-element subgroup of d4 (as is, mirrored
+# left-right, upside down, half a turn)
+TTA_VIEWS = {
+    "none": ((0, 1.0),),
+    "flip": ((0, 1.0), (4, 1.0)),
+    "d2": tuple((k, 1.0) for k in FLIPS),
+    "d4": tuple((k, 1.0) for k in DIHEDRAL),
+    "d4+scales": tuple((k, s) for s in (1.0, ZOOM) for k in DIHEDRAL),
+}

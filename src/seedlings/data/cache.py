@@ -69,9 +69,8 @@ class ImageCache:
 
 
 def cache_paths(comp: Competition, split: str, size: int, mask: str = "none") -> tuple[Path, Path]:
-    files = comp.train_files if split == "train" else comp.test_files
-    where = comp.train_path if split == "train" else comp.test_path
-    key = listing_hash([where(f) for f in files], files, with_mtime=True)  # a changed file changes the key
+    files, folder = comp.split(split)
+    key = listing_hash([folder / f for f in files], files, with_mtime=True)  # a changed file changes the key
     masked = "" if BACKGROUND[mask] is None else f"-{mask}"
     stem = f"{comp.root.resolve().name}-{key}-{split}-{size}px{masked}-v{CACHE_VERSION}"
     return paths.cache_dir() / f"{stem}.u8", paths.cache_dir() / f"{stem}.json"
@@ -82,7 +81,7 @@ def load_cache(
 ) -> ImageCache:
     """Open the cache of (dataset, split, size, plant mask), building it first when missing (on every core)."""
     data_path, meta_path = cache_paths(comp, split, size, mask)
-    files = comp.train_files if split == "train" else comp.test_files
+    files, _ = comp.split(split)
     expected = max(1, len(files)) * size * size * 3
     # the .json is written last: its presence means the array is complete (unless something truncated it since)
     if (
@@ -115,15 +114,14 @@ def build_cache(
     meta_path: Path,
     mask: str = "none",
 ) -> None:
-    files = comp.train_files if split == "train" else comp.test_files
-    where = comp.train_path if split == "train" else comp.test_path
+    files, folder = comp.split(split)
     bad = []
     # a memmap written past the disk's end dies by SIGBUS, without a word: its size is known, check it first
     check_free_space(data_path, max(1, len(files)) * size * size * 3)
     with atomic_path(data_path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
         loader = partial(_load, size=size, mask=mask)
-        for i, (img, err) in enumerate(parallel_imap(loader, [where(f) for f in files], desc=f"cache {split}")):
+        for i, (img, err) in enumerate(parallel_imap(loader, [folder / f for f in files], desc=f"cache {split}")):
             if err is not None:
                 if not skip_bad_images:
                     raise UserError(err)

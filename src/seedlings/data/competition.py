@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from seedlings.errors import UserError
+from seedlings.storage import file_sha256
 
 # Unreadable files are reported once, by us, naming the file; OpenCV's own warnings would only repeat it.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -77,6 +78,12 @@ class Competition:
 
     def test_path(self, rel: str) -> Path:
         return self.root / "test" / rel
+
+    def split(self, name: str) -> tuple[list[str], Path]:
+        """The files of split `name` (train or test) and the folder they are relative to."""
+        if name not in ("train", "test"):
+            raise ValueError(f"no split {name!r}: train or test")
+        return (self.train_files if name == "train" else self.test_files), self.root / name
 
 
 def list_folder(folder: Path) -> tuple[list[str], list[str]]:
@@ -162,10 +169,6 @@ def check_sample_lists_test(root: Path, test_files: list[str]) -> None:
         raise UserError(f"{root / 'test'}: {len(extra)} images not listed in sample_submission.csv, e.g. {extra[0]}")
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def listing_hash(paths: list[Path], names: list[str], with_mtime: bool) -> str:
     """A short key for a set of files: names and sizes (and modification times when asked), not their bytes."""
     h = hashlib.sha256()
@@ -192,7 +195,7 @@ def parallel_map(fn, items: list, desc: str, workers: int | None = None) -> list
 
 def _inspect(path: Path) -> tuple[str, int, int, str | None]:
     """(sha256, width, height, error) of one file; error is the message naming the file, or None."""
-    digest = file_digest(path)
+    digest = file_sha256(path)
     try:
         img = read_image(path)
     except UserError as e:
@@ -265,6 +268,6 @@ def check_competition(root: str | Path, skip_bad_images: bool = False, with_dige
     )
     if with_digests:
         digests = {name: digest for name, (digest, *_rest) in zip(names, results)}
-        digests["sample_submission.csv"] = file_digest(comp.root / "sample_submission.csv")
+        digests["sample_submission.csv"] = file_sha256(comp.root / "sample_submission.csv")
         return report, digests
     return report

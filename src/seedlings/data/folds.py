@@ -10,10 +10,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from seedlings import paths
-from seedlings.data.competition import Competition, file_digest, listing_hash, parallel_map, scan_competition
+from seedlings.data.competition import Competition, listing_hash, parallel_map, scan_competition
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
-from seedlings.storage import write_csv, write_json
+from seedlings.storage import file_sha256, write_csv, write_json
 
 
 def dataset_key(comp: Competition) -> str:
@@ -67,7 +67,7 @@ def make_folds(
             print(f"{out}: up to date")
             return out
         raise UserError(f"{out}: exists with other parameters ({old or 'unknown'}); use --force to overwrite")
-    digests = parallel_map(file_digest, [comp.train_path(f) for f in comp.train_files], desc="hash")
+    digests = parallel_map(file_sha256, [comp.train_path(f) for f in comp.train_files], desc="hash")
     _, groups = np.unique(np.array(digests), return_inverse=True)
     labels = np.array(comp.train_labels)
     fold = assign_folds(labels, groups, n_folds, seed, len(comp.classes))

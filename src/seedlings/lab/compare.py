@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from seedlings.data.competition import read_image, scan_competition
-from seedlings.lab.ablations import ABLATIONS, ablation_row
+from seedlings.lab.ablations import ablation_rows
 from seedlings.lab.holdout import chain_row, ensure_holdout, fold_row, fold_seconds
 from seedlings.lab.probe import PROBE_MODEL, probe_rows
 from seedlings.recipe.schema import Recipe
@@ -25,7 +26,7 @@ def compare(
     run: Run,
     fraction: float = 0.2,
     seed: int = 0,
-    ablations: bool = False,
+    ablations: dict[str, dict[str, Any]] | None = None,
     sizes: tuple[int, ...] = (),
     probes_only: bool = False,
     baseline: tuple[str, Recipe | None] = ("", None),
@@ -33,8 +34,9 @@ def compare(
 ) -> pd.DataFrame:
     """The table (also runs/<run>-holdout/compare.csv): the baseline probe (`probe_model`) at the data's own size
     and at 224 px, the recipe's own backbone's probe, one fold of the recipe, the whole chain, and with `ablations`
-    fold 0 once per technique switched. baseline: (name, recipe) of another recipe (the one this replaced, say)
-    whose fold and chain rows join the table, trained on the same split."""
+    ({row label: recipe keys changed}, ablations.load_ablations) fold 0 once per technique switched. baseline: (name,
+    recipe) of another recipe (the one this replaced, say) whose fold and chain rows join the table, trained on the
+    same split."""
     holdout = ensure_holdout(run.data, fraction, seed)
     # never the run trained on all of DATA: other images, other models
     held = open_run(f"{run.name}-holdout", holdout, run.recipe, run.n_folds, run.fold_seed)
@@ -46,8 +48,8 @@ def compare(
     if other is not None:
         rows += recipe_rows(open_run(f"{held.name}-{label}", holdout, other, run.n_folds, run.fold_seed), label)
     rows += recipe_rows(held, "recipe")
-    if ablations:  # fold 0 alone for each: the chain's cost would be the folds' count times this
-        rows += [ablation_row(held, i, name, overrides) for i, (name, overrides) in enumerate(ABLATIONS.items())]
+    if ablations:
+        rows += ablation_rows(held, ablations)
     return finish(rows, held)
 
 

@@ -11,7 +11,8 @@ from scipy.optimize import minimize
 
 from seedlings.errors import UserError
 from seedlings.metrics import PROB_FLOOR, log_loss, micro_f1
-from seedlings.predict.members import Member, run_members
+from seedlings.predict.members import Member, Probs, run_members
+from seedlings.recipe.schema import Recipe
 from seedlings.run import Run
 
 
@@ -202,6 +203,42 @@ def format_table(table: dict) -> str:
         f"{k:<{width}}  {v['micro_f1']:12.4f}  {v['log_loss']:12.4f}  {v['weight']:6.3f}" for k, v in table.items()
     ]
     return "\n".join(lines)
+
+
+@dataclass
+class ChainBlend:
+    """A chain's blend of its predicted members, and how it scored out of fold."""
+
+    oof: Probs  # the blend's out-of-fold probabilities, one row per training image of the blended folds
+    test: Probs
+    labels: np.ndarray  # the true class of each out-of-fold row
+    table: dict  # each blended part's and the blend's OOF micro-F1, log loss and weight; "blend" is the submitted one
+    calibration: dict | None  # with calibrate: bias, the fitted temperature and biases, and whether they were used
+
+    @property
+    def score(self) -> dict:
+        return self.table["blend"]
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calibration and self.calibration["used"])
+
+
+def blend_members(
+    recipe: Recipe, members: list[Member], folds: pd.DataFrame, classes: list[str], weights: str = "fit"
+) -> ChainBlend:
+    """The chain's blend of predicted members: snapshots weighted by OOF log loss, the full fit joined, and with
+    `calibrate: bias` the blend calibrated on its cross-fitted OOF probabilities when that lowers their log loss."""
+    files, parts = assemble(members)
+    label_of = dict(zip(folds.file, folds.species))
+    labels = np.array([classes.index(label_of[f]) for f in files])
+    oof, test, table = blend(parts, labels, weights)
+    test = blend_full(members, test, table)
+    calibration = None
+    if recipe.calibrate == "bias":
+        oof, test, calibration = calibrate_blend(oof, test, labels, fold_of_files(folds, files), table, classes)
+    test_files = members[0].load("test").files
+    return ChainBlend(Probs(oof, files, classes), Probs(test, test_files, classes), labels, table, calibration)
 
 
 def oof_summary(run: Run, folds: pd.DataFrame) -> list[tuple[str, float, float]]:

@@ -15,9 +15,9 @@ from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
 from seedlings.errors import Busy, UserError
-from seedlings.predict.blend import assemble, blend, blend_full, calibrate_blend, fold_of_files, format_table
+from seedlings.predict.blend import ChainBlend, blend_members, format_table
 from seedlings.predict.infer import predict_run
-from seedlings.predict.members import Member, Probs, save_probs
+from seedlings.predict.members import Probs, save_probs
 from seedlings.predict.report import write_report
 from seedlings.predict.submission import species_of, validate_submission, write_submission
 from seedlings.recipe.schema import Recipe, recipe_dict
@@ -28,9 +28,23 @@ from seedlings.train.fit import train_fold
 
 @contextmanager
 def timed(timings: dict, step: str) -> Iterator[None]:
+    """Wall seconds of the block, added to timings[step]."""
     start = time.perf_counter()
     yield
-    timings[step] = time.perf_counter() - start
+    timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+
+def evaluate_chain(
+    run: Run, others: list[Run] = (), folds: list[int] | None = None, weights: str = "fit", timings: dict | None = None
+) -> ChainBlend:
+    """What the chain makes of a run's trained folds (or of `folds` of them), with the members of `others` joined:
+    each predicted with the recipe's TTA (skipped where up to date) and blended as `make submit` blends them. `make
+    submit`, `make compare` and the sweep's chain objective all score a chain with this one function."""
+    timings = {} if timings is None else timings
+    with timed(timings, "predict"):
+        members = [m for r in [run, *others] for m in predict_run(r, folds if r is run else None)]
+    with timed(timings, "blend"):
+        return blend_members(run.recipe, members, run.fold_table, run.comp.classes, weights)
 
 
 def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
@@ -48,7 +62,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     timings: dict[str, float] = {}
     comp = run.comp  # sample_submission.csv against test/: checked before anything trains
     with timed(timings, "folds"):
-        folds = run.fold_table
+        print(f"{len(run.fold_table)} training images in {run.n_folds} folds (seed {run.fold_seed})")
         # every image decoded before the first fold trains: a bad one stops the chain in seconds, not hours
         skipped = {split: skipped_images(comp, split, run.recipe) for split in ("train", "test")}
     if comp.ignored:
@@ -64,10 +78,9 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         raise UserError(f"run {run.name!r}: every fold is being trained elsewhere ({'; '.join(missing.values())})")
     for fold, why in missing.items():
         print(f"warning: fold {fold} is not in this blend: {why}; make submit again when it is done", file=sys.stderr)
-    with timed(timings, "predict"):
-        members = [m for blended in [run, *others] for m in predict_run(blended)]
+    chain = evaluate_chain(run, others, weights=weights, timings=timings)
+    oof, test, table = chain.oof, chain.test, chain.table
     with timed(timings, "blend"):
-        oof, test, labels, table, calibration = blend_members(run.recipe, members, folds, comp.classes, weights)
         print(format_table(table))
         out = paths.submissions_dir() / f"{run.name}.csv"
         write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
@@ -86,7 +99,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "recipe": recipe_dict(run.recipe),
         "weights": weights,
         "members": table,
-        "calibration": calibration,
+        "calibration": chain.calibration,
         "oof_files": len(oof.files),
         "skipped_images": skipped,
         "missing_folds": sorted(missing),
@@ -94,7 +107,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         "command": command or [],
     }
     write_json(out.with_suffix(".json"), provenance)
-    report = write_report(run, comp, oof, labels, table, skipped)
+    report = write_report(run, comp, oof, chain.labels, table, skipped)
     print(
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"
@@ -102,23 +115,6 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     if run.recipe.pseudo_label and not run.pseudo_path.exists():  # round 2 on the confident test images
         return submit(pseudo_round(run, test), others, weights, command)
     return out
-
-
-def blend_members(
-    recipe: Recipe, members: list[Member], folds: pd.DataFrame, classes: list[str], weights: str = "fit"
-) -> tuple[Probs, Probs, np.ndarray, dict, dict | None]:
-    """The chain's blend of predicted members: (OOF probabilities, test probabilities, OOF labels, the members'
-    table, the calibration or None): snapshots weighted by OOF log loss, the full fit joined, and with `calibrate:
-    bias` the blend calibrated on its cross-fitted OOF probabilities when that lowers their log loss."""
-    files, parts = assemble(members)
-    label_of = dict(zip(folds.file, folds.species))
-    labels = np.array([classes.index(label_of[f]) for f in files])
-    oof, test, table = blend(parts, labels, weights)
-    test = blend_full(members, test, table)
-    calibration = None
-    if recipe.calibrate == "bias":
-        oof, test, calibration = calibrate_blend(oof, test, labels, fold_of_files(folds, files), table, classes)
-    return Probs(oof, files, classes), Probs(test, members[0].load("test").files, classes), labels, table, calibration
 
 
 def pseudo_round(run: Run, test: Probs) -> Run:

@@ -7,23 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from seedlings.data.augment import DIHEDRAL, dihedral
+from seedlings.data.augment import TTA_VIEWS, dihedral
 from seedlings.errors import UserError
-from seedlings.metrics import PROB_FLOOR
-
-FLIPS = (0, 4, 6, 2)  # identity, left-right flip, up-down flip (half a turn, then left-right), half a turn
-ZOOM = 1.15  # d4+scales: the second scale of every view, px / px (a closer look, like a tighter training crop)
-
-
-# the `tta` choices: (dihedral member, scale) of each view; d2 is the four-element subgroup of d4 (as is, mirrored
-# left-right, upside down, half a turn)
-TTA_VIEWS = {
-    "none": ((0, 1.0),),
-    "flip": ((0, 1.0), (4, 1.0)),
-    "d2": tuple((k, 1.0) for k in FLIPS),
-    "d4": tuple((k, 1.0) for k in DIHEDRAL),
-    "d4+scales": tuple((k, s) for s in (1.0, ZOOM) for k in DIHEDRAL),
-}
+from seedlings.metrics import MEANS
 
 
 def tta_views(name: str) -> list[tuple[int, float]]:
@@ -64,14 +50,6 @@ def tta_predict(
     else:
         p = torch.stack([forward(view(x, k, scale)).float().softmax(-1) for k, scale in views])
     return mean_of_views(p, mean)
-
-
-def geometric_mean(p: torch.Tensor) -> torch.Tensor:
-    g = torch.exp(torch.log(p.clamp_min(PROB_FLOOR)).mean(0))
-    return g / g.sum(-1, keepdim=True)  # renormalised to sum to 1
-
-
-MEANS = {"arith": lambda p: p.mean(0), "geom": geometric_mean}  # the `tta_mean` choices
 
 
 def mean_of_views(p: torch.Tensor, mean: str = "arith") -> torch.Tensor:

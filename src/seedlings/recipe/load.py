@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from seedlings.errors import UserError
-from seedlings.recipe.schema import LR, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, Stage, validate
+from seedlings.recipe.schema import LR, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, Stage, recipe_dict, validate
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -204,6 +204,14 @@ def drop_run_record(values: dict, path: Path) -> dict:
     print(f"{path}: a run's record; its recipe is used, not its {', '.join(f'{k} {v}' for k, v in record.items())}"
           " (N_FOLDS, FOLD_SEED and DATA set those)", file=sys.stderr)  # fmt: skip
     return {k: v for k, v in values.items() if k not in record}
+
+
+def with_changes(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
+    """The recipe with dotted keys set to (YAML) values, in order, validated like any recipe."""
+    values = recipe_dict(recipe)
+    for key, value in changes.items():
+        apply_override(values, str(key), _fix_floats(value))
+    return recipe_from_dict(values)
 
 
 def recipe_from_dict(values: dict) -> Recipe:

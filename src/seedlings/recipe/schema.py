@@ -7,11 +7,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from seedlings.data.augment import CROP_SCALE
+from seedlings.data.augment import CROP_SCALE, TTA_VIEWS
 from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
-from seedlings.predict.tta import MEANS, TTA_VIEWS
-from seedlings.train.optim import OPTIMIZERS
+from seedlings.metrics import MEANS
+from seedlings.optim import OPTIMIZERS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail

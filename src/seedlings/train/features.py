@@ -24,13 +24,12 @@ from tqdm import tqdm
 
 from seedlings.data.augment import DIHEDRAL, dihedral
 from seedlings.errors import UserError
-from seedlings.metrics import log_loss, val_scores
+from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
 from seedlings.storage import load_torch, save_torch
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix
 from seedlings.train.step import autocast, fast_bf16, to_device
 
-VAL_KEYS = ("val_loss", "val_f1", "val_macro_f1")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
 CV_FOLDS = 3
 
@@ -229,8 +228,7 @@ def fit_head(ctx: FoldContext, stage_i: int, epoch: int) -> dict:
     head.bias.copy_(torch.from_numpy(fit.bias))
     train_probs = torch.from_numpy(fit.logits(x_train)).softmax(-1).numpy()
     val_probs = torch.from_numpy(fit.logits(feats[ctx.val_idx, 0].numpy())).softmax(-1).numpy()
-    nan = float("nan")  # the full fit has no validation images
-    val = val_scores(val_probs, ctx.labels[ctx.val_idx]) if len(ctx.val_idx) else dict.fromkeys(VAL_KEYS, nan)
+    val = val_scores(val_probs, ctx.labels[ctx.val_idx]) if len(ctx.val_idx) else NO_VALIDATION  # the full fit
     seconds = time.perf_counter() - start
     return {
         "epoch": epoch + 1,

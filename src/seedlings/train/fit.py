@@ -16,7 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from seedlings.errors import Busy, UserError
-from seedlings.metrics import val_scores
+from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
+from seedlings.optim import make_optimizer
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
@@ -24,14 +25,11 @@ from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.mixing import mix_batch, mixed_criterion
-from seedlings.train.optim import make_optimizer
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
 
 EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
-# the full fit (no validation images), and the epochs inside a cycle with validate: cycle
-NO_VALIDATION = {"val_loss": float("nan"), "val_f1": float("nan"), "val_macro_f1": float("nan")}
 
 
 def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
@@ -62,7 +60,7 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
 
 def read_done(done: Path, fold: int) -> dict:
     fix = f"delete it, and make train FOLD={fold} finishes the fold again from its checkpoint"
-    return read_json(done, "record of a finished fold", fix, ("val_loss", "val_f1", "val_macro_f1", "seconds"))
+    return read_json(done, "record of a finished fold", fix, (*VAL_KEYS, "seconds"))
 
 
 def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
@@ -107,7 +105,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
         return {}
     record_weights(ctx.dir, save_torch(ctx.run.final_path(ctx.fold), ctx.model.state_dict()))
     plot_fold(ctx.dir)
-    final = {k: log.metrics[-1][k] for k in ("val_loss", "val_f1", "val_macro_f1")}
+    final = {k: log.metrics[-1][k] for k in VAL_KEYS}
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
     write_json(ctx.dir / "done.json", final)

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from seedlings.errors import UserError
+from seedlings.optim import make_optimizer
 from seedlings.recipe.schema import Recipe
 from seedlings.run import Run
 from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import FoldContext, prepare_fold
-from seedlings.train.optim import make_optimizer
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from seedlings.data.loaders import batch_slices
 from seedlings.errors import UserError
+from seedlings.optim import is_norm_param, param_groups
 from seedlings.recipe.schema import Stage, lrs_of
 from seedlings.train.features import FrozenCut, features_for
 from seedlings.train.fold import FoldContext, eval_loader, predict_probs, training_batches
-from seedlings.train.optim import is_norm_param, param_groups
 from seedlings.train.step import bf16_forwards
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +16,9 @@ from optuna.trial import TrialState
 from seedlings.errors import UserError
 from seedlings.lab.sweep.space import MAX_RETRY, Sweep, fold_epochs, recipe_with
 from seedlings.lab.sweep.study import SweepLock, open_study
-from seedlings.predict.infer import predict_run
-from seedlings.predict.submit import blend_members
+from seedlings.predict.submit import evaluate_chain
 from seedlings.run import Run, open_run
+from seedlings.storage import process_alive
 from seedlings.train.fit import train_fold
 
 
@@ -53,21 +52,6 @@ def run_worker(sweep: Sweep) -> int:
     return ran
 
 
-def process_alive(pid: int) -> bool:
-    """Whether pid is a live seedlings process on this machine (a pid reused by another program counts as dead)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (macOS): the pid alone
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return b"seedlings" in cmdline
-
-
 def fail_dead_local_trials(study: optuna.Study) -> None:
     """A file storage has no heartbeat (Optuna's journal and SQLite backends keep none), but all its workers are on
     this machine: a running trial whose worker process is gone (kill -9, a reboot, the OOM killer) is failed and
@@ -76,7 +60,7 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if pid is None or t.user_attrs.get("host") != host or process_alive(int(pid)):
+        if pid is None or t.user_attrs.get("host") != host or process_alive(int(pid), running=b"seedlings"):
             continue
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # what fail_stale_trials does
         print(f"trial {t.number}: its worker (process {pid}) is gone; failed and queued again")
@@ -141,11 +125,8 @@ def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
     """The trial's first n_folds folds predicted (TTA, every snapshot; skipped when already done) and blended as `make
     submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
     finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
-    members = predict_run(run, list(range(n_folds)))
-    folds = run.fold_table
-    *_, table, calibration = blend_members(run.recipe, members, folds, run.comp.classes)
-    row = table["blend"]
-    return float(row["micro_f1"]), float(row["log_loss"]), bool(calibration and calibration["used"])
+    chain = evaluate_chain(run, folds=list(range(n_folds)))
+    return float(chain.score["micro_f1"]), float(chain.score["log_loss"]), chain.calibrated
 
 
 def suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
