@@ -12,6 +12,7 @@ from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import run_members
 from seedlings.run import saved_run
 from seedlings.train.fold import prepare_fold
+from seedlings.train.predictor import Predictor
 from seedlings.train.step import cpu_has_bf16
 
 run = saved_run(sys.argv[1])
@@ -26,7 +27,7 @@ for fold in run.models():
     for bf16 in (False, True):
         run.recipe.bf16 = bf16
         start = time.perf_counter()
-        probs[bf16] = tta_probs(ctx, None, ctx.val_idx, run.recipe.eval_size, tta)
+        probs[bf16] = tta_probs(Predictor(ctx, through_network=True), "train", ctx.val_idx, tta)
         speed[bf16] = len(labels) / (time.perf_counter() - start)
     f1 = {b: val_scores(p, labels)["val_f1"] for b, p in probs.items()}
     same = int((probs[True].argmax(1) == probs[False].argmax(1)).sum())

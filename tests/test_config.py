@@ -160,3 +160,23 @@ def test_each_key_role_decides_whether_the_run_refuses_a_change(demo_master):
         changed = dataclasses.replace(base, **{f.name: other_value(getattr(base, f.name))})
         trains = f.metadata.get("role", TRAINS) == TRAINS
         assert (Run("r", demo_master, changed).training_key() != key) == trains, f.name
+
+
+def test_each_stage_has_one_kind_and_the_others_are_refused():
+    """A stage's kind is read from its keys in one place; each kind that trains by epochs has its trainee."""
+    from seedlings.recipe.schema import BODY_ON_MAPS, HEAD_ON_FEATURES, NETWORK, SOLVED_HEAD, STAGE_KINDS, Stage
+    from seedlings.train.trainees import TRAINEES
+
+    assert Stage(freeze=True, precompute=True, fit="logistic").kind == SOLVED_HEAD
+    assert Stage(freeze=True, precompute=True).kind == HEAD_ON_FEATURES
+    assert Stage(freeze=True).kind == NETWORK and Stage(frozen_groups=2).kind == NETWORK
+    assert Stage(precompute=True, frozen_groups=2).kind == BODY_ON_MAPS
+    assert set(TRAINEES) == set(STAGE_KINDS) - {SOLVED_HEAD}  # a solved head has no epochs
+    for stage, named in (
+        ("{fit: logistic}", r"stages\.0\.fit: logistic needs freeze: true and precompute: true"),
+        ("{fit: logistic, precompute: true}", r"stages\.0\.fit: logistic needs freeze"),
+        ("{precompute: true}", r"stages\.0\.precompute: needs freeze: true or frozen_groups"),
+        ("{fit: sgd}", r"stages\.0\.fit: expected sgdr or logistic, got 'sgd'"),
+    ):
+        with pytest.raises(UserError, match=named):
+            load_recipe(None, [f"stages=[{stage}]"])

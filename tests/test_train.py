@@ -301,9 +301,11 @@ def test_a_stage_on_frozen_maps_is_the_network_cut_after_its_frozen_groups(demo_
     folder (shared by its folds); the layers after them fed those maps give the whole network's logits for that view;
     training moves only those layers; and predicting from the maps gives what predicting through the network gives."""
     from seedlings.data.augment import dihedral
-    from seedlings.predict.infer import maps_cut, predict_fold, tta_probs
+    from seedlings.predict.infer import predict_fold, tta_probs
+    from seedlings.predict.tta import tta_views
     from seedlings.train.features import FrozenCut
     from seedlings.train.fold import eval_loader
+    from seedlings.train.predictor import Predictor
 
     recipe = tiny_recipe(MAPS_STAGES, "bf16=false", "mixup_alpha=0.4", "cutmix_alpha=1.0", "tta=d4")
     run = open_run("maps", demo_master, recipe, 3)
@@ -329,8 +331,8 @@ def test_a_stage_on_frozen_maps_is_the_network_cut_after_its_frozen_groups(demo_
     assert m.stage.tolist() == [0, 1, 1] and m.val_f1.iloc[-1] > 1 / 12
     member = predict_fold(run, 0)[-1]
     ctx.model.load_state_dict(after)
-    assert maps_cut(ctx) is not None
-    through_network = tta_probs(ctx, None, ctx.val_idx, 32, "d4")
+    assert Predictor(ctx).reads_maps(tta_views("d4"), 32) and not Predictor(ctx).reads_maps(tta_views("d4+scales"), 32)
+    through_network = tta_probs(Predictor(ctx, through_network=True), "train", ctx.val_idx, "d4")
     np.testing.assert_allclose(member.load("oof").values, through_network, atol=1e-5)
 
 

@@ -5,6 +5,7 @@ sets (the `tta` choices)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CROP_SCALE = 0.8  # RandomResizedCrop's smallest area fraction: 0.35 cost 6 points at unfreezing (docs/history.md)
 RATIO = (0.75, 1.333)  # the crop's aspect range, width / height (1.333: the CPU path's figures were measured so)
@@ -17,6 +18,15 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """Member k of the dihedral group on NCHW images: rotate k % 4 quarter turns, then flip left-right if k >= 4."""
     x = torch.rot90(x, k % 4, dims=(2, 3))
     return torch.flip(x, dims=(3,)) if k >= 4 else x
+
+
+def view(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+    """A TTA view of NCHW images: dihedral member k, at `scale` times their side (rounded to a multiple of 8, which
+    suits every backbone's strides)."""
+    if scale != 1.0:
+        size = int(round(x.shape[-1] * scale / 8)) * 8
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return dihedral(x, k)
 
 
 FLIPS = (0, 4, 6, 2)  # identity, left-right flip, up-down flip (half a turn, then left-right), half a turn

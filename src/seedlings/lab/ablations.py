@@ -24,6 +24,7 @@ from seedlings.recipe.schema import PREDICTION_KEYS, recipe_dict
 from seedlings.run import Run, open_run
 from seedlings.storage import read_json
 from seedlings.train.fold import prepare_fold
+from seedlings.train.predictor import Predictor
 
 BLEND_KEYS = {"calibrate"}  # change only how the chain blends its folds: graded on the recipe's own chain
 
@@ -89,7 +90,8 @@ def predict_row(run: Run, label: str) -> dict:
     last = run_members(run, 0)[-1]
     ctx.model.load_state_dict(last.state_dict(ctx.device))
     test = load_cache(ctx.comp, "test", recipe.cache_size, mask=recipe.plant_mask)
-    probs = tta_probs(ctx, test.images, np.arange(len(test.files)), recipe.eval_size, recipe.tta)
+    predictor = Predictor(ctx, test.images, through_network=True)  # as the network predicts, maps or not
+    probs = tta_probs(predictor, "test", np.arange(len(test.files)), recipe.tta)
     y = answers_of(run.data, test.files, ctx.comp.classes)
     seconds = time.perf_counter() - start + json_seconds(run.fold_dir(0) / "done.json")
     how = f"{last.name}, {recipe.tta}, fold 0 of the recipe"

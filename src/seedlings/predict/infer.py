@@ -2,58 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
 from seedlings.predict.members import Member, Probs, run_members
-from seedlings.predict.tta import mean_of_views, tta_predict, tta_views
+from seedlings.predict.tta import mean_of_views, tta_views
 from seedlings.recipe.schema import PREDICTION_KEYS
 from seedlings.run import Run
 from seedlings.storage import exclusive, file_sha256, write_json
-from seedlings.train.features import FrozenCut
-from seedlings.train.fold import FoldContext, eval_loader, predict_probs, prepare_fold, static_batches
-from seedlings.train.step import autocast
+from seedlings.train.fold import prepare_fold
+from seedlings.train.predictor import Predictor
 
 
-@torch.no_grad()
-def tta_probs(ctx: FoldContext, images: np.ndarray | None, index: np.ndarray, size: int, tta: str) -> np.ndarray:
-    """Probabilities of `index` rows of the training cache (or of `images`) averaged over the `tta` views."""
-    model, stack = ctx.model.eval(), ctx.device.type == "cuda"
-    out = []
-    batches = tqdm(eval_loader(ctx, size, index, images), desc=f"predict {tta}", leave=False, disable=None)
-    for x, n in static_batches(ctx, batches):
-        with autocast(ctx.device, ctx.inference_bf16):
-            out.append(tta_predict(model, x, tta, ctx.recipe.tta_mean, stack)[:n].float().cpu())
-    return torch.cat(out).numpy()
-
-
-def maps_cut(ctx: FoldContext) -> FrozenCut | None:
-    """The last stage's frozen cut when its precomputed maps hold every view the prediction needs (a last stage with
-    `precompute` and `frozen_groups`, dihedral TTA views at the stage's own size); None: predict through the network.
-    The maps are what the frozen layers would compute in the same forward, so both ways give the same probabilities."""
-    recipe, last = ctx.recipe, len(ctx.recipe.stages) - 1
-    stage = recipe.stages[last]
-    if not stage.precompute or stage.freeze or recipe.eval_size != stage.size:
-        return None
-    if any(scale != 1.0 for _, scale in tta_views(recipe.tta)):
-        return None
-    return FrozenCut.of(ctx, last)
-
-
-@torch.no_grad()
-def tta_probs_from_maps(cut: FrozenCut, maps: torch.Tensor, rows: np.ndarray, tta: str) -> np.ndarray:
-    """tta_probs of `rows` of `maps`, each TTA view read from the maps instead of run through the frozen layers."""
-    ctx = cut.ctx
-    ctx.model.eval()
-    views = [torch.from_numpy(predict_probs(ctx, cut.top, cut.view_batches(maps, rows, k))) for k, _ in tta_views(tta)]
-    return mean_of_views(torch.stack(views), ctx.recipe.tta_mean).numpy()
+def tta_probs(predictor: Predictor, split: str, rows: np.ndarray, tta: str) -> np.ndarray:
+    """Probabilities of `rows` of the fold's training (split "train") or test images averaged over the `tta` views."""
+    views = predictor.probs(split, rows, tta_views(tta))
+    return mean_of_views(views, predictor.ctx.recipe.tta_mean).numpy()
 
 
 def prediction_inputs(member: Member, run: Run, test_key: str) -> dict:
@@ -96,34 +64,24 @@ def predict_fold(run: Run, fold: int, test_key: str | None = None) -> list[Membe
 
 def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> None:
     last = run_members(run, fold)[-1]
-    recipe, size = run.recipe, run.recipe.eval_size
+    recipe = run.recipe
     ctx = prepare_fold(run, fold)
     test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
     classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
     has_val = len(ctx.val_idx) > 0  # the full fit has no validation images: test probabilities only
-    cut = maps_cut(ctx)  # the frozen layers' maps: the training images' from training, the test images' once a run
-
-    @functools.cache  # read once for all members, and the training images' only when there are validation images
-    def maps(split: str) -> torch.Tensor:
-        return cut.train_maps() if split == "train" else cut.test_maps(test.images, test_key)
-
-    def probs(images: np.ndarray | None, rows: np.ndarray, tta: str) -> np.ndarray:
-        if cut is None:
-            return tta_probs(ctx, images, rows, size, tta)
-        return tta_probs_from_maps(cut, maps("train" if images is None else "test"), rows, tta)
-
+    predictor = Predictor(ctx, test.images, test_key)
     for m in todo:
         ctx.model.load_state_dict(m.state_dict(ctx.device))
         start = time.perf_counter()
-        oof = probs(None, ctx.val_idx, recipe.tta) if has_val else np.zeros((0, len(classes)))
-        test_probs = probs(test.images, np.arange(len(test.files)), recipe.tta)
+        oof = tta_probs(predictor, "train", ctx.val_idx, recipe.tta) if has_val else np.zeros((0, len(classes)))
+        test_probs = tta_probs(predictor, "test", np.arange(len(test.files)), recipe.tta)
         seconds = time.perf_counter() - start
         splits = ["oof", "test"] if has_val else ["test"]
         if has_val:
             m.save("oof", Probs(oof, val_files, classes))
         m.save("test", Probs(test_probs, test.files, classes))
         if has_val and m == last and recipe.tta != "none":  # the single model without TTA, for comparison
-            m.save("oof-notta", Probs(probs(None, ctx.val_idx, "none"), val_files, classes))
+            m.save("oof-notta", Probs(tta_probs(predictor, "train", ctx.val_idx, "none"), val_files, classes))
             splits.append("oof-notta")
         n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
         info = {"seconds": seconds, "images": n_images, "images_per_s": n_images / seconds, "views": n_views}

@@ -1,15 +1,16 @@
-"""Test-time augmentation: the 8 dihedral orientations (photos are taken from above) and an extra scale."""
+"""Test-time augmentation: the views of a named TTA set (data/augment.py: the 8 dihedral orientations, photos being
+taken from above, and an extra scale), and their probabilities averaged (arithmetic or geometric)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from seedlings.data.augment import TTA_VIEWS, dihedral
+from seedlings.data.augment import TTA_VIEWS, view
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS
+from seedlings.train.step import batch_view_probs
 
 
 def tta_views(name: str) -> list[tuple[int, float]]:
@@ -17,13 +18,6 @@ def tta_views(name: str) -> list[tuple[int, float]]:
     if name not in TTA_VIEWS:
         raise UserError(f"tta: expected {' or '.join(TTA_VIEWS)}, got {name!r}")
     return list(TTA_VIEWS[name])
-
-
-def view(x: torch.Tensor, k: int, scale: float) -> torch.Tensor:
-    if scale != 1.0:
-        size = int(round(x.shape[-1] * scale / 8)) * 8  # multiples of 8 suit every backbone's strides
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return dihedral(x, k)
 
 
 @torch.no_grad()
@@ -34,22 +28,9 @@ def tta_predict(
     mean: str = "arith",
     stack: bool = False,
 ) -> torch.Tensor:
-    """Average softmax probabilities over the views of one batch.
-
-    stack: the views of each scale in one forward (the GPU path: one large batch keeps the device busy). Off, one
-    forward per view at the loader's batch size: stacking all 8 views ran 1.8x slower on this 2-core CPU (batch 512
-    against 32, tf_efficientnet_lite0 at 160 px).
-    """
-    views = tta_views(name)
-    if stack:
-        logits = []
-        for scale in dict.fromkeys(s for _, s in views):  # views of one scale share a shape
-            ks = [k for k, s in views if s == scale]
-            logits += forward(torch.cat([view(x, k, scale) for k in ks])).float().split(len(x))
-        p = torch.stack(logits).softmax(-1)
-    else:
-        p = torch.stack([forward(view(x, k, scale)).float().softmax(-1) for k, scale in views])
-    return mean_of_views(p, mean)
+    """Softmax probabilities of one batch averaged over the views of TTA set `name` (see step.batch_view_probs for
+    `stack`)."""
+    return mean_of_views(batch_view_probs(forward, x, tta_views(name), view, stack), mean)
 
 
 def mean_of_views(p: torch.Tensor, mean: str = "arith") -> torch.Tensor:

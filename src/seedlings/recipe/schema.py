@@ -31,6 +31,17 @@ def runs(default: Any) -> Any:
     return field(default=default, metadata={"role": RUNS})
 
 
+# What a stage trains, and on what: its kind, read from its keys (freeze, precompute, frozen_groups, fit) here only;
+# train/trainees.py gives each kind that trains by epochs its trainee
+SOLVED_HEAD = "solved head"  # fit: logistic (with freeze and precompute): the classifier solved on pooled features
+HEAD_ON_FEATURES = "head on features"  # freeze and precompute: SGDR epochs of the classifier on pooled features
+NETWORK = "network"  # no precompute: SGDR on augmented images through the network (freeze: only the head and norms
+#   train; else every layer group after the first `frozen_groups`)
+BODY_ON_MAPS = "body on maps"  # precompute with frozen_groups: SGDR of the layers after the frozen groups, on their
+#   outputs for the 8 dihedral views of every image, computed once
+STAGE_KINDS = (SOLVED_HEAD, HEAD_ON_FEATURES, NETWORK, BODY_ON_MAPS)
+
+
 @dataclass
 class Stage:
     """One SGDR schedule at one image size."""
@@ -52,9 +63,18 @@ class Stage:
     #   features by multinomial logistic regression, L2 strength chosen by cross-validation (seconds, no epochs)
 
     @property
+    def kind(self) -> str:
+        """One of STAGE_KINDS (validate refuses the combinations that are none of them)."""
+        if self.fit == "logistic":
+            return SOLVED_HEAD
+        if not self.precompute:
+            return NETWORK
+        return HEAD_ON_FEATURES if self.freeze else BODY_ON_MAPS
+
+    @property
     def cycles(self) -> int:
         """SGDR cycles the stage runs, each ending in a snapshot; a solved head is one."""
-        return self.n_cycles if self.fit == "sgdr" else 1
+        return 1 if self.kind == SOLVED_HEAD else self.n_cycles
 
 
 @dataclass
@@ -247,10 +267,10 @@ def _validate_stage(recipe: Recipe, i: int, s: Stage) -> None:
     for name, allowed in STAGE_CHOICES.items():
         if getattr(s, name) not in allowed:
             raise UserError(f"{key}.{name}: expected {' or '.join(allowed)}, got {getattr(s, name)!r}")
-    if s.fit == "logistic" and not (s.precompute and s.freeze):
+    if s.kind == SOLVED_HEAD and not (s.precompute and s.freeze):
         raise UserError(f"{key}.fit: logistic needs freeze: true and precompute: true (it solves the head alone on "
                         "precomputed pooled features)")  # fmt: skip
-    if s.precompute and not s.freeze and not s.frozen_groups:
+    if s.kind == BODY_ON_MAPS and not s.frozen_groups:
         raise UserError(f"{key}.precompute: needs freeze: true or frozen_groups (what trains cannot be precomputed)")
     if isinstance(s.lr, list) and len(s.lr) != recipe.layer_groups:
         raise UserError(f"{key}.lr: has {len(s.lr)} values for {recipe.layer_groups} layer groups")

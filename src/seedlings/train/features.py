@@ -25,6 +25,7 @@ from tqdm import tqdm
 from seedlings.data.augment import DIHEDRAL, dihedral
 from seedlings.errors import UserError
 from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
+from seedlings.recipe.schema import HEAD_ON_FEATURES, SOLVED_HEAD
 from seedlings.storage import load_torch, save_torch
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix
@@ -72,7 +73,7 @@ def per_view(
 def features_dir(ctx: FoldContext, stage_i: int) -> Path:
     """Where stage `stage_i`'s precomputed inputs live: the run's folder, shared by its folds, while every stage before
     it trained the head alone on precomputed features (the rest is still the pretrained backbone); else the fold's."""
-    shared = all(s.freeze and s.precompute for s in ctx.recipe.stages[:stage_i])
+    shared = all(s.kind in (SOLVED_HEAD, HEAD_ON_FEATURES) for s in ctx.recipe.stages[:stage_i])
     return ctx.run.dir / "features" if shared else ctx.dir / "features"
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
 from seedlings.optim import make_optimizer
+from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
@@ -74,7 +75,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             resuming = ckpt is not None and stage_i == ckpt["stage"]
             if ckpt is not None and stage_i < ckpt["stage"]:
                 continue  # finished before the interruption
-            if stage.fit == "logistic":  # the head solved on precomputed features: one row, no epochs
+            if stage.kind == SOLVED_HEAD:  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
                 continue
             trainee = trainee_for(ctx, stage_i)

@@ -15,9 +15,10 @@ from seedlings.data.competition import Competition
 from seedlings.data.device_batches import DeviceBatches
 from seedlings.data.loaders import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.errors import UserError
+from seedlings.recipe.schema import BODY_ON_MAPS
 from seedlings.run import Run
 from seedlings.train.model import create_model, frozen_prefix, layer_groups, model_mean_std
-from seedlings.train.step import autocast, to_device
+from seedlings.train.step import Select, autocast, batch_view_probs, to_device
 
 
 @dataclass
@@ -81,7 +82,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     mean, std = model_mean_std(model)
     groups = layer_groups(model, recipe.layer_groups)
     for i, stage in enumerate(recipe.stages):
-        if stage.precompute and not stage.freeze:  # frozen groups' maps: they must be where the model can be cut
+        if stage.kind == BODY_ON_MAPS:  # frozen groups' maps: they must be where the model can be cut
             frozen_prefix(model, groups, stage.frozen_groups, f"stages.{i}.precompute")
     labels, train_idx = np.array(comp.train_labels), np.flatnonzero(good & ~in_val)
     if run.pseudo_path.exists():  # a pseudo-label round: confident test images join every fold's training images
@@ -142,18 +143,29 @@ def static_batches(ctx: FoldContext, batches: Iterator) -> Iterator[tuple[torch.
         x, n = to_device(x, ctx.device), len(x)
         full = full or n
         if ctx.device.type == "cuda" and n < full:
-            x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+            x = to_device(torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]), ctx.device)
         yield x, n
 
 
 @torch.no_grad()
-def predict_probs(ctx: FoldContext, forward: Callable, batches: Iterator) -> np.ndarray:
-    """Softmax probabilities of `forward` over (x, _) batches, as one float32 array."""
+def view_probs(
+    ctx: FoldContext,
+    forward: Callable,
+    batches: Iterator,
+    views: list[tuple[int, float]] | None = None,
+    select: Select | None = None,
+    stack: bool = False,
+) -> torch.Tensor:
+    """(views, N, classes) float32 softmax probabilities of `forward` over (x, _) batches of N inputs in all, each
+    batch moved to the device (padded to one shape on CUDA), in each of `views` (step.batch_view_probs); without
+    views, one: the batch as it is."""
     out = []
     for x, n in static_batches(ctx, batches):
         with autocast(ctx.device, ctx.inference_bf16):
-            out.append(forward(x)[:n].float().softmax(-1).cpu())
-    return torch.cat(out).numpy()
+            p = forward(x).float().softmax(-1)[None] if views is None else batch_view_probs(forward, x, views, select,
+                                                                                            stack)  # fmt: skip
+        out.append(p[:, :n].cpu())
+    return torch.cat(out, 1)
 
 
 def augment_on_device(ctx: FoldContext) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 
 from seedlings.errors import UserError
 from seedlings.optim import make_optimizer
-from seedlings.recipe.schema import Recipe
+from seedlings.recipe.schema import SOLVED_HEAD, Recipe
 from seedlings.run import Run
 from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ def sweep_lrs(start: float, end: float, steps: int) -> np.ndarray:
 
 def default_stage(recipe: Recipe) -> int:
     """The first stage trained by SGDR (a solved head has no learning rate to find)."""
-    return next((i for i, s in enumerate(recipe.stages) if s.fit == "sgdr"), 0)
+    return next((i for i, s in enumerate(recipe.stages) if s.kind != SOLVED_HEAD), 0)
 
 
 def weights_before_stage(run: Run, fold: int, stage: int) -> dict | None:
@@ -37,7 +37,7 @@ def weights_before_stage(run: Run, fold: int, stage: int) -> dict | None:
     recipe = run.recipe
     if not 0 <= stage < len(recipe.stages):
         raise UserError(f"--stage: {stage} is not in 0..{len(recipe.stages) - 1}")
-    if recipe.stages[stage].fit != "sgdr":
+    if recipe.stages[stage].kind == SOLVED_HEAD:
         raise UserError(f"--stage: stage {stage} is solved (fit: {recipe.stages[stage].fit}), it has no learning rate")
     if stage == 0:
         return None

@@ -83,3 +83,23 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+Select = Callable[[torch.Tensor, int, float], torch.Tensor]  # (a batch, dihedral member, scale) -> it in that view
+
+
+def batch_view_probs(
+    forward: Callable, x: torch.Tensor, views: list[tuple[int, float]], select: Select, stack: bool = False
+) -> torch.Tensor:
+    """(views, batch, classes) float32 softmax probabilities of `forward` on each view (select(x, k, scale)) of one
+    batch. stack: the views of each scale in one forward (the GPU path: one large batch keeps the device busy). Off,
+    one forward per view at the loader's batch size: stacking all 8 views ran 1.8x slower on this 2-core CPU (batch
+    512 against 32, tf_efficientnet_lite0 at 160 px)."""
+    if not stack:
+        return torch.stack([forward(select(x, k, scale)).float().softmax(-1) for k, scale in views])
+    logits: dict[tuple[int, float], torch.Tensor] = {}
+    for scale in dict.fromkeys(s for _, s in views):  # views of one scale share a shape
+        ks = [k for k, s in views if s == scale]
+        parts = forward(torch.cat([select(x, k, scale) for k in ks])).float().split(len(x))
+        logits.update({(k, scale): p for k, p in zip(ks, parts)})
+    return torch.stack([logits[v] for v in views]).softmax(-1)

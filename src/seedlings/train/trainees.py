@@ -1,6 +1,7 @@
-"""What an SGDR stage trains and on what: the whole network on augmented images, the head alone on precomputed
-features, or the layers after the frozen groups on their precomputed maps. fit_fold, the LR finder and the benchmark
-build them with `trainee_for`."""
+"""What an SGDR stage trains and on what, one trainee per stage kind (recipe.schema.STAGE_KINDS): the network on
+augmented images, the head alone on precomputed pooled features, or the layers after the frozen groups on their
+precomputed maps. A solved head has no epochs (features.fit_head). fit_fold, the LR finder and the benchmark build
+them with `trainee_for`."""
 
 from __future__ import annotations
 
@@ -14,26 +15,62 @@ from torch import nn
 from seedlings.data.loaders import batch_slices
 from seedlings.errors import UserError
 from seedlings.optim import is_norm_param, param_groups
-from seedlings.recipe.schema import Stage, lrs_of
+from seedlings.recipe.schema import BODY_ON_MAPS, HEAD_ON_FEATURES, NETWORK, Stage, lrs_of
 from seedlings.train.features import FrozenCut, features_for
-from seedlings.train.fold import FoldContext, eval_loader, predict_probs, training_batches
+from seedlings.train.fold import FoldContext, eval_loader, training_batches, view_probs
 from seedlings.train.step import bf16_forwards
 
 
-class WholeNet:
-    """An SGDR stage on augmented images through the network (with freeze: the head and, with train_bn, the norm
-    layers' affine parameters train; without it every layer group does, at its own learning rate)."""
+class Trainee:
+    """A stage's training: its parameter groups (each layer group at its own peak rate), its batches per epoch and
+    their count, the forward from a batch to logits, the modules' train mode, and its validation probabilities."""
+
+    mixes = False  # mixup and cutmix of its batches (images or maps; pooled features are not mixed)
+    steps_per_epoch: int
 
     def __init__(self, ctx: FoldContext, stage_i: int):
-        recipe, stage = ctx.recipe, ctx.recipe.stages[stage_i]
-        self.ctx, self.stage = ctx, stage
-        lrs = lrs_of(stage.lr, recipe.layer_groups)
-        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, stage.freeze, recipe.train_bn,
-                                         stage.frozen_groups)  # fmt: skip
-        self.batches, self.steps_per_epoch = training_batches(ctx, stage.size)
-        self.net = torch.compile(ctx.model) if recipe.compile else ctx.model
+        self.ctx, self.stage_i, self.stage = ctx, stage_i, ctx.recipe.stages[stage_i]
+        self.lrs = lrs_of(self.stage.lr, ctx.recipe.layer_groups)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_batches(self) -> Iterator:
+        """The validation images as this stage's inputs, in order."""
+        raise NotImplementedError
+
+    def train_mode(self) -> None:
+        network_train_mode(self.ctx, self.stage)
+
+    def val_probs(self) -> np.ndarray:
+        self.ctx.model.eval()
+        return view_probs(self.ctx, self.forward, self.val_batches())[0].numpy()
+
+
+class BodyTrainee(Trainee):
+    """A stage that trains layers of the body: every layer group after the first `frozen_groups` (with freeze, the
+    head and the norms' affine parameters), mixing its batches when the recipe mixes."""
+
+    def __init__(self, ctx: FoldContext, stage_i: int):
+        super().__init__(ctx, stage_i)
+        recipe, stage = ctx.recipe, self.stage
+        self.param_groups = param_groups(ctx.model, ctx.groups, self.lrs, recipe.weight_decay, stage.freeze,
+                                         recipe.train_bn, stage.frozen_groups)  # fmt: skip
         self.mixes = bool(recipe.mixup_alpha or recipe.cutmix_alpha)
-        frozen = {n for names in ctx.groups[: stage.frozen_groups] for n in names}
+
+
+class WholeNet(BodyTrainee):
+    """An SGDR stage on augmented images through the network."""
+
+    def __init__(self, ctx: FoldContext, stage_i: int):
+        super().__init__(ctx, stage_i)
+        recipe = ctx.recipe
+        self.batches, self.steps_per_epoch = training_batches(ctx, self.stage.size)
+        self.net = torch.compile(ctx.model) if recipe.compile else ctx.model
+        frozen = {n for names in ctx.groups[: self.stage.frozen_groups] for n in names}
         # on a CPU the frozen groups run in bf16 (CUDA trains the whole network in bf16 already)
         self.bf16_modules = outermost_within(ctx.model, frozen) if ctx.device.type == "cpu" and recipe.bf16 else []
 
@@ -41,12 +78,87 @@ class WholeNet:
         with bf16_forwards(self.bf16_modules, self.ctx.device):
             return self.net(x)
 
+    def val_batches(self) -> Iterator:
+        return iter(eval_loader(self.ctx, self.stage.size, self.ctx.val_idx))
+
+
+class AfterFrozenMaps(BodyTrainee):
+    """An SGDR stage whose frozen groups (`frozen_groups`) ran once, not once per epoch (`precompute` without
+    `freeze`): their output for the 8 dihedral views of every image is computed once (features.FrozenCut), and each
+    epoch trains the layers after them on one view of each image, drawn by (seed, fold, epoch); mixup and cutmix mix
+    those maps. The views are the whole of its augmentation: no crop, no colour jitter."""
+
+    def __init__(self, ctx: FoldContext, stage_i: int):
+        super().__init__(ctx, stage_i)
+        self.cut = FrozenCut.of(ctx, stage_i)
+        self.maps = self.cut.train_maps()  # now, in eval mode: before any epoch sets the train mode
+        self.steps_per_epoch = len(batch_slices(len(ctx.train_idx), ctx.recipe.batch_size))
+        self.forward = self.cut.top
+
+    def batches(self, epoch: int) -> Iterator:
+        ctx, recipe = self.ctx, self.ctx.recipe
+        rng = np.random.default_rng([recipe.seed, ctx.fold, epoch])
+        rows = ctx.train_idx[rng.permutation(len(ctx.train_idx))]
+        views = rng.integers(0, self.maps.shape[1], len(rows))
+        for s in batch_slices(len(rows), recipe.batch_size):
+            yield self.maps[rows[s], views[s]].float(), torch.from_numpy(ctx.labels[rows[s]])
+
+    def val_batches(self) -> Iterator:
+        return self.cut.view_batches(self.maps, self.ctx.val_idx, 0)
+
+
+class HeadOnFeatures(Trainee):
+    """An SGDR stage of the classifier alone on pooled features precomputed once (fast.ai's precompute=True): the
+    frozen backbone runs once per image, not once per epoch."""
+
+    def __init__(self, ctx: FoldContext, stage_i: int):
+        super().__init__(ctx, stage_i)
+        recipe = ctx.recipe
+        self.head = ctx.model.get_classifier()
+        feats = features_for(ctx, stage_i)
+        head_names = {f"{ctx.model.default_cfg['classifier']}.{n}" for n, _ in self.head.named_parameters()}
+        if head_names != set(ctx.groups[-1]):
+            raise UserError(f"stages.{stage_i}.precompute: the head group of {recipe.model} holds more than its "
+                            "classifier; use precompute: false")  # fmt: skip
+        self.param_groups = param_groups(ctx.model, ctx.groups, self.lrs, recipe.weight_decay, freeze=True,
+                                         train_bn=False)  # fmt: skip
+        n_views = feats.shape[1]
+        self.x_train = feats[ctx.train_idx].reshape(-1, feats.shape[-1])  # each view a sample of its own
+        self.y_train = torch.from_numpy(np.repeat(ctx.labels[ctx.train_idx], n_views))
+        self.x_val = feats[ctx.val_idx, 0]  # the image as it is
+        self.steps_per_epoch = -(-len(self.x_train) // recipe.batch_size)
+
+    def batches(self, epoch: int) -> Iterator:
+        recipe = self.ctx.recipe
+        order = np.random.default_rng([recipe.seed, self.ctx.fold, epoch]).permutation(len(self.x_train))
+        for i in range(0, len(order), recipe.batch_size):
+            j = torch.from_numpy(order[i : i + recipe.batch_size])
+            yield self.x_train[j], self.y_train[j]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.dropout(x, p=self.ctx.recipe.drop_rate, training=self.head.training))
+
     def train_mode(self) -> None:
-        network_train_mode(self.ctx, self.stage)
+        self.ctx.model.eval()
+        self.head.train()
+
+    def val_batches(self) -> Iterator:
+        return iter([(self.x_val, None)])
 
     def val_probs(self) -> np.ndarray:
-        self.ctx.model.eval()
-        return predict_probs(self.ctx, self.forward, iter(eval_loader(self.ctx, self.stage.size, self.ctx.val_idx)))
+        self.head.eval()
+        return view_probs(self.ctx, self.head, self.val_batches())[0].numpy()
+
+
+TRAINEES = {NETWORK: WholeNet, HEAD_ON_FEATURES: HeadOnFeatures, BODY_ON_MAPS: AfterFrozenMaps}  # by stage kind
+
+
+def trainee_for(ctx: FoldContext, stage_i: int) -> Trainee:
+    """What stage `stage_i` trains (a stage with epochs), as fit_fold builds it: the LR finder and the benchmark too."""
+    kind = ctx.recipe.stages[stage_i].kind
+    if kind not in TRAINEES:
+        raise UserError(f"stages.{stage_i}: a {kind} has no epochs to train")
+    return TRAINEES[kind](ctx, stage_i)
 
 
 def network_train_mode(ctx: FoldContext, stage: Stage) -> None:
@@ -86,85 +198,3 @@ def frozen_norm_modules(ctx: FoldContext, n_groups: int) -> list[nn.Module]:
     """The norm layers of the first n_groups layer groups."""
     names = {n.rsplit(".", 1)[0] for g in ctx.groups[:n_groups] for n in g if is_norm_param(ctx.model, n)}
     return [ctx.model.get_submodule(n) for n in sorted(names)]
-
-
-class HeadOnFeatures:
-    """An SGDR stage of the classifier alone on pooled features precomputed once (fast.ai's precompute=True): the
-    frozen backbone runs once per image, not once per epoch."""
-
-    def __init__(self, ctx: FoldContext, stage_i: int):
-        recipe = ctx.recipe
-        self.ctx, self.head = ctx, ctx.model.get_classifier()
-        feats = features_for(ctx, stage_i)
-        head_names = {f"{ctx.model.default_cfg['classifier']}.{n}" for n, _ in self.head.named_parameters()}
-        if head_names != set(ctx.groups[-1]):
-            raise UserError(f"stages.{stage_i}.precompute: the head group of {recipe.model} holds more than its "
-                            "classifier; use precompute: false")  # fmt: skip
-        lrs = lrs_of(recipe.stages[stage_i].lr, recipe.layer_groups)
-        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, freeze=True, train_bn=False)
-        n_views = feats.shape[1]
-        self.x_train = feats[ctx.train_idx].reshape(-1, feats.shape[-1])  # each view a sample of its own
-        self.y_train = torch.from_numpy(np.repeat(ctx.labels[ctx.train_idx], n_views))
-        self.x_val = feats[ctx.val_idx, 0]  # the image as it is
-        self.steps_per_epoch = -(-len(self.x_train) // recipe.batch_size)
-        self.mixes = False  # pooled features are not images: nothing to mix
-
-    def batches(self, epoch: int) -> Iterator:
-        recipe = self.ctx.recipe
-        order = np.random.default_rng([recipe.seed, self.ctx.fold, epoch]).permutation(len(self.x_train))
-        for i in range(0, len(order), recipe.batch_size):
-            j = torch.from_numpy(order[i : i + recipe.batch_size])
-            yield self.x_train[j], self.y_train[j]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.dropout(x, p=self.ctx.recipe.drop_rate, training=self.head.training))
-
-    def train_mode(self) -> None:
-        self.ctx.model.eval()
-        self.head.train()
-
-    def val_probs(self) -> np.ndarray:
-        self.head.eval()
-        return predict_probs(self.ctx, self.head, iter([(self.x_val, None)]))
-
-
-class AfterFrozenMaps:
-    """An SGDR stage whose frozen groups (`frozen_groups`) ran once, not once per epoch (`precompute` without
-    `freeze`): their output for the 8 dihedral views of every image is computed once (features.FrozenCut), and each
-    epoch trains the layers after them on one view of each image, drawn by (seed, fold, epoch); mixup and cutmix mix
-    those maps. The views are the whole of its augmentation: no crop, no colour jitter."""
-
-    def __init__(self, ctx: FoldContext, stage_i: int):
-        recipe, stage = ctx.recipe, ctx.recipe.stages[stage_i]
-        self.ctx, self.stage = ctx, stage
-        self.cut = FrozenCut.of(ctx, stage_i)
-        self.maps = self.cut.train_maps()
-        lrs = lrs_of(stage.lr, recipe.layer_groups)
-        self.param_groups = param_groups(ctx.model, ctx.groups, lrs, recipe.weight_decay, False, recipe.train_bn,
-                                         stage.frozen_groups)  # fmt: skip
-        self.steps_per_epoch = len(batch_slices(len(ctx.train_idx), recipe.batch_size))
-        self.mixes = bool(recipe.mixup_alpha or recipe.cutmix_alpha)
-        self.forward = self.cut.top
-
-    def batches(self, epoch: int) -> Iterator:
-        ctx, recipe = self.ctx, self.ctx.recipe
-        rng = np.random.default_rng([recipe.seed, ctx.fold, epoch])
-        rows = ctx.train_idx[rng.permutation(len(ctx.train_idx))]
-        views = rng.integers(0, self.maps.shape[1], len(rows))
-        for s in batch_slices(len(rows), recipe.batch_size):
-            yield self.maps[rows[s], views[s]].float(), torch.from_numpy(ctx.labels[rows[s]])
-
-    def train_mode(self) -> None:
-        network_train_mode(self.ctx, self.stage)
-
-    def val_probs(self) -> np.ndarray:
-        self.ctx.model.eval()
-        return predict_probs(self.ctx, self.forward, self.cut.view_batches(self.maps, self.ctx.val_idx, 0))
-
-
-def trainee_for(ctx: FoldContext, stage_i: int) -> WholeNet | HeadOnFeatures | AfterFrozenMaps:
-    """What stage `stage_i` trains (an SGDR stage), as fit_fold builds it: the LR finder and the benchmark use it."""
-    stage = ctx.recipe.stages[stage_i]
-    if not stage.precompute:
-        return WholeNet(ctx, stage_i)
-    return HeadOnFeatures(ctx, stage_i) if stage.freeze else AfterFrozenMaps(ctx, stage_i)

@@ -25,7 +25,7 @@ from seedlings.errors import UserError
 from seedlings.lab.holdout import ensure_holdout
 from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS
 from seedlings.recipe.load import apply_override, load_recipe, parse_value, read_yaml, recipe_from_dict
-from seedlings.recipe.schema import FREE_KEYS, Recipe, recipe_dict
+from seedlings.recipe.schema import FREE_KEYS, SOLVED_HEAD, Recipe, recipe_dict
 from seedlings.run import Run
 from seedlings.train.schedule import cycle_end_epochs
 
@@ -148,7 +148,9 @@ def recipe_with(base: dict, params: dict[str, Any]) -> Recipe:
 
 def fold_epochs(recipe: Recipe) -> int:
     """SGDR epochs a fold of this recipe trains (a solved head writes a metrics row but is no epoch)."""
-    return sum(cycle_end_epochs(s.n_cycles, s.cycle_len, s.cycle_mult)[-1] for s in recipe.stages if s.fit == "sgdr")
+    return sum(
+        cycle_end_epochs(s.n_cycles, s.cycle_len, s.cycle_mult)[-1] for s in recipe.stages if s.kind != SOLVED_HEAD
+    )
 
 
 def sweep_from_args(args) -> Sweep:
