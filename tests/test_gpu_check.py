@@ -5,6 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,11 @@ def test_gpu_check_dry_run(home, tmp_path):
     for key in ("bare_img_s", "loader_img_s", "epoch_img_s", "predict_views_s", "predict_d4_views_s"):
         assert row[key] > 0, key
     assert row["ratio"] == row["epoch_img_s"] / row["bare_img_s"]
-    assert 0 <= result["fold"]["val_f1"] <= 1 and result["fold"]["fold_seconds"] > 0
+    # the fold end to end: configs/gpu.yaml shortened to a solved head and one epoch, trained and recorded
+    metrics = pd.read_csv(home / "runs" / "gpu-check" / "fold0" / "metrics.csv")
+    assert metrics.stage.tolist() == [0, 1] and metrics.head_c.notna().iloc[0]
+    assert result["fold"]["val_f1"] == pytest.approx(metrics.val_f1.iloc[-1])
+    assert result["fold"]["fold_seconds"] >= metrics.seconds.sum()
     assert "bare img/s" in done.stdout and "one shortened fold end to end" in done.stdout
 
 

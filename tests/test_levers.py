@@ -107,7 +107,12 @@ def test_plant_mask_is_its_own_cache_and_trains(demo_master, home):
     dim = load_cache(comp, "train", 36, mask="dim")  # a third cache: neither the plain nor the masked one
     assert not np.array_equal(dim.images, masked.images) and not np.array_equal(dim.images, plain.images)
     run = tiny_run(demo_master, "masked", "plant_mask=green", UNFROZEN % 1)
-    assert 0 <= train_fold(run, 0)["val_f1"] <= 1
+    trained_on = prepare_fold(run, 0).cache.images  # the fold trains on the masked cache at the recipe's size
+    assert np.array_equal(trained_on, load_cache(comp, "train", run.recipe.cache_size, mask="green").images)
+    assert not np.array_equal(trained_on, load_cache(comp, "train", run.recipe.cache_size).images)
+    final = train_fold(run, 0)
+    rows = pd.read_csv(run.fold_dir(0) / "metrics.csv")
+    assert len(rows) == 1 and final["val_f1"] == rows.val_f1.iloc[-1] and np.isfinite(final["val_loss"])
 
 
 def test_drop_path_reaches_the_model(demo_master, home):
