@@ -38,7 +38,8 @@ JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9);
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare evaluate upload leaderboard demo test test-all \
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare mle evaluate upload leaderboard demo \
+	test test-all \
 	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard
 
 help: ## list the targets
@@ -83,6 +84,9 @@ submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, p
 
 compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
 	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations $(if $(filter-out 1,$(ABLATIONS)),--ablations-file "$(ABLATIONS)")) $(if $(BASELINE),--baseline "$(BASELINE)") $(ARGS)
+
+mle: $(STAMP) ## MLE-bench's split of DATA (14% held out, not stratified): the whole chain, graded, beside Kaggle's lines
+	$(SEEDLINGS) mle $(COMMON) $(ARGS)
 
 sweep-study: $(STAMP) ## create the sweep's Optuna study once, before any worker (make sweep does this first)
 	$(SEEDLINGS) sweep --create-only $(SWEEP_ARGS) $(ARGS)

@@ -172,6 +172,9 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--probe-model", default="tf_efficientnet_lite0", help="the baseline probe's backbone, on the "
                    "unmasked photos (the recipe's own backbone gets a probe row too when it differs)")  # fmt: skip
 
+    p = command(sub, "mle", commands.mle, "MLE-bench's split of a labelled competition: the whole chain, graded once")
+    run_args(p, fold=False)
+
     p = command(sub, "bench", commands.bench, "loader and training throughput, side by side")
     p.add_argument("--data", default=None, help="a competition folder of real images to measure too (default: none)")
     p.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")

@@ -184,6 +184,12 @@ def compare(args: Args) -> None:
                 (label, baseline), args.probe_model)  # fmt: skip
 
 
+def mle(args: Args) -> None:
+    from seedlings.lab.mle import mle as run_mle
+
+    run_mle(unopened_run(args))
+
+
 def bench(args: Args) -> None:
     from seedlings.lab.bench import bench as run_bench
 

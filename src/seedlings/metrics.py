@@ -39,3 +39,13 @@ def geometric_mean(p: torch.Tensor) -> torch.Tensor:
 
 
 MEANS = {"arith": lambda p: p.mean(0), "geom": geometric_mean}  # the `tta_mean` choices
+
+
+def pair_confusion(labels: np.ndarray, pred: np.ndarray, classes: list[str], pair: tuple[str, str]) -> dict:
+    """How two classes are taken for each other: the 2x2 counts among the images of either (true class by rows,
+    predicted by columns; a prediction outside the pair counts in neither column), and the errors between the two
+    against all errors."""
+    a, b = (classes.index(c) for c in pair)
+    counts = [[int(((labels == t) & (pred == p)).sum()) for p in (a, b)] for t in (a, b)]
+    return {"pair": list(pair), "counts": counts, "pair_errors": counts[0][1] + counts[1][0],
+            "errors": int((labels != pred).sum()), "images": int(np.isin(labels, (a, b)).sum())}  # fmt: skip

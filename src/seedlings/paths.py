@@ -38,3 +38,8 @@ def full_dir(run: str) -> Path:
 
 def submissions_dir() -> Path:
     return root() / "submissions"
+
+
+def submission_path(run: str) -> Path:
+    """A run's submission CSV; its provenance is the .json beside it."""
+    return submissions_dir() / f"{run}.csv"

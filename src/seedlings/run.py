@@ -175,6 +175,10 @@ class Run:
         now = digests(self.comp, "test", recorded)
         return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
+    @property
+    def submission_path(self) -> Path:
+        return paths.submission_path(self.name)
+
     def snapshot_path(self, fold: int, stage: int, cycle: int) -> Path:
         """The weights at the end of SGDR cycle `cycle` of stage `stage` (one file per cycle: the snapshot ensemble's
         members, and where a later stage or the LR finder starts from)."""

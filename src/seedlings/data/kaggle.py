@@ -183,7 +183,7 @@ def submission_row(sub) -> dict:
 
 
 def upload_message(run: str) -> str:
-    prov = paths.submissions_dir() / f"{run}.json"
+    prov = paths.submission_path(run).with_suffix(".json")
     if not prov.exists():
         raise UserError(f"{prov}: no provenance for run {run!r} (make submit RUN={run} first)")
     p = json.loads(prov.read_text())
@@ -194,7 +194,7 @@ def upload_message(run: str) -> str:
 def upload(
     run: str, message: str | None = None, client: KaggleClient | None = None, competition: str = COMPETITION
 ) -> None:
-    csv = paths.submissions_dir() / f"{run}.csv"
+    csv = paths.submission_path(run)
     if not csv.exists():
         raise UserError(f"{csv}: not found (make submit RUN={run} first)")
     message = message or upload_message(run)

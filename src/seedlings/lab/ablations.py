@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
 from seedlings.lab.holdout import answers_of, fold_row, graded_row, json_seconds
@@ -75,7 +74,7 @@ def reblend_row(run: Run, label: str) -> dict:
     start = time.perf_counter()
     test = evaluate_chain(run).test  # every member is predicted already: loaded, not predicted again
     y = answers_of(run.data, test.files, test.classes)
-    chain = paths.submissions_dir() / f"{run.name}.json"
+    chain = run.submission_path.with_suffix(".json")
     record = read_json(chain, "record", "make compare again", ("seconds",))["seconds"]
     seconds = sum(record.values()) + time.perf_counter() - start - record.get("blend", 0.0)
     how = f"{len(run.folds())} fold model(s) of {run.n_folds}, blended again"

@@ -26,9 +26,13 @@ from seedlings.storage import read_json
 from seedlings.train.fit import train_fold
 
 
-def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: int = 0) -> Path:
-    """A competition folder whose test set is a stratified share of src's labelled images (answers.csv holds their
-    labels, for `seedlings grade`), as MLE-bench does. Images are symbolic links: nothing is copied."""
+def make_holdout(
+    src: str | Path, out: str | Path, fraction: float = 0.2, seed: int = 0, stratified: bool = True
+) -> Path:
+    """A competition folder whose test set is a share of src's labelled images (answers.csv holds their labels, for
+    `seedlings grade`), as MLE-bench does: stratified by species, or (stratified=False) MLE-bench's own split, a plain
+    train_test_split of the labelled images in species-then-name order. Images are symbolic links: nothing is
+    copied."""
     src, out = Path(src).resolve(), Path(out)
     if not 0 < fraction < 1:
         raise UserError(f"--fraction: must be in (0, 1), got {fraction}")
@@ -38,8 +42,9 @@ def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: 
         raise UserError(f"{out}: already exists (remove it first)")
     comp = scan_competition(src, need_test=False)
     keep, held = train_test_split(
-        range(len(comp.train_files)), test_size=fraction, random_state=seed, stratify=comp.train_labels
-    )
+        range(len(comp.train_files)), test_size=fraction, random_state=seed,
+        stratify=comp.train_labels if stratified else None,
+    )  # fmt: skip
     names = [Path(comp.train_files[i]).name for i in held]
     if len(set(names)) != len(names):
         raise UserError(f"{src}: file names repeat across species; cannot flatten them into test/")
@@ -55,7 +60,8 @@ def make_holdout(src: str | Path, out: str | Path, fraction: float = 0.2, seed: 
         (tmp / "test" / name).symlink_to(comp.train_path(comp.train_files[i]))
     (tmp / "sample_submission.csv").write_text("file,species\n" + "".join(f"{n},Sugar beet\n" for n, _, _ in answers))
     (tmp / "answers.csv").write_text("file,species\n" + "".join(f"{n},{s}\n" for n, s, _ in answers))
-    source = {"data": str(src), "dataset_key": dataset_key(comp), "fraction": fraction, "seed": seed}
+    source = {"data": str(src), "dataset_key": dataset_key(comp), "fraction": fraction, "seed": seed,
+              "stratified": stratified}  # fmt: skip
     (tmp / "SOURCE.json").write_text(json.dumps(source, indent=1))
     tmp.rename(out)
     return out
@@ -71,16 +77,17 @@ def check_holdout_source(out: Path, src: str | Path) -> None:
         raise UserError(f"{out}: made from other images than {src} holds now; delete it to split the data again")
 
 
-def holdout_dir(data: str | Path, fraction: float, seed: int) -> Path:
-    return paths.root() / "data" / f"{Path(data).resolve().name}-holdout-f{round(fraction * 100)}-s{seed}"
+def holdout_dir(data: str | Path, fraction: float, seed: int, stratified: bool = True) -> Path:
+    kind = "holdout" if stratified else "split"  # data/<data>-split-f14-s0: MLE-bench's own
+    return paths.root() / "data" / f"{Path(data).resolve().name}-{kind}-f{round(fraction * 100)}-s{seed}"
 
 
-def ensure_holdout(data: str | Path, fraction: float, seed: int) -> Path:
-    out = holdout_dir(data, fraction, seed)
+def ensure_holdout(data: str | Path, fraction: float, seed: int, stratified: bool = True) -> Path:
+    out = holdout_dir(data, fraction, seed, stratified)
     if out.exists():
         check_holdout_source(out, data)
         return out
-    return make_holdout(data, out, fraction, seed)
+    return make_holdout(data, out, fraction, seed, stratified)
 
 
 def answers_of(holdout: Path, files: list[str], classes: list[str]) -> np.ndarray:

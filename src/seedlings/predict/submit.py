@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
 from seedlings.errors import Busy, UserError
@@ -82,7 +81,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     oof, test, table = chain.oof, chain.test, chain.table
     with timed(timings, "blend"):
         print(format_table(table))
-        out = paths.submissions_dir() / f"{run.name}.csv"
+        out = run.submission_path
         write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
         n_rows = validate_submission(run.data, out)
     save_probs(run.dir / "probs" / "blend.oof.csv", oof)
