@@ -34,7 +34,7 @@ def linear_probe(run: Run, fold: int, size: int) -> dict:
     start = time.perf_counter()
     ctx = prepare_fold(probe_run(run, size), fold)
     feats = mirror_features(ctx, size, np.arange(len(ctx.labels)))
-    head = fit_logistic(feats[ctx.train_idx], ctx.labels[ctx.train_idx], len(ctx.comp.classes), seed=run.recipe.seed)
+    head = fit_logistic(feats[ctx.train_idx], ctx.labels[ctx.train_idx], len(ctx.classes), seed=run.recipe.seed)
     pred = head.logits(feats[ctx.val_idx]).argmax(1)
     return {
         "size": size,
@@ -80,7 +80,7 @@ def probe_row(run: Run, size: int) -> dict:
     ctx = prepare_fold(probe, 0)  # every image is used: fold 0's split only orders them
     every = np.sort(np.concatenate([ctx.train_idx, ctx.val_idx]))
     x = mirror_features(ctx, size, every)
-    fit = fit_logistic(x, ctx.labels[every], len(ctx.comp.classes), seed=run.recipe.seed)
+    fit = fit_logistic(x, ctx.labels[every], len(ctx.classes), seed=run.recipe.seed)
     test = load_cache(ctx.comp, "test", probe.recipe.cache_size, mask=probe.recipe.plant_mask)
     pred = fit.logits(mirror_features(ctx, size, np.arange(len(test.files)), test.images)).argmax(1)
     y = answers_of(run.data, test.files, ctx.comp.classes)

@@ -67,13 +67,13 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
     recipe = run.recipe
     ctx = prepare_fold(run, fold)
     test = load_cache(ctx.comp, "test", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
-    classes, val_files = ctx.comp.classes, [ctx.comp.train_files[i] for i in ctx.val_idx]
-    has_val = len(ctx.val_idx) > 0  # the full fit has no validation images: test probabilities only
+    classes, val_files = ctx.classes, [ctx.comp.train_files[i] for i in ctx.predict_idx]
+    has_val = len(ctx.predict_idx) > 0  # the full fit has no validation images: test probabilities only
     predictor = Predictor(ctx, test.images, test_key)
     for m in todo:
         ctx.model.load_state_dict(m.state_dict(ctx.device))
         start = time.perf_counter()
-        oof = tta_probs(predictor, "train", ctx.val_idx, recipe.tta) if has_val else np.zeros((0, len(classes)))
+        oof = tta_probs(predictor, "train", ctx.predict_idx, recipe.tta) if has_val else np.zeros((0, len(classes)))
         test_probs = tta_probs(predictor, "test", np.arange(len(test.files)), recipe.tta)
         seconds = time.perf_counter() - start
         splits = ["oof", "test"] if has_val else ["test"]
@@ -81,7 +81,7 @@ def predict_members(run: Run, fold: int, todo: list[Member], test_key: str) -> N
             m.save("oof", Probs(oof, val_files, classes))
         m.save("test", Probs(test_probs, test.files, classes))
         if has_val and m == last and recipe.tta != "none":  # the single model without TTA, for comparison
-            m.save("oof-notta", Probs(tta_probs(predictor, "train", ctx.val_idx, "none"), val_files, classes))
+            m.save("oof-notta", Probs(tta_probs(predictor, "train", ctx.predict_idx, "none"), val_files, classes))
             splits.append("oof-notta")
         n_images, n_views = len(oof) + len(test_probs), len(tta_views(recipe.tta))
         info = {"seconds": seconds, "images": n_images, "images_per_s": n_images / seconds, "views": n_views}

@@ -18,6 +18,7 @@ from seedlings.predict.blend import ChainBlend, blend_members, format_table
 from seedlings.predict.infer import predict_run
 from seedlings.predict.members import Probs, save_probs
 from seedlings.predict.report import write_report
+from seedlings.predict.specialist import specialist_run, with_specialist
 from seedlings.predict.submission import species_of, validate_submission, write_submission
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.run import Run, git_commit
@@ -43,7 +44,16 @@ def evaluate_chain(
     with timed(timings, "predict"):
         members = [m for r in [run, *others] for m in predict_run(r, folds if r is run else None)]
     with timed(timings, "blend"):
-        return blend_members(run.recipe, members, run.fold_table, run.comp.classes, weights)
+        chain = blend_members(run.recipe, members, run.fold_table, run.comp.classes, weights)
+    spec = specialist_run(run)
+    if spec is None:
+        return chain
+    with timed(timings, "specialist"):  # its folds are trained here when missing: a sweep's trial trains only its own
+        return with_specialist(
+            chain,
+            spec,
+            folds if folds is not None else sorted({m.fold for m in members if not m.full and m.run == run.name}),
+        )
 
 
 def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:

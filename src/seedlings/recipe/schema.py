@@ -110,6 +110,10 @@ class Recipe:
     #   schedule (fast.ai's final fit once the folds chose it): its test probabilities join the blend as one more
     #   fold's; it has no validation images, so no out-of-fold score
     train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
+    specialist: str = runs("")  # a recipe file whose `classes` are a few confused species (configs/grass.yaml): its
+    #   folds train on those species' images only and, where the blend's top classes are exactly them, their share of
+    #   the blend's probability is divided as the specialist divides it (out of fold too: each fold by its own model);
+    #   "": none
     calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
     #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
     #   label smoothing leave a blend under-confident and leaning to the large classes; docs/recipe.md)
@@ -117,6 +121,8 @@ class Recipe:
     #   pruner always gets every epoch's score) | cycle: only after each SGDR cycle's last epoch, where the snapshots
     #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training here)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
+    classes: list[str] = field(default_factory=list)  # the species this run learns (a specialist's); empty: every
+    #   species. Its folds train and validate on those species' images, and predict every image over them
     crop_scale: float = CROP_SCALE  # RandomResizedCrop's smallest area fraction
     cache_margin: float = CACHE_MARGIN  # cached side = largest stage size x this, so crops keep detail
     precompute_d4: bool = False  # precompute: add the 8 dihedral copies of each image as fixed samples (8x the
@@ -249,6 +255,10 @@ def validate(recipe: Recipe) -> None:
         bad("lr_find_start", f"must be below lr_find_end ({recipe.lr_find_end:g}), got {recipe.lr_find_start:g}")
     if recipe.bn_stats == "frozen" and recipe.pretrained == "none":
         bad("bn_stats", "frozen keeps pretrained statistics, and pretrained: none has none; use bn_stats: batch")
+    if recipe.classes and (len(recipe.classes) < 2 or len(set(recipe.classes)) != len(recipe.classes)):
+        bad("classes", f"two species or more, each once, got {recipe.classes}")
+    if recipe.classes and (recipe.specialist or recipe.pseudo_label or recipe.full_fit):
+        bad("classes", "a specialist (a run of some classes) has no specialist, pseudo-labels or full fit of its own")
     if not recipe.stages:
         bad("stages", "at least one stage is needed")
     for i, stage in enumerate(recipe.stages):

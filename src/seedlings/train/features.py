@@ -224,7 +224,7 @@ def fit_head(ctx: FoldContext, stage_i: int, epoch: int) -> dict:
     feats = features_for(ctx, stage_i)
     x_train, y_train = feats[ctx.train_idx].mean(1).numpy(), ctx.labels[ctx.train_idx]  # views averaged
     c = ctx.recipe.head_c or None
-    fit = fit_logistic(x_train, y_train, len(ctx.comp.classes), c, ctx.recipe.seed, scoring="neg_log_loss")
+    fit = fit_logistic(x_train, y_train, len(ctx.classes), c, ctx.recipe.seed, scoring="neg_log_loss")
     head.weight.copy_(torch.from_numpy(fit.weight))
     head.bias.copy_(torch.from_numpy(fit.bias))
     train_probs = torch.from_numpy(fit.logits(x_train)).softmax(-1).numpy()

@@ -29,9 +29,11 @@ class FoldContext:
     fold: int
     comp: Competition
     cache: ImageCache  # the training images, decoded once
-    labels: np.ndarray  # label of every training image (index into comp.classes)
+    classes: list[str]  # what the model tells apart: the competition's species, or the recipe's `classes`
+    labels: np.ndarray  # label of every training image (index into classes; -1: a species the run does not learn)
     train_idx: np.ndarray  # cache rows of this fold's training images
-    val_idx: np.ndarray  # cache rows of its validation images
+    val_idx: np.ndarray  # cache rows of its validation images (of the species it learns)
+    predict_idx: np.ndarray  # cache rows it predicts out of fold: every validation image
     model: nn.Module
     groups: list[list[str]]  # parameter names per layer group, head last
     device: torch.device
@@ -76,7 +78,8 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     torch.manual_seed(recipe.seed * 1000 + fold)  # the new head's initial weights
     # channels_last: 1.4x to 1.6x faster training of tf_efficientnet_lite0 on this 2-core CPU (make bench, three runs
     # in docs/results.md), the fast path on GPUs
-    model = create_model(recipe, len(comp.classes)).to(device, memory_format=torch.channels_last)
+    classes = learnt_classes(run)
+    model = create_model(recipe, len(classes)).to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mean, std = model_mean_std(model)
@@ -84,7 +87,10 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     for i, stage in enumerate(recipe.stages):
         if stage.kind == BODY_ON_MAPS:  # frozen groups' maps: they must be where the model can be cut
             frozen_prefix(model, groups, stage.frozen_groups, f"stages.{i}.precompute")
-    labels, train_idx = np.array(comp.train_labels), np.flatnonzero(good & ~in_val)
+    remap = np.array([classes.index(c) if c in classes else -1 for c in comp.classes])
+    labels = remap[np.array(comp.train_labels, dtype=int)]
+    learnt = labels >= 0
+    train_idx = np.flatnonzero(good & ~in_val & learnt)
     if run.pseudo_path.exists():  # a pseudo-label round: confident test images join every fold's training images
         cache, labels, train_idx = with_pseudo_labels(run, cache, labels, train_idx)
     return FoldContext(
@@ -92,15 +98,25 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
         fold=fold,
         comp=comp,
         cache=cache,
+        classes=classes,
         labels=labels,
         train_idx=train_idx,
-        val_idx=np.flatnonzero(good & in_val),
+        val_idx=np.flatnonzero(good & in_val & learnt),
+        predict_idx=np.flatnonzero(good & in_val),
         model=model,
         groups=groups,
         device=device,
         mean=mean,
         std=std,
     )
+
+
+def learnt_classes(run: Run) -> list[str]:
+    """The species a run's models tell apart: the recipe's `classes` (each a species of the competition), or all."""
+    unknown = [c for c in run.recipe.classes if c not in run.comp.classes]
+    if unknown:
+        raise UserError(f"classes: {unknown[0]!r} is not a species of {run.data} ({', '.join(run.comp.classes)})")
+    return list(run.recipe.classes) or list(run.comp.classes)
 
 
 def with_pseudo_labels(
