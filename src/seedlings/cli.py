@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_model_commands(sub)
     add_kaggle_commands(sub)
+    add_results_commands(sub)
     add_lab_commands(sub)
     add_sweep_commands(sub)
     return parser
@@ -132,6 +133,28 @@ def add_kaggle_commands(sub) -> None:
         sub, "leaderboard", commands.leaderboard, "list your Kaggle submissions and their public and private scores"
     )
     p.add_argument("--competition", default=defaults.COMPETITION, help="Kaggle's name of the competition")
+
+
+def add_results_commands(sub) -> None:
+    """What the runs left behind, side by side."""
+    what = (
+        "a table of every run under runs/ (or of a sweep's trials): what differs from a reference recipe, folds "
+        "trained, out-of-fold scores, time, submission, Kaggle's scores"
+    )
+    p = command(sub, "runs", commands.runs, what)
+    p.add_argument("--config", default=defaults.CONFIG, help="the reference recipe the differs column compares with")
+    p.add_argument("--sweep", default=None, help="list this sweep's trials, runs/<sweep>/trial-<n> (default: none)")
+    p.add_argument("--sort", default="oof_f1", help="the column to sort by (runs without a value last)")
+    p.add_argument("--ascending", action="store_true", help="smallest first (default: largest first)")
+    p.add_argument("--csv", action="store_true", help="CSV on standard output, for scripts")
+    p = command(sub, "predict-images", commands.predict_images, "a finished run's chain on any photos: file, species "
+                "and the probability of each class, as make submit predicts its test images")  # fmt: skip
+    p.add_argument("--run", required=True, help="the run (its submission records the blend: make submit first)")
+    p.add_argument("--out", default=None, help="CSV file to write (default: standard output)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders of them, or quoted globs")
+    p = command(sub, "export", commands.export, "a finished run's chain as one ONNX graph with a model card beside it")
+    p.add_argument("--run", required=True, help="the run (its submission records the blend: make submit first)")
+    p.add_argument("--out", default=None, help="folder for model.onnx and model.json (default: runs/<run>/export/)")
 
 
 def add_lab_commands(sub) -> None:

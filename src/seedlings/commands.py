@@ -134,8 +134,35 @@ def upload(args: Args) -> None:
 
 def leaderboard(args: Args) -> None:
     from seedlings.data.kaggle import leaderboard as show
+    from seedlings.track.table import save_leaderboard
 
-    show(competition=args.competition)
+    save_leaderboard(show(competition=args.competition))  # the runs table reads each run's scores from it
+
+
+# --------------------------------------------------------------------------------------------------------- results
+def runs(args: Args) -> None:
+    from seedlings.track.table import runs_table, show
+
+    print(show(runs_table(args.config, args.sweep, args.sort, args.ascending), args.csv), end="" if args.csv else "\n")
+
+
+def predict_images(args: Args) -> None:
+    from seedlings.predict.images import predict_images as predict
+    from seedlings.storage import write_csv
+
+    table = predict(args.run, args.paths)
+    if args.out:
+        write_csv(args.out, table, float_format="%.9g")  # whole or not at all: written beside it, then renamed
+        print(f"{args.out}: {len(table)} photos")
+    else:
+        sys.stdout.write(table.to_csv(index=False, float_format="%.9g", lineterminator="\n"))
+
+
+def export(args: Args) -> None:
+    from seedlings.predict.export import export as write_export
+    from seedlings.run import saved_run
+
+    write_export(saved_run(args.run), args.out)
 
 
 # ------------------------------------------------------------------------------------------------------------- lab

@@ -14,6 +14,7 @@ import pandas as pd
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
 from seedlings.errors import Busy, UserError
+from seedlings.metrics import val_scores
 from seedlings.predict.blend import ChainBlend, blend_members, format_table
 from seedlings.predict.infer import predict_run
 from seedlings.predict.members import Probs, save_probs
@@ -23,6 +24,7 @@ from seedlings.predict.submission import species_of, validate_submission, write_
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.run import Run, git_commit
 from seedlings.storage import write_csv, write_json
+from seedlings.track.mlflow import track_chain
 from seedlings.train.fit import train_fold
 
 
@@ -117,6 +119,9 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     }
     write_json(out.with_suffix(".json"), provenance)
     report = write_report(run, comp, oof, chain.labels, table, skipped)
+    scores = val_scores(oof.values, chain.labels)
+    figures = {"micro_f1": scores["val_f1"], "macro_f1": scores["val_macro_f1"], "log_loss": scores["val_loss"]}
+    track_chain(run, figures, timings, [out, out.with_suffix(".json"), *sorted(report.parent.iterdir())])
     print(
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"

@@ -85,6 +85,8 @@ class Recipe:
     pretrained: str = "bundled"  # bundled | hub | path/to/weights.(pth|safetensors) | none
     drop_rate: float = 0.25  # dropout before the classifier (fast.ai's ps)
     drop_path_rate: float = 0.0  # stochastic depth: each residual block skipped with up to this probability (timm)
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights a stage trains (timm's
+    #   --model-ema-decay; 0.99: about the last 100 steps): validation and snapshots read it, a stage ends on it; 0: off
     mixup_alpha: float = 0.0  # mixup: training images blended in pairs, weight ~ Beta(alpha, alpha); 0: off
     cutmix_alpha: float = 0.0  # cutmix: a box of one image pasted into another, area ~ Beta(alpha, alpha); 0: off
     #   (both on: each batch takes one of them at even odds; neither touches a precomputed-features stage)
@@ -117,6 +119,8 @@ class Recipe:
     calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
     #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
     #   label smoothing leave a blend under-confident and leaning to the large classes; docs/recipe.md)
+    tracking: str = runs("none")  # none | mlflow: every run, fold, epoch and chain logged on MLflow (a SQLite store in
+    #   runs/mlflow.db, or the server MLFLOW_TRACKING_URI names, which turns tracking on by itself)
     validate: str = runs("epoch")  # epoch: the validation images scored after every epoch (the loss plots; a sweep's
     #   pruner always gets every epoch's score) | cycle: only after each SGDR cycle's last epoch, where the snapshots
     #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training here)
@@ -191,6 +195,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train_folds": (0, None),
     "crop_scale": (0.01, 1.0),
     "drop_path_rate": (0.0, 0.9),
+    "ema": (0.0, 0.99999),
     "mixup_alpha": (0.0, 10.0),
     "pseudo_label": (0.0, 0.9999),
     "cutmix_alpha": (0.0, 10.0),
@@ -221,6 +226,7 @@ CHOICES = {  # each choice key's values, from the table that gives each value it
     "plant_mask": tuple(BACKGROUND),
     "calibrate": ("none", "bias"),
     "validate": ("epoch", "cycle"),
+    "tracking": ("none", "mlflow"),
 }
 
 
@@ -249,6 +255,8 @@ def validate(recipe: Recipe) -> None:
         bad("pretrained", f"expected bundled, hub, none or a .pth/.safetensors path, got {recipe.pretrained!r}")
     if 0 < recipe.predict_size < 16:
         bad("predict_size", f"must be 0 (the last stage's size) or at least 16 px, got {recipe.predict_size}")
+    if 0 < recipe.ema < 0.5:
+        bad("ema", f"0 (off) or a decay in [0.5, 1), got {recipe.ema:g}")
     if 0 < recipe.pseudo_label < 0.5:
         bad("pseudo_label", f"0 (off) or a confidence in [0.5, 1), got {recipe.pseudo_label:g}")
     if recipe.lr_find_start >= recipe.lr_find_end:

@@ -12,6 +12,7 @@ import torch
 
 from seedlings.errors import UserError
 from seedlings.storage import BackgroundSaver, cpu_copy, file_sha256, load_torch, save_torch, write_csv, write_json
+from seedlings.train.average import WeightAverage
 from seedlings.train.fold import FoldContext
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
@@ -81,16 +82,22 @@ class FoldLog:
     lrs: list[dict]
     saver: BackgroundSaver = field(default_factory=BackgroundSaver)
 
-    def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler) -> None:
-        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based). Snapshots and the
+    def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler,
+                   average: WeightAverage | None = None) -> None:  # fmt: skip
+        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based); average: the stage's
+        weight average (a snapshot holds it; at the stage's end the model already does). Snapshots and the
         checkpoint are host copies written off the training thread (resume stays exact: they are the state now)."""
         self.metrics.append(row)
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         out, state = self.ctx.dir, cpu_copy(self.ctx.model.state_dict())
+        at_stage_end = epoch + 1 == ends[-1]
         if self.ctx.recipe.snapshots and epoch + 1 in ends:
             snapshot = self.ctx.run.snapshot_path(self.ctx.fold, stage_i, ends.index(epoch + 1))
-            record_weights(out, save_torch(snapshot, state))
-        at_stage_end = epoch + 1 == ends[-1]
+            weights = state
+            if average is not None and not at_stage_end:
+                with average.swapped():
+                    weights = cpu_copy(self.ctx.model.state_dict())
+            record_weights(out, save_torch(snapshot, weights))
         # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
         self.saver.save(
             out / "checkpoint.pt",
@@ -100,6 +107,7 @@ class FoldLog:
                 "model": state,
                 "optimizer": None if at_stage_end else cpu_copy(optimizer.state_dict()),
                 "scheduler": None if at_stage_end else cpu_copy(scheduler.state_dict()),
+                "average": None if at_stage_end or average is None else average.state_dict(),
                 "stage": stage_i + 1 if at_stage_end else stage_i,
                 "epoch": 0 if at_stage_end else epoch + 1,
                 "rng": rng_state(),

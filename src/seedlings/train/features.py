@@ -140,7 +140,10 @@ class FrozenCut:
         return self._cached(f"maps{self.n}-d4-{len(self.ctx.labels)}", np.arange(len(self.ctx.labels)), None)
 
     def test_maps(self, images: np.ndarray, test_key: str) -> torch.Tensor:
-        """Maps of the test images (`test_key`: their contents), computed once for every fold that shares them."""
+        """Maps of the test images (`test_key`: their contents), computed once for every fold that shares them; with
+        no key (photos of no competition: predict-images), computed and not stored."""
+        if not test_key:
+            return frozen_maps(self.ctx, self.size, self.n, np.arange(len(images)), images)
         return self._cached(f"test-maps{self.n}-d4-{test_key}", np.arange(len(images)), images)
 
     def _cached(self, name: str, index: np.ndarray, images: np.ndarray | None) -> torch.Tensor:

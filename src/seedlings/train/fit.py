@@ -21,6 +21,8 @@ from seedlings.optim import make_optimizer
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
+from seedlings.track.mlflow import FoldTracking, track_fold
+from seedlings.train.average import WeightAverage, average_for, averaged
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
@@ -50,7 +52,7 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
                 return read_done(done, fold)
             ctx = prepare_fold(run, fold)
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
-            return fit_fold(ctx, until_stage, on_epoch)
+            return fit_fold(ctx, until_stage, on_epoch, track_fold(run, fold))
     except Busy:
         raise  # the folder and its lock file are the holder's
     except UserError:
@@ -64,8 +66,10 @@ def read_done(done: Path, fold: int) -> dict:
     return read_json(done, "record of a finished fold", fix, (*VAL_KEYS, "seconds"))
 
 
-def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
-    """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch."""
+def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None,
+             tracking: FoldTracking | None = None) -> dict:  # fmt: skip
+    """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch (each
+    epoch's row and the fold's end logged on `tracking`, if any)."""
     recipe = ctx.recipe
     every_epoch = recipe.validate == "epoch" or on_epoch is not None  # a pruner reads every epoch's score
     ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
@@ -77,26 +81,36 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                 continue  # finished before the interruption
             if stage.kind == SOLVED_HEAD:  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
+                if tracking is not None:
+                    tracking.epoch(log.metrics[-1])
                 continue
             trainee = trainee_for(ctx, stage_i)
             optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
             warmup = round(stage.warmup * trainee.steps_per_epoch)
             scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
+            average = average_for(ctx.model, optimizer, recipe.ema)  # None: no weight average
             first_epoch = 0
             if resuming and ckpt["epoch"] > 0:  # within the stage: its optimizer and schedule go on where they were
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
+                if average is not None:
+                    average.load_state_dict(ckpt["average"])
                 first_epoch = ckpt["epoch"]
             ends = cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
-                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs)
+                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, average)
+                if average is not None and epoch + 1 == ends[-1]:
+                    average.copy_to_model()  # the stage ends on its average: the next stage starts from it
                 scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
-                val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if scored else NO_VALIDATION
+                with averaged(average if scored else None):
+                    val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if scored else NO_VALIDATION
                 row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
                        "train_loss": train["train_loss"], **val, "lr": train["lr"],
                        "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
-                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler)  # snapshot, checkpoint, CSVs
+                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average)  # snapshots, checkpoint, CSVs
+                if tracking is not None:
+                    tracking.epoch(row)
                 if on_epoch is not None:
                     on_epoch(row)
         log.saver.wait()  # a failed checkpoint write raises here
@@ -110,12 +124,15 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
     write_json(ctx.dir / "done.json", final)
+    if tracking is not None:
+        tracking.done(final, ctx.dir)
     return final
 
 
-def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict]) -> dict:
-    """One pass over the training batches, every step's learning rates appended to lr_rows: train loss, the head's
-    last learning rate, images/s."""
+def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict],
+                average: WeightAverage | None = None) -> dict:  # fmt: skip
+    """One pass over the training batches, every step's learning rates appended to lr_rows (and the weight average,
+    if any, updated after every step): train loss, the head's last learning rate, images/s."""
     recipe = ctx.recipe
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     trainee.train_mode()
@@ -134,6 +151,8 @@ def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, e
             step_loss = mixed_criterion(criterion, y_a, y_b, lam)
         loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.bf16)
         scheduler.step()
+        if average is not None:
+            average.update()
         seen += len(y)
         total_loss += loss * len(y)
         if len(lr_rows) % 50 == 0:  # the bar's loss: one host read every 50 steps, not one per step

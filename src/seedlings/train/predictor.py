@@ -26,8 +26,8 @@ def map_view(maps: torch.Tensor, k: int, scale: float) -> torch.Tensor:
 
 class Predictor:
     """The probabilities of a fold's model (its weights as loaded in ctx.model) for views of its training images or
-    of `test_images` (a cache's images; `test_key`: their contents, naming their maps). through_network: never from
-    the maps (how the network itself predicts them, to compare)."""
+    of `test_images` (a cache's images; `test_key`: their contents, naming their stored maps; none: not stored).
+    through_network: never from the maps (how the network itself predicts them, to compare)."""
 
     def __init__(
         self, ctx: FoldContext, test_images: np.ndarray | None = None, test_key: str = "", through_network: bool = False

@@ -19,6 +19,7 @@ from seedlings.lab.sweep.study import SweepLock, open_study
 from seedlings.predict.submit import evaluate_chain
 from seedlings.run import Run, open_run
 from seedlings.storage import process_alive
+from seedlings.track.mlflow import track_trial
 from seedlings.train.fit import train_fold
 
 
@@ -104,8 +105,12 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
 
         try:
             final = train_fold(run, i, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            track_trial(run, "PRUNED", pruned_epoch=epochs)
+            raise
         except UserError as e:
             trial.set_user_attr("error", str(e))
+            track_trial(run, "FAIL")
             raise
         scores.append(final["val_f1"])
     trial.set_user_attr("epochs", epochs)
@@ -118,6 +123,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
         trial.set_user_attr("calibrated", calibrated)
         what = f"chain OOF micro-F1 {value:.4f}, log loss {log_loss:.4f} (the folds' last epochs: {what})"
     print(f"trial {trial.number}: {what} ({', '.join(f'{k}={v}' for k, v in params.items())})")
+    track_trial(run, "COMPLETE", value)
     return value
 
 

@@ -1,0 +1,144 @@
+"""`seedlings predict-images`: a finished run's chain on photos it never saw (files, folders, globs), as `make submit`
+predicted its test images: every member with the recipe's TTA and plant mask, blended with the weights and the
+calibration the submission recorded (submissions/<run>.json)."""
+
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from seedlings.data.cache import _load
+from seedlings.data.competition import _listed
+from seedlings.errors import UserError
+from seedlings.predict.blend import Calibration
+from seedlings.predict.infer import tta_probs
+from seedlings.predict.members import Member, Probs, run_members
+from seedlings.predict.submission import species_of
+from seedlings.run import Run, saved_run
+from seedlings.storage import read_json
+from seedlings.train.fold import prepare_fold
+from seedlings.train.predictor import Predictor
+
+NOT_PARTS = ("blend", "blend, uncalibrated", "blend, calibrated (left out)", "full fit (every training image)")
+
+
+def photo_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """The files named by `inputs` in order (a folder: the files inside it, sorted; a pattern: its matches, sorted),
+    each once, and one line for each input that named none."""
+    found, missing = [], []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if _listed(p))
+            why = "a folder with no files"
+        elif any(c in given for c in "*?["):
+            files = sorted(Path(p) for p in glob.glob(given, recursive=True) if _listed(Path(p)))
+            why = "no file matches this pattern"
+        else:
+            files = [path] if path.is_file() else []
+            why = "no such file"
+        found += files
+        if not files:
+            missing.append(f"{given}: {why}")
+    return list(dict.fromkeys(found)), missing
+
+
+def read_photos(files: list[Path], size: int, mask: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The readable files as the run's cache holds images ((N, size, size, 3) uint8, plant mask applied), and one
+    line naming each file that could not be read."""
+    good, images, bad = [], [], []
+    for path in files:
+        img, err = _load(path, size, mask)
+        if err is None:
+            good.append(path)
+            images.append(img)
+        else:
+            bad.append(err)
+    return good, np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), bad
+
+
+def chain_record(run: Run) -> dict:
+    """What the chain blended and how: the submission's provenance (weights per part, calibration, runs)."""
+    path = run.submission_path.with_suffix(".json")
+    fix = f"make submit RUN={run.name} writes it"
+    record = read_json(path, "provenance of the run's submission", fix, ("members", "calibration", "runs"))
+    if record.get("recipe", {}).get("specialist"):
+        raise UserError(f"{path}: run {run.name!r} blends a specialist; predict-images predicts chains without one")
+    return record
+
+
+def member_probs(run: Run, images: np.ndarray) -> dict[Member, np.ndarray]:
+    """Every trained member's TTA probabilities of `images` (maps of their views computed here, never stored)."""
+    out = {}
+    for fold in run.models():
+        members = run_members(run, fold) if run.is_trained(fold) else []
+        if not members:
+            continue
+        ctx = prepare_fold(run, fold)
+        predictor = Predictor(ctx, images)
+        for m in members:
+            ctx.model.load_state_dict(m.state_dict(ctx.device))
+            out[m] = tta_probs(predictor, "test", np.arange(len(images)), run.recipe.tta)
+    if not out:
+        raise UserError(f"run {run.name!r}: no trained fold (make train RUN={run.name})")
+    return out
+
+
+def member_weights(record: dict, members: list[Member]) -> dict[Member, float]:
+    """Each member's share of the chain's blend before calibration: a part (run/snapshot) weighted as the submission
+    recorded, shared equally by its folds; with a full fit, k fold models and it weighted k : 1, its snapshots as the
+    blend weighted the folds' same snapshots (blend.blend_full)."""
+    table = record["members"]
+    parts = {name: row["weight"] for name, row in table.items() if name not in NOT_PARTS}
+    folds = [m for m in members if not m.full]
+    share = {m: 0.0 for m in members}
+    for name, weight in parts.items():
+        mine = [m for m in folds if f"{m.run}/{m.name}" == name]
+        if not mine:
+            raise UserError(f"{name}: blended by the submission but not trained now; make submit again")
+        for m in mine:
+            share[m] = weight / len(mine)
+    full = [m for m in members if m.full]
+    if full:
+        k = len({(m.run, m.fold) for m in folds})
+        weights = np.array([table.get(f"{m.run}/{m.name}", {}).get("weight", 0.0) for m in full]) + 1e-12
+        share = {m: w * k / (k + 1) for m, w in share.items()}
+        share.update({m: float(w) / (k + 1) for m, w in zip(full, weights / weights.sum(), strict=True)})
+    return share
+
+
+def recorded_calibration(record: dict, classes: list[str]) -> Calibration | None:
+    """The calibration the chain applied to its blend (None when it left it out or had none)."""
+    calibration = record["calibration"]
+    if not calibration or not calibration.get("used"):
+        return None
+    return Calibration(calibration["temperature"], np.array([calibration["bias"][c] for c in classes]))
+
+
+def predict_images(name: str, inputs: list[str]) -> pd.DataFrame:
+    """file, species and the probability of every class for each readable photo; an input naming no file or a file
+    that cannot be read is named on stderr and skipped; none readable exits 2."""
+    run = saved_run(name)
+    record = chain_record(run)
+    runs = [run, *(saved_run(other) for other in record["runs"] if other != run.name)]
+    files, missing = photo_paths(inputs)
+    files, images, bad = read_photos(files, run.recipe.cache_size, run.recipe.plant_mask)
+    for line in missing + bad:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not files:
+        raise UserError(f"{' '.join(inputs)}: no readable image to predict")
+    probs = {m: p for r in runs for m, p in member_probs(r, images).items()}
+    classes = run.comp.classes
+    share = member_weights(record, list(probs))
+    test = sum(share[m] * p for m, p in probs.items())
+    calibration = recorded_calibration(record, classes)
+    test = calibration.apply(test) if calibration is not None else test
+    blended = Probs(test, [str(f) for f in files], classes)
+    table = pd.DataFrame(blended.values, columns=classes)
+    table.insert(0, "species", species_of(blended.values, classes))
+    table.insert(0, "file", blended.files)
+    return table

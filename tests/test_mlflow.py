@@ -1,0 +1,155 @@
+"""Tracking on MLflow against a real `mlflow server` on 127.0.0.1 (SQLite backend), started and removed here; what a
+tiny run logged is read back over the server's REST API. Tracking off writes nothing of MLflow's."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_run
+from seedlings.train.fit import train_fold
+
+pytest.importorskip("mlflow")
+STAGES = (
+    "stages=[{size: 32, freeze: true, precompute: true, fit: logistic},"
+    " {size: 32, freeze: false, lr: 0.003, n_cycles: 1, cycle_len: 2}]"
+)
+
+
+@pytest.fixture(autouse=True)
+def tracker_quiet_reset(monkeypatch):
+    """A failure silences tracking for the rest of a process: each test starts with it on."""
+    from seedlings.track.mlflow import Tracker
+
+    monkeypatch.setattr(Tracker, "failed", False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+               "--artifacts-destination", str(self.folder / "artifacts")]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not start in 120 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=30)
+
+    def api(self, path: str, body: dict | None = None, method: str = "POST") -> dict:
+        if method == "GET":
+            query = "&".join(f"{k}={v}" for k, v in (body or {}).items())
+            req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}?{query}")
+        else:
+            req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "mlflow-server")
+    s.folder.mkdir()
+    s.start()
+    yield s
+    s.stop()
+    shutil.rmtree(s.folder, ignore_errors=True)
+
+
+def runs_of(server: Server) -> dict[str, dict]:
+    experiment = server.api("experiments/get-by-name", {"experiment_name": "seedlings"}, "GET")["experiment"]
+    found = server.api("runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})
+    return {r["info"]["run_name"]: r for r in found.get("runs", [])}
+
+
+def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkeypatch):
+    """Parameters, tags, each epoch's metrics at its step, the fold's files, nested under the run; a fold resumed
+    logs on into its own MLflow run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    run = tiny_run(demo_master, "tracked", STAGES, "validate=epoch")
+    train_fold(run, 0)
+    runs = runs_of(server)
+    assert set(runs) == {"tracked", "tracked fold 0"}
+    parent, fold = runs["tracked"], runs["tracked fold 0"]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["model"] == "test_efficientnet" and params["stages.1.cycle_len"] == "2" and params["n_folds"] == "3"
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert tags["data"] == str(demo_master) and len(tags["data_sha256"]) == 64 and tags["git_commit"]
+    fold_tags = {t["key"]: t["value"] for t in fold["data"]["tags"]}
+    assert fold_tags["mlflow.parentRunId"] == parent["info"]["run_id"] and fold["info"]["status"] == "FINISHED"
+    history = server.api("metrics/get-history", {"run_id": fold["info"]["run_id"], "metric_key": "val_f1"}, "GET")
+    steps = sorted(m["step"] for m in history["metrics"])
+    assert steps == [1, 2, 3]  # the solved head's row and two SGDR epochs
+    metrics_csv = (home / "runs" / "tracked" / "fold0" / "metrics.csv").read_text().splitlines()
+    assert len(metrics_csv) == 1 + len(steps)
+    listed = server.api("artifacts/list", {"run_id": fold["info"]["run_id"]}, "GET")
+    assert {"metrics.csv", "loss.png", "done.json"} <= {f["path"] for f in listed["files"]}
+    ids = json.loads((home / "runs" / "tracked" / "mlflow.json").read_text())
+    assert ids["run"] == parent["info"]["run_id"] and ids["folds"]["0"] == fold["info"]["run_id"]
+    train_fold(run, 1)
+    assert set(runs_of(server)) == {"tracked", "tracked fold 0", "tracked fold 1"}
+
+
+def test_a_server_that_goes_down_never_costs_a_training(server, demo_master, home, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    run = tiny_run(demo_master, "cut", STAGES)
+    train_fold(run, 0)
+    server.stop()  # the server is gone before fold 1 starts
+    final = train_fold(run, 1)
+    assert final["val_f1"] >= 0 and (home / "runs" / "cut" / "fold1" / "done.json").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
+    assert len(warnings) == 1 and server.url.split("//")[1] in warnings[0] and "goes on" in warnings[0]
+
+
+def test_tracking_off_writes_nothing_of_mlflow(demo_master, home, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_fold(tiny_run(demo_master, "quiet", STAGES), 0)
+    found = [p for p in home.rglob("*") if "mlflow" in p.name.lower()]
+    assert not found
+
+
+def test_embedded_store_when_asked_by_the_recipe(demo_master, home, monkeypatch):
+    """tracking: mlflow without a server: a SQLite store in runs/mlflow.db, artifacts beside it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    train_fold(tiny_run(demo_master, "local", STAGES, "tracking=mlflow"), 0)
+    store = home / "runs" / "mlflow.db"
+    assert store.is_file()
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("seedlings")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert names == {"local", "local fold 0"}
+    assert (home / "runs" / "mlflow-artifacts").is_dir()
