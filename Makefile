@@ -40,7 +40,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 .DEFAULT_GOAL := help
 .PHONY: help setup data demo-data check-data folds lr-find train predict submit compare mle evaluate upload leaderboard demo \
 	test test-all \
-	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard
+	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard mlflow-ui
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -105,6 +105,9 @@ sweep-report: $(STAMP) ## a sweep's trials.csv, best.yaml, plots and report.md i
 
 dashboard: $(STAMP) ## optuna-dashboard on the sweep's study, on 127.0.0.1 (the port is printed)
 	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)")
+
+mlflow-ui: $(STAMP) ## MLflow's UI on runs/mlflow.db (tracking: mlflow), on 127.0.0.1 (the address is printed)
+	$(SEEDLINGS) mlflow-ui
 
 evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with and without TTA, folds, snapshot blend
 	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)

@@ -153,3 +153,65 @@ def test_embedded_store_when_asked_by_the_recipe(demo_master, home, monkeypatch)
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
     assert names == {"local", "local fold 0"}
     assert (home / "runs" / "mlflow-artifacts").is_dir()
+
+
+def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(demo, home, tmp_path, monkeypatch):
+    """Each trial's run is nested in the sweep's, with how it ended: its state, its value or the epoch it was pruned
+    at; a pruned trial's fold run is marked killed."""
+    from mlflow.tracking import MlflowClient
+
+    from test_sweep import run_workers, space_file, sweep_cmd
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (demo / "answers.csv").unlink()
+    space = space_file(tmp_path, "stages.1.cycle_len: [1, 3]\ndrop_rate: [0.1, 0.3]\n")
+    run_workers(1, sweep_cmd(demo, space, 4, "tracking=mlflow"), home, [tmp_path])
+    client = MlflowClient(f"sqlite:///{home / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("seedlings").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    sweep = by_name["s"]
+    trials = [r for name, r in by_name.items() if name.startswith("s/trial-") and " fold " not in name]
+    assert len(trials) == 4
+    assert all(t.data.tags["mlflow.parentRunId"] == sweep.info.run_id for t in trials)
+    states = {t.data.tags["trial_state"] for t in trials}
+    assert states <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    for t in trials:
+        if t.data.tags["trial_state"] == "COMPLETE":
+            assert 0 <= t.data.metrics["trial_value"] <= 1 and t.info.status == "FINISHED"
+        else:
+            assert int(t.data.tags["pruned_epoch"]) >= 1 and t.info.status == "KILLED"
+            fold = by_name[f"{t.info.run_name} fold 0"]
+            assert fold.info.status == "KILLED"
+    from seedlings.track.table import runs_table
+
+    monkeypatch.setenv("SEEDLINGS_HOME", str(home))
+    table = runs_table(None, sweep="s", sort="run", ascending=True)
+    assert len(table) == 4 and {s.lower() for s in states} == set(table.state)
+    complete = table[table.state == "complete"]
+    assert (complete.value == complete.fold_f1).all()  # a trial's value: its one fold's last validation micro-F1
+
+
+def test_mlflow_ui_serves_the_embedded_store_on_loopback(demo_master, home, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = {**os.environ, "SEEDLINGS_HOME": str(home)}
+    cmd = [sys.executable, "-m", "seedlings.cli", "mlflow-ui", "--port", str(free_port())]
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "mlflow.db" in missing.stderr
+    train_fold(tiny_run(demo_master, "shown", STAGES, "tracking=mlflow"), 0)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        address = proc.stdout.readline().split("http://", 1)[1].split("/", 1)[0]
+        assert address.startswith("127.0.0.1:")
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://{address}/api/2.0/mlflow/experiments/get-by-name"
+                                            "?experiment_name=seedlings", timeout=2) as r:  # fmt: skip
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and body["experiment"]["name"] == "seedlings"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

@@ -147,6 +147,8 @@ def add_results_commands(sub) -> None:
     p.add_argument("--sort", default="oof_f1", help="the column to sort by (runs without a value last)")
     p.add_argument("--ascending", action="store_true", help="smallest first (default: largest first)")
     p.add_argument("--csv", action="store_true", help="CSV on standard output, for scripts")
+    p = command(sub, "mlflow-ui", commands.mlflow_ui, "MLflow's UI on the runs' embedded store, on 127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one, printed)")
     p = command(sub, "predict-images", commands.predict_images, "a finished run's chain on any photos: file, species "
                 "and the probability of each class, as make submit predicts its test images")  # fmt: skip
     p.add_argument("--run", required=True, help="the run (its submission records the blend: make submit first)")

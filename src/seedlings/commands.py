@@ -146,6 +146,12 @@ def runs(args: Args) -> None:
     print(show(runs_table(args.config, args.sweep, args.sort, args.ascending), args.csv), end="" if args.csv else "\n")
 
 
+def mlflow_ui(args: Args) -> int:
+    from seedlings.track.mlflow import serve_ui
+
+    return serve_ui(args.port)
+
+
 def predict_images(args: Args) -> None:
     from seedlings.predict.images import predict_images as predict
     from seedlings.storage import write_csv

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedlings import paths
+from seedlings.errors import UserError
 from seedlings.recipe.schema import recipe_dict
 from seedlings.run import Run, git_commit
 from seedlings.storage import file_sha256, write_json
@@ -216,6 +218,9 @@ class FoldTracking:
         self.tracker.artifacts(self.run_id, [fold_dir / f for f in files])
         self.tracker.finish(self.run_id)
 
+    def stopped(self) -> None:
+        self.tracker.finish(self.run_id, "KILLED")
+
 
 def track_fold(run: Run, fold: int) -> FoldTracking:
     tracker, parent = project_run(run)
@@ -249,3 +254,23 @@ def safe(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://{rest.split('@', 1)[1]}"
     return uri
+
+
+def serve_ui(port: int) -> int:
+    """`make mlflow-ui`: MLflow's UI on the embedded store (runs/mlflow.db), on 127.0.0.1 only."""
+    store = paths.run_dir("") / STORE
+    if not store.exists():
+        raise UserError(f"{store}: no MLflow store here yet (a run with tracking: mlflow makes it)")
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    print(f"MLflow UI on {store}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    artifacts = paths.run_dir("") / ARTIFACTS
+    cmd = [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store}", "--default-artifact-root",
+           artifacts.resolve().as_uri(), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0

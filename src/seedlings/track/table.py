@@ -96,14 +96,27 @@ def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> di
 def runs_table(reference: str | None, sweep: str | None = None, sort: str = "oof_f1",
                ascending: bool = False) -> pd.DataFrame:  # fmt: skip
     """Every run (or sweep trial) as a row of COLUMNS, sorted by one column (runs without a value last)."""
-    if sort not in COLUMNS:
-        raise UserError(f"--sort: expected one of {', '.join(COLUMNS)}, got {sort!r}")
     ref = recipe_dict(load_recipe(reference, []))
     board = leaderboard_scores()
     prefix = f"{sweep}/" if sweep else ""
     rows = [run_row(f, prefix + f.name, ref, board) for f in run_folders(sweep)]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if sweep:
+        table = with_trial_states(table, paths.run_dir(sweep) / "trials.csv")
+    if sort not in table.columns:
+        raise UserError(f"--sort: expected one of {', '.join(table.columns)}, got {sort!r}")
     return table.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def with_trial_states(table: pd.DataFrame, trials_csv: Path) -> pd.DataFrame:
+    """A sweep's rows with each trial's state and value, from the trials.csv its report wrote (when there is one)."""
+    if not trials_csv.exists():
+        return table
+    trials = pd.read_csv(trials_csv).drop_duplicates("number", keep="last").set_index("number")
+    number = table.run.str.extract(r"trial-(\d+)$")[0].astype(float)
+    table.insert(1, "state", number.map(trials.state).fillna(""))
+    table.insert(2, "value", number.map(trials.value))
+    return table
 
 
 def show(table: pd.DataFrame, csv: bool = False) -> str:
@@ -113,7 +126,7 @@ def show(table: pd.DataFrame, csv: bool = False) -> str:
     if table.empty:
         return "no runs yet"
     shown = table.copy()
-    for col in ("fold_f1", "oof_f1", "oof_log_loss"):
+    for col in [c for c in ("value", "fold_f1", "oof_f1", "oof_log_loss") if c in shown]:
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["seconds"] = shown["seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     shown["submission"] = shown["submission"].map(lambda s: Path(s).name if s else "")

@@ -52,7 +52,12 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
                 return read_done(done, fold)
             ctx = prepare_fold(run, fold)
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
-            return fit_fold(ctx, until_stage, on_epoch, track_fold(run, fold))
+            tracking = track_fold(run, fold)
+            try:
+                return fit_fold(ctx, until_stage, on_epoch, tracking)
+            except BaseException:  # pruned, interrupted, failed: its MLflow run says so until a resume goes on
+                tracking.stopped()
+                raise
     except Busy:
         raise  # the folder and its lock file are the holder's
     except UserError:
