@@ -95,11 +95,14 @@ def runs_of(server: Server) -> dict[str, dict]:
 
 
 def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkeypatch):
-    """Parameters, tags, each epoch's metrics at its step, the fold's files, nested under the run; a fold resumed
-    logs on into its own MLflow run."""
+    """Parameters, tags, each epoch's metrics at its step, the fold's files, nested under the run; a fold stopped
+    and resumed logs on into its own MLflow run, each step once."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     run = tiny_run(demo_master, "tracked", STAGES, "validate=epoch")
-    train_fold(run, 0)
+    with pytest.raises(Interrupted):
+        train_fold(run, 0, on_epoch=stop_after(1))  # stopped after the first SGDR epoch, checkpointed
+    assert runs_of(server)["tracked fold 0"]["info"]["status"] == "KILLED"
+    train_fold(run, 0)  # resumed: logs on into the same MLflow run
     runs = runs_of(server)
     assert set(runs) == {"tracked", "tracked fold 0"}
     parent, fold = runs["tracked"], runs["tracked fold 0"]
@@ -120,6 +123,21 @@ def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkey
     assert ids["run"] == parent["info"]["run_id"] and ids["folds"]["0"] == fold["info"]["run_id"]
     train_fold(run, 1)
     assert set(runs_of(server)) == {"tracked", "tracked fold 0", "tracked fold 1"}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(rows: int):
+    seen = []
+
+    def hook(row: dict) -> None:
+        seen.append(row)
+        if len(seen) == rows:
+            raise Interrupted
+
+    return hook
 
 
 def test_a_server_that_goes_down_never_costs_a_training(server, demo_master, home, monkeypatch, capsys):
@@ -191,12 +209,18 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(demo, home, tmp_pat
     assert (complete.value == complete.fold_f1).all()  # a trial's value: its one fold's last validation micro-F1
 
 
+def test_mlflow_ui_without_a_store_names_it(home, capsys):
+    from seedlings.cli import main
+
+    assert main(["mlflow-ui", "--port", str(free_port())]) == 2
+    assert str(home / "runs" / "mlflow.db") in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_embedded_store_on_loopback(demo_master, home, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     env = {**os.environ, "SEEDLINGS_HOME": str(home)}
     cmd = [sys.executable, "-m", "seedlings.cli", "mlflow-ui", "--port", str(free_port())]
-    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "mlflow.db" in missing.stderr
     train_fold(tiny_run(demo_master, "shown", STAGES, "tracking=mlflow"), 0)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)  # fmt: skip

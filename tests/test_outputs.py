@@ -100,16 +100,20 @@ def test_predict_images_gives_the_chains_probabilities(chain, demo_master, tmp_p
     assert json.loads((chain / "submissions" / "tiny.json").read_text())["calibration"] is not None
 
 
-def test_predict_images_refuses_what_it_cannot_predict(chain, demo_master, tmp_path):
+def test_predict_images_refuses_what_it_cannot_predict(chain, demo_master, tmp_path, monkeypatch, capsys):
+    from seedlings.cli import main
+
+    in_home(monkeypatch, chain)
     (tmp_path / "empty").mkdir()
-    none = cli(chain, "predict-images", "--run", "tiny", str(tmp_path / "empty"))
-    assert none.returncode == 2 and "no readable image" in none.stderr and "a folder with no files" in none.stderr
-    missing = cli(chain, "predict-images", "--run", "nope", str(demo_master / "test"))
-    assert missing.returncode == 2 and "'nope'" in missing.stderr
-    out = tmp_path / "x" / "probs.csv"
+    assert main(["predict-images", "--run", "tiny", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no readable image" in err and "a folder with no files" in err
+    assert main(["predict-images", "--run", "nope", str(demo_master / "test")]) == 2
+    assert "'nope'" in capsys.readouterr().err
     (tmp_path / "x").write_text("a file where the folder should be")
-    unwritable = cli(chain, "predict-images", "--run", "tiny", "--out", str(out), str(demo_master / "test"))
-    assert unwritable.returncode == 2 and str(tmp_path / "x") in unwritable.stderr
+    out = tmp_path / "x" / "probs.csv"
+    assert main(["predict-images", "--run", "tiny", "--out", str(out), str(demo_master / "test")]) == 2
+    assert str(tmp_path / "x") in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------- export
@@ -164,19 +168,23 @@ def test_the_readme_classifies_a_photo_with_onnxruntime_alone(chain, exported, d
     assert [(Path(p[0]).name, " ".join(p[1:])) for p in printed] == [(f.name, sub.species[f.name]) for f in photos]
 
 
-def test_export_refusals_leave_nothing_behind(chain, tmp_path):
+def test_export_refusals_leave_nothing_behind(chain, tmp_path, monkeypatch, capsys):
+    from seedlings.cli import main
+
+    in_home(monkeypatch, chain)
     where = tmp_path / "taken"
     where.write_text("a file where the folder should be")
-    done = cli(chain, "export", "--run", "tiny", "--out", str(where / "export"))
-    assert done.returncode == 2 and str(where) in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert main(["export", "--run", "tiny", "--out", str(where / "export")]) == 2
+    err = capsys.readouterr().err
+    assert str(where) in err and len(err.strip().splitlines()) == 1
     card_dir = tmp_path / "card"
     (card_dir / "model.json").mkdir(parents=True)  # the card cannot be written: the model goes too
-    done = cli(chain, "export", "--run", "tiny", "--out", str(card_dir))
-    assert done.returncode == 2 and "model.json" in done.stderr
+    assert main(["export", "--run", "tiny", "--out", str(card_dir)]) == 2
+    assert "model.json" in capsys.readouterr().err
     assert sorted(p.name for p in card_dir.iterdir()) == ["model.json"]
     assert not list((card_dir / "model.json").iterdir())
-    none = cli(chain, "export", "--run", "nope")
-    assert none.returncode == 2 and "'nope'" in none.stderr
+    assert main(["export", "--run", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
 
 
 def test_the_graphs_calibration_and_weights_are_the_blends():
