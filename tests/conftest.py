@@ -82,6 +82,22 @@ def tiny_run(data, name: str = "tiny", *extra: str, n_folds: int = 3):
     return open_run(name, data, tiny_recipe(*extra), n_folds)
 
 
+class Interrupted(Exception):
+    """Raised by stop_after's hook: a fold stopped from inside, as a kill would stop it, checkpoint written."""
+
+
+def stop_after(rows: int):
+    """An on_epoch hook for train_fold that raises Interrupted after that many SGDR epochs."""
+    seen = []
+
+    def hook(row: dict) -> None:
+        seen.append(row)
+        if len(seen) == rows:
+            raise Interrupted
+
+    return hook
+
+
 @pytest.fixture(scope="session")
 def trained_fold(demo_master, tmp_path_factory):
     """One fold of the tiny recipe trained once per session on the demo (3 folds): shared by several tests."""

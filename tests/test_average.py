@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_run
+from conftest import Interrupted, stop_after, tiny_run
 from seedlings.errors import UserError
 from seedlings.train.average import WeightAverage
 from seedlings.train.checkpoint import load_checkpoint
@@ -40,21 +40,6 @@ def test_ema_is_refused_out_of_range(demo_master, home):
     for bad in ("ema=0.3", "ema=1.0"):
         with pytest.raises(UserError, match="ema"):
             tiny_run(demo_master, "bad", bad)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(epochs: int):
-    seen = []
-
-    def hook(row: dict) -> None:
-        seen.append(row)
-        if len(seen) == epochs:
-            raise Interrupted
-
-    return hook
 
 
 def test_a_fold_snapshots_the_average_and_resumes_it_exactly(demo_master, home):

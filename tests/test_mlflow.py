@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run
+from conftest import Interrupted, stop_after, tiny_run
 from seedlings.train.fit import train_fold
 
 pytest.importorskip("mlflow")
@@ -123,21 +123,6 @@ def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkey
     assert ids["run"] == parent["info"]["run_id"] and ids["folds"]["0"] == fold["info"]["run_id"]
     train_fold(run, 1)
     assert set(runs_of(server)) == {"tracked", "tracked fold 0", "tracked fold 1"}
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(rows: int):
-    seen = []
-
-    def hook(row: dict) -> None:
-        seen.append(row)
-        if len(seen) == rows:
-            raise Interrupted
-
-    return hook
 
 
 def test_a_server_that_goes_down_never_costs_a_training(server, demo_master, home, monkeypatch, capsys):

@@ -40,6 +40,15 @@ def remove_stale_tmp(path: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def loopback_port(port: int = 0) -> int:
+    """`port`, or (0) one free on 127.0.0.1 now: where a local UI (optuna-dashboard, MLflow's) is served."""
+    if port:
+        return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def process_alive(pid: int, running: bytes = b"") -> bool:
     """Whether process `pid` lives on this machine; with `running`, only if its command line holds those bytes (a pid
     reused by another program counts as dead). Without /proc (macOS) the pid alone tells."""

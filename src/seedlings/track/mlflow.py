@@ -24,7 +24,7 @@ from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.recipe.schema import recipe_dict
 from seedlings.run import Run, git_commit
-from seedlings.storage import file_sha256, write_json
+from seedlings.storage import file_sha256, loopback_port, write_json
 
 ENV = "MLFLOW_TRACKING_URI"
 STORE = "mlflow.db"  # under runs/: the embedded store
@@ -261,10 +261,7 @@ def serve_ui(port: int) -> int:
     store = paths.run_dir("") / STORE
     if not store.exists():
         raise UserError(f"{store}: no MLflow store here yet (a run with tracking: mlflow makes it)")
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = loopback_port(port)
     print(f"MLflow UI on {store}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     artifacts = paths.run_dir("") / ARTIFACTS

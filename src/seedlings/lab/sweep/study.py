@@ -22,6 +22,7 @@ from seedlings.errors import UserError
 from seedlings.lab.sweep.settings import PRUNERS
 from seedlings.lab.sweep.space import MAX_RETRY, SETTINGS_BEFORE, Sweep
 from seedlings.recipe.schema import Recipe, recipe_dict
+from seedlings.storage import loopback_port
 
 
 # ----------------------------------------------------------------------------------------------- storage and study
@@ -189,10 +190,7 @@ def serve_dashboard(name: str, storage: str, port: int) -> int:
     sweep = Sweep(name, Path("."), {}, {}, 0, storage=storage)
     if not storage and not sweep.journal.exists():
         raise UserError(f"{sweep.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = loopback_port(port)
     print(f"optuna-dashboard for sweep {name!r}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     optuna_dashboard.run_server(storage_of(sweep), host="127.0.0.1", port=port)
     return 0
