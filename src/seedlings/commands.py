@@ -109,12 +109,20 @@ def evaluate(args: Args) -> None:
     print_oof_summary(opened_run(args))
 
 
+def split_runs(args: Args) -> None:
+    """`--runs a b` takes every word after it: a key=value among them (make submit RUNS="a b" ARGS=k=v) is a recipe
+    override, not a run's name."""
+    args.overrides = [*args.overrides, *(w for w in args.runs or [] if "=" in w)]
+    args.runs = [w for w in args.runs or [] if "=" not in w]
+
+
 def submit(args: Args) -> None:
     from seedlings.predict.submit import submit as submit_chain
     from seedlings.run import saved_run
 
+    split_runs(args)
     run = opened_run(args)
-    names = [name for name in dict.fromkeys(args.runs or []) if name != run.name]
+    names = [name for name in dict.fromkeys(args.runs) if name != run.name]
     others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
     submit_chain(run, others, weights=args.weights, command=sys.argv)
 
@@ -207,7 +215,12 @@ def compare(args: Args) -> None:
     from seedlings.lab.compare import compare as run_compare
     from seedlings.recipe.load import load_recipe
 
-    sizes = tuple(int(s) for s in args.sizes.split(",") if s)
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--sizes: expected px sizes separated by commas (160,224), got {args.sizes!r}") from None
+    if any(not 16 <= s <= 1024 for s in sizes):
+        raise UserError(f"--sizes: each size must be in [16, 1024] px, got {args.sizes!r}")
     baseline = load_recipe(args.baseline) if args.baseline else None
     label = Path(args.baseline).stem if args.baseline else ""
     ablations = None

@@ -4,6 +4,7 @@ against those answers: a submission, every member of a run, a run's fold 0 alone
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def make_holdout(
     if out.exists():
         raise UserError(f"{out}: already exists (remove it first)")
     comp = scan_competition(src, need_test=False)
+    check_split(comp, fraction, stratified)
     keep, held = train_test_split(
         range(len(comp.train_files)), test_size=fraction, random_state=seed,
         stratify=comp.train_labels if stratified else None,
@@ -65,6 +67,24 @@ def make_holdout(
     (tmp / "SOURCE.json").write_text(json.dumps(source, indent=1))
     tmp.rename(out)
     return out
+
+
+def check_split(comp, fraction: float, stratified: bool) -> None:
+    """Refuse, naming the flag or the species, a split that leaves nothing to train on or to grade, or (stratified) a
+    species too small to be in both halves, before scikit-learn would raise."""
+    n, n_classes = len(comp.train_files), len(comp.classes)
+    n_test = math.ceil(fraction * n)
+    least = n_classes if stratified else 1
+    if n_test < least or n - n_test < least:
+        raise UserError(f"--fraction {fraction:g}: holds out {n_test} of {n} labelled images, leaving {n - n_test} to "
+                        f"train on; {'each half needs one of each of the ' if stratified else 'each half needs '}"
+                        f"{least} {'species' if stratified else 'image'}")  # fmt: skip
+    if stratified:
+        counts = np.bincount(comp.train_labels, minlength=n_classes)
+        small = [c for c, k in zip(comp.classes, counts, strict=True) if k < 2]
+        if small:
+            raise UserError(f"{comp.root / 'train' / small[0]}: {counts[comp.classes.index(small[0])]} image(s); a "
+                            "stratified held-out split needs 2 of each species")  # fmt: skip
 
 
 def check_holdout_source(out: Path, src: str | Path) -> None:
@@ -129,12 +149,19 @@ def read_labels(path: Path) -> dict[str, str]:
 def grade_members(run: Run, answers: str | Path) -> dict[str, float]:
     """Held-out micro-F1 of every saved test prediction of a run: each fold's snapshots, each snapshot averaged over
     the folds, and everything averaged (for competitions made by `seedlings holdout`, whose answers are known)."""
-    truth = pd.read_csv(answers).set_index("file").species
+    truth = read_labels(Path(answers))  # the same checks as a submission's grade: header, rows, duplicates
     probs = {m: m.load("test") for m in run_members(run)}
     if not probs:
         raise UserError(f"{run.dir}: no trained fold (make train RUN={run.name})")
     first = next(iter(probs.values()))
-    y = np.array([first.classes.index(s) for s in truth.loc[first.files]])
+    missing = [f for f in first.files if f not in truth]
+    if missing:
+        raise UserError(f"{answers}: {len(missing)} of the {len(first.files)} test images of run {run.name!r} have no "
+                        f"label, e.g. {missing[0]} (the answers of another split?)")  # fmt: skip
+    unknown = sorted({truth[f] for f in first.files} - set(first.classes))
+    if unknown:
+        raise UserError(f"{answers}: species {unknown[0]!r} is not one of run {run.name!r}'s classes")
+    y = np.array([first.classes.index(truth[f]) for f in first.files])
     out = {m.label: micro_f1(y, p.values.argmax(1)) for m, p in probs.items()}
     for snap in dict.fromkeys(m.name for m in probs):
         mean = np.mean([p.values for m, p in probs.items() if m.name == snap], 0)

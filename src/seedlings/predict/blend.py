@@ -31,6 +31,7 @@ def assemble(members: list[Member]) -> tuple[list[str], list[Blendable]]:
     Returns the out-of-fold files (sorted) and one Blendable per complete group. The full fit's members have no
     out-of-fold probabilities: blend_full adds them."""
     members = [m for m in members if not m.full]
+    check_same_folds(members)
     oof = {m: m.load("oof") for m in members}
     per_fold = {m.fold: oof[m].files for m in members}  # every member of a fold predicts the same images
     files = sorted(f for fold_files in per_fold.values() for f in fold_files)
@@ -53,6 +54,18 @@ def assemble(members: list[Member]) -> tuple[list[str], list[Blendable]]:
     if not out:
         raise UserError("no snapshot is present in every fold: nothing to blend")
     return files, out
+
+
+def check_same_folds(members: list[Member]) -> None:
+    """Runs blended together must have trained the same folds: a run missing a fold another has gives no
+    out-of-fold row for that fold's images, and would otherwise drop out of the blend without a word."""
+    folds_of: dict[str, set[int]] = {}
+    for m in members:
+        folds_of.setdefault(m.run, set()).add(m.fold)
+    if len({frozenset(f) for f in folds_of.values()}) > 1:
+        listed = "; ".join(f"{run}: folds {', '.join(map(str, sorted(f)))}" for run, f in folds_of.items())
+        raise UserError(f"--runs: the runs blended did not train the same folds ({listed}); train the missing folds "
+                        "(make train RUN=<run> FOLD=<k>) or blend runs of the same train_folds")  # fmt: skip
 
 
 def fit_weights(oofs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:

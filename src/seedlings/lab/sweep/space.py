@@ -109,6 +109,8 @@ def distribution(path: Path, key: str, spec: Any, base: dict) -> BaseDistributio
         if low > high:
             raise UserError(f"{where}: low {low} is above high {high}")
         log, step = bool(spec.get("log", False)), spec.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+            raise UserError(f"{where}.step: must be a number above 0, got {step!r}")
         if log and (low <= 0 or step is not None):
             raise UserError(f"{where}: log ranges need low > 0 and no step")
         if isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int)):

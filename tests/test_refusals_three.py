@@ -1,0 +1,114 @@
+"""Issue 33's refusals (reliability, third pass): each case ends as one line naming the flag, key or file at fault,
+exit 2, nothing written."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from seedlings.cli import build_parser, main
+from seedlings.errors import UserError
+
+
+def test_a_blend_of_runs_on_other_folds_is_refused_naming_them():
+    """Run a trained folds 0 and 1, run b folds 0 to 2: a's members used to drop out of the blend without a word."""
+    from seedlings.predict.blend import assemble
+    from seedlings.predict.members import Member
+
+    members = [Member("a", k, "stage1-cycle0", Path("w")) for k in (0, 1)]
+    members += [Member("b", k, "stage1-cycle0", Path("w")) for k in (0, 1, 2)]
+    with pytest.raises(UserError, match=r"--runs: .*a: folds 0, 1; b: folds 0, 1, 2"):
+        assemble(members)
+
+
+def test_runs_and_overrides_together():
+    """make submit RUNS="a b" ARGS=calibrate=none: the override is not taken for a run's name."""
+    from seedlings.commands import split_runs
+
+    args = build_parser().parse_args(["submit", "--run", "a", "--runs", "a", "b", "calibrate=none"])
+    split_runs(args)
+    assert args.runs == ["a", "b"] and args.overrides == ["calibrate=none"]
+
+
+@pytest.mark.parametrize("step", ["-1", "abc", "-0.1", "0"])
+def test_a_range_step_must_be_a_positive_number(tmp_path, capsys, step):
+    from seedlings.lab.sweep.space import load_space
+    from seedlings.recipe.load import load_recipe
+    from seedlings.recipe.schema import recipe_dict
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"drop_rate: {{low: 0.1, high: 0.5, step: {step}}}\n")
+    with pytest.raises(UserError, match=r"drop_rate.step: must be a number above 0"):
+        load_space(space, recipe_dict(load_recipe(None, [])))
+
+
+@pytest.mark.parametrize("fraction, said", [("0.99", "--fraction 0.99"), ("0.01", "--fraction 0.01")])
+def test_holdout_fractions_that_leave_a_half_empty(demo_master, tmp_path, capsys, fraction, said):
+    out = tmp_path / "split"
+    assert main(["holdout", "--data", str(demo_master), "--out", str(out), "--fraction", fraction]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_holdout_refuses_a_species_of_one_image(demo, tmp_path, capsys):
+    species = sorted((demo / "train").iterdir())[0]
+    for extra in sorted(species.iterdir())[1:]:
+        extra.unlink()
+    assert main(["holdout", "--data", str(demo), "--out", str(tmp_path / "split")]) == 2
+    assert f"{species}: 1 image(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sizes", ["abc", "0", "160,-5"])
+def test_compare_sizes_are_checked(demo_master, capsys, sizes):
+    assert main(["compare", "--data", str(demo_master), "--probes-only", "--sizes", sizes]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def graded_run(demo_master, tmp_path_factory):
+    """A held-out split of the demo and one tiny trained, predicted run on it (its own SEEDLINGS_HOME)."""
+    import os
+
+    from conftest import TINY
+
+    home = tmp_path_factory.mktemp("graded-home")
+    old = os.environ.get("SEEDLINGS_HOME")
+    os.environ["SEEDLINGS_HOME"] = str(home)
+    try:
+        split = home / "split"
+        assert main(["holdout", "--data", str(demo_master), "--out", str(split)]) == 0
+        stages = "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]"
+        args = ["--data", str(split), "--run", "g", "--n-folds", "3", *TINY, stages, "train_folds=1"]
+        assert main(["train", *args]) == 0 and main(["predict", *args]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("SEEDLINGS_HOME")
+        else:
+            os.environ["SEEDLINGS_HOME"] = old
+    return home, split
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown", "twice", "header", "empty", "binary"])
+def test_grade_run_checks_the_answers(graded_run, tmp_path, monkeypatch, capsys, case):
+    home, split = graded_run
+    monkeypatch.setenv("SEEDLINGS_HOME", str(home))
+    answers = pd.read_csv(split / "answers.csv")
+    bad = tmp_path / "answers.csv"
+    if case == "missing":
+        answers.iloc[1:].to_csv(bad, index=False)
+    elif case == "unknown":
+        answers.assign(species=["Oak"] + answers.species.tolist()[1:]).to_csv(bad, index=False)
+    elif case == "twice":
+        pd.concat([answers, answers.iloc[:1]]).to_csv(bad, index=False)
+    elif case == "header":
+        answers.rename(columns={"species": "label"}).to_csv(bad, index=False)
+    elif case == "empty":
+        bad.write_text("")
+    else:
+        bad.write_bytes(bytes(range(256)))
+    assert main(["grade", "--run", "g", "--answers", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and len(err.strip().splitlines()) == 1
+    assert main(["grade", "--run", "g", "--answers", str(split / "answers.csv")]) == 0
