@@ -112,3 +112,37 @@ def test_grade_run_checks_the_answers(graded_run, tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert str(bad) in err and len(err.strip().splitlines()) == 1
     assert main(["grade", "--run", "g", "--answers", str(split / "answers.csv")]) == 0
+
+
+def test_a_trial_retried_twice_takes_one_place_in_trials():
+    """Trial 0 killed, its retry 1 killed, its retry 2 complete (Optuna's failed_trial is 0 on both retries), and a
+    trial 3 of its own: two places, not three."""
+    from types import SimpleNamespace
+
+    from seedlings.lab.sweep.worker import slots_taken
+
+    retry_of = {1: 0, 2: 0}
+    trials = [SimpleNamespace(number=n, system_attrs={"failed_trial": retry_of[n]} if n in retry_of else {})
+              for n in range(4)]  # fmt: skip
+    assert slots_taken(trials) == 2
+
+
+@pytest.mark.parametrize("port, said", [("99999", "--port: must be in [0, 65535]"), ("-1", "--port: must be in")])
+def test_ui_ports_out_of_range(home, capsys, port, said):
+    assert main(["mlflow-ui", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "http" not in err
+
+
+def test_a_taken_port_is_named(home, capsys):
+    import socket
+
+    (home / "runs").mkdir()
+    (home / "runs" / "mlflow.db").write_bytes(b"")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["mlflow-ui", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert f"--port {port}: 127.0.0.1:{port}" in out.err and "http" not in out.out

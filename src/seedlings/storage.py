@@ -41,11 +41,16 @@ def remove_stale_tmp(path: Path) -> None:
 
 
 def loopback_port(port: int = 0) -> int:
-    """`port`, or (0) one free on 127.0.0.1 now: where a local UI (optuna-dashboard, MLflow's) is served."""
-    if port:
-        return port
+    """`port` if it is free on 127.0.0.1 now, or (0) one that is: where a local UI (optuna-dashboard, MLflow's) is
+    served. A port out of range or taken exits 2 naming it, before any address is printed."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port: must be in [0, 65535] (0: a free one), got {port}")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"--port {port}: 127.0.0.1:{port} cannot be served ({e.strerror}); give another, or 0 for "
+                            "a free one") from None  # fmt: skip
         return s.getsockname()[1]
 
 

@@ -258,10 +258,10 @@ def safe(uri: str) -> str:
 
 def serve_ui(port: int) -> int:
     """`make mlflow-ui`: MLflow's UI on the embedded store (runs/mlflow.db), on 127.0.0.1 only."""
+    port = loopback_port(port)
     store = paths.run_dir("") / STORE
     if not store.exists():
         raise UserError(f"{store}: no MLflow store here yet (a run with tracking: mlflow makes it)")
-    port = loopback_port(port)
     print(f"MLflow UI on {store}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     artifacts = paths.run_dir("") / ARTIFACTS

@@ -24,9 +24,9 @@ from seedlings.train.fit import train_fold
 
 
 def slots_taken(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that count towards the total: every trial but a dead worker's, whose retry stands in for it."""
-    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
-    return sum(1 for t in trials if t.number not in retried)
+    """Trials that count towards the total: one per original trial, however often a dead worker's trial was retried
+    (Optuna records the first original as `failed_trial` of every retry, a retry of a retry included)."""
+    return len({t.system_attrs.get("failed_trial", t.number) for t in trials})
 
 
 def run_worker(sweep: Sweep) -> int:
