@@ -146,3 +146,22 @@ def test_a_taken_port_is_named(home, capsys):
         assert main(["mlflow-ui", "--port", str(port)]) == 2
     out = capsys.readouterr()
     assert f"--port {port}: 127.0.0.1:{port}" in out.err and "http" not in out.out
+
+
+def test_a_split_the_data_cannot_give_stops_the_sweep_before_any_trial(demo, tmp_path, home, capsys):
+    """--n-folds 5 on a species of 3 images: one line naming --n-folds, exit 2, no study; --sweep-folds above
+    --n-folds names --sweep-folds."""
+    from conftest import DEFAULTS, TINY
+
+    species = sorted((demo / "train").iterdir())[0]
+    for extra in sorted(species.iterdir())[3:]:
+        extra.unlink()
+    space = tmp_path / "space.yaml"
+    space.write_text("drop_rate: [0.1, 0.3]\n")
+    args = ["sweep", "--data", str(demo), "--config", DEFAULTS, "--space", str(space), "--trials", "2", "--sweep", "s",
+            *TINY]  # fmt: skip
+    assert main([*args, "--n-folds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-folds" in err and len(err.strip().splitlines()) == 1 and not (home / "runs" / "s").exists()
+    assert main([*args, "--n-folds", "3", "--sweep-folds", "4"]) == 2
+    assert "--sweep-folds: 4" in capsys.readouterr().err

@@ -177,7 +177,12 @@ def sweep_from_args(args) -> Sweep:
     recipe = load_recipe(args.config, args.overrides)
     data = ensure_holdout(args.data, 0.2, 0) if args.holdout else Path(args.data)
     name = args.sweep or Path(args.space).stem
-    Run(name, data, recipe, args.n_folds, args.fold_seed).check_fold(args.sweep_folds - 1)  # names and split checked
+    if args.sweep_folds > args.n_folds:
+        raise UserError(f"--sweep-folds: {args.sweep_folds} is more than the split's --n-folds {args.n_folds}")
+    checked = Run(name, data, recipe, args.n_folds, args.fold_seed)
+    checked.check_fold(args.sweep_folds - 1)  # names and split checked
+    if checked.fold_table.empty:  # folds the data cannot give stop here, once, not in every trial
+        raise UserError(f"{data}: no labelled images to split into folds")
     base = recipe_dict(recipe)
     return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
                  args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
