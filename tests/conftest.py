@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated SEEDLINGS_HOME per test and small generated competitions."""
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -98,6 +99,20 @@ def stop_after(rows: int):
     return hook
 
 
+@contextlib.contextmanager
+def seedlings_home(path: Path):
+    """SEEDLINGS_HOME set to `path` for a block (a fixture wider than one test, which `home` cannot serve)."""
+    old = os.environ.get("SEEDLINGS_HOME")
+    os.environ["SEEDLINGS_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("SEEDLINGS_HOME")
+        else:
+            os.environ["SEEDLINGS_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def trained_fold(demo_master, tmp_path_factory):
     """One fold of the tiny recipe trained once per session on the demo (3 folds): shared by several tests."""
@@ -108,20 +123,13 @@ def trained_fold(demo_master, tmp_path_factory):
     from seedlings.data.folds import load_folds
 
     home = tmp_path_factory.mktemp("trained-home")
-    old = os.environ.get("SEEDLINGS_HOME")
-    os.environ["SEEDLINGS_HOME"] = str(home)
-    try:
+    with seedlings_home(home):
         from seedlings.train.fit import train_fold
 
         run = tiny_run(demo_master)
         recipe = run.recipe
         final = train_fold(run, 0)
         n_train = int((load_folds(demo_master, 3, 0).fold != 0).sum())
-    finally:
-        if old is None:
-            os.environ.pop("SEEDLINGS_HOME")
-        else:
-            os.environ["SEEDLINGS_HOME"] = old
     steps = [math.ceil(n_train * (8 if s.precompute else 1) / recipe.batch_size) for s in recipe.stages]
     assert n_train % recipe.batch_size != 0  # the test wants a short last batch
     return {

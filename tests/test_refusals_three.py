@@ -69,24 +69,15 @@ def test_compare_sizes_are_checked(demo_master, capsys, sizes):
 @pytest.fixture(scope="module")
 def graded_run(demo_master, tmp_path_factory):
     """A held-out split of the demo and one tiny trained, predicted run on it (its own SEEDLINGS_HOME)."""
-    import os
-
-    from conftest import TINY
+    from conftest import TINY, seedlings_home
 
     home = tmp_path_factory.mktemp("graded-home")
-    old = os.environ.get("SEEDLINGS_HOME")
-    os.environ["SEEDLINGS_HOME"] = str(home)
-    try:
+    with seedlings_home(home):
         split = home / "split"
         assert main(["holdout", "--data", str(demo_master), "--out", str(split)]) == 0
         stages = "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]"
         args = ["--data", str(split), "--run", "g", "--n-folds", "3", *TINY, stages, "train_folds=1"]
         assert main(["train", *args]) == 0 and main(["predict", *args]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("SEEDLINGS_HOME")
-        else:
-            os.environ["SEEDLINGS_HOME"] = old
     return home, split
 
 
