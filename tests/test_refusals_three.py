@@ -156,3 +156,17 @@ def test_a_split_the_data_cannot_give_stops_the_sweep_before_any_trial(demo, tmp
     assert "--n-folds" in err and len(err.strip().splitlines()) == 1 and not (home / "runs" / "s").exists()
     assert main([*args, "--n-folds", "3", "--sweep-folds", "4"]) == 2
     assert "--sweep-folds: 4" in capsys.readouterr().err
+
+
+def test_a_dashboard_on_a_storage_without_the_study_or_unreachable_prints_no_address(tmp_path, capsys):
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    import optuna
+
+    optuna.create_study(study_name="another", storage=store)
+    assert main(["dashboard", "--sweep", "s", "--storage", store]) == 2
+    out = capsys.readouterr()
+    assert "no study named 's'" in out.err and "http" not in out.out
+    unreachable = "postgresql+psycopg://user:secret@127.0.0.1:1/db"
+    assert main(["dashboard", "--sweep", "s", "--storage", unreachable]) == 2
+    out = capsys.readouterr()
+    assert "127.0.0.1:1" in out.err and "secret" not in out.err and "http" not in out.out

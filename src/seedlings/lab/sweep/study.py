@@ -191,6 +191,9 @@ def serve_dashboard(name: str, storage: str, port: int) -> int:
     if not storage and not sweep.journal.exists():
         raise UserError(f"{sweep.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
     port = loopback_port(port)
+    store = storage_of(sweep)  # a storage that cannot be opened exits 2 here, before an address is printed
+    if name not in optuna.study.get_all_study_names(store):
+        raise UserError(f"{safe_url(storage) if storage else sweep.journal}: no study named {name!r}")
     print(f"optuna-dashboard for sweep {name!r}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
-    optuna_dashboard.run_server(storage_of(sweep), host="127.0.0.1", port=port)
+    optuna_dashboard.run_server(store, host="127.0.0.1", port=port)
     return 0
