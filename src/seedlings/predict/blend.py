@@ -104,16 +104,28 @@ def blend(parts: list[Blendable], labels: np.ndarray, weights: str = "fit") -> t
     return oof, test, table
 
 
+# the table's rows that are no part (run/snapshot) of the blend: summaries and the full fit
+UNCALIBRATED = "blend, uncalibrated"
+LEFT_OUT = "blend, calibrated (left out)"
+FULL_FIT = "full fit (every training image)"
+NOT_PARTS = ("blend", UNCALIBRATED, LEFT_OUT, FULL_FIT)
+
+
+def full_fit_weights(full: list[Member], table: dict) -> np.ndarray:
+    """The full fit's snapshots weighted as the blend weighted the folds' same snapshots, summing to 1."""
+    weights = np.array([table.get(f"{m.run}/{m.name}", {}).get("weight", 0.0) for m in full]) + 1e-12
+    return weights / weights.sum()
+
+
 def blend_full(members: list[Member], test: np.ndarray, table: dict) -> np.ndarray:
     """The fold blend's test probabilities with the full fit's (its snapshots weighted as the blend weighted the
     folds' same snapshots) as one more model: weight 1/(k + 1) beside k fold models. Adds its row to `table`."""
     full = [m for m in members if m.full]
     if not full:
         return test
-    weights = np.array([table.get(f"{m.run}/{m.name}", {}).get("weight", 0.0) for m in full]) + 1e-12
-    full_test = np.tensordot(weights / weights.sum(), np.stack([m.load("test").values for m in full]), 1)
+    full_test = np.tensordot(full_fit_weights(full, table), np.stack([m.load("test").values for m in full]), 1)
     k = len({(m.run, m.fold) for m in members if not m.full})
-    table["full fit (every training image)"] = {
+    table[FULL_FIT] = {
         "micro_f1": float("nan"),
         "log_loss": float("nan"),
         "weight": 1 / (k + 1),
@@ -197,9 +209,9 @@ def calibrate_blend(
           f" -> {after:.4f} ({how}): {'used' if used else 'left out'}")  # fmt: skip
     info = {**calibration.as_dict(classes), "used": used}
     if not used:
-        table["blend, calibrated (left out)"] = {**row, "weight": 0.0}
+        table[LEFT_OUT] = {**row, "weight": 0.0}
         return oof, test, info
-    table["blend, uncalibrated"] = table.pop("blend")
+    table[UNCALIBRATED] = table.pop("blend")
     table["blend"] = row
     return calibrated_oof, calibrated_test, info
 

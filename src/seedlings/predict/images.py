@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import glob
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from seedlings.data.cache import _load
-from seedlings.data.competition import _listed
+from seedlings.data.competition import _listed, parallel_imap
 from seedlings.errors import UserError
-from seedlings.predict.blend import Calibration
+from seedlings.predict.blend import NOT_PARTS, Calibration, full_fit_weights
 from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import Member, Probs, run_members
 from seedlings.predict.submission import species_of
@@ -22,8 +23,6 @@ from seedlings.run import Run, saved_run
 from seedlings.storage import read_json
 from seedlings.train.fold import prepare_fold
 from seedlings.train.predictor import Predictor
-
-NOT_PARTS = ("blend", "blend, uncalibrated", "blend, calibrated (left out)", "full fit (every training image)")
 
 
 def photo_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -51,8 +50,8 @@ def read_photos(files: list[Path], size: int, mask: str) -> tuple[list[Path], np
     """The readable files as the run's cache holds images ((N, size, size, 3) uint8, plant mask applied), and one
     line naming each file that could not be read."""
     good, images, bad = [], [], []
-    for path in files:
-        img, err = _load(path, size, mask)
+    decoded = parallel_imap(partial(_load, size=size, mask=mask), files, desc="read photos")  # as the cache decodes
+    for path, (img, err) in zip(files, decoded, strict=True):
         if err is None:
             good.append(path)
             images.append(img)
@@ -105,9 +104,8 @@ def member_weights(record: dict, members: list[Member]) -> dict[Member, float]:
     full = [m for m in members if m.full]
     if full:
         k = len({(m.run, m.fold) for m in folds})
-        weights = np.array([table.get(f"{m.run}/{m.name}", {}).get("weight", 0.0) for m in full]) + 1e-12
         share = {m: w * k / (k + 1) for m, w in share.items()}
-        share.update({m: float(w) / (k + 1) for m, w in zip(full, weights / weights.sum(), strict=True)})
+        share.update({m: float(w) / (k + 1) for m, w in zip(full, full_fit_weights(full, table), strict=True)})
     return share
 
 
