@@ -163,7 +163,8 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
     from seedlings.predict.submit import pseudo_round, submit
     from seedlings.train.fold import prepare_fold
 
-    run = tiny_run(demo_master, "pl", UNFROZEN % 1, "train_folds=2", "pseudo_label=0.5", "tta=none")
+    confident = ["stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "head_c=100"]  # a sure head
+    run = tiny_run(demo_master, "pl", *confident, "train_folds=2", "pseudo_label=0.5", "tta=none")
     out = submit(run)
     assert out.name == "pl-pseudo.csv" and (home / "submissions" / "pl.csv").exists()
     second = run.dir.parent / "pl-pseudo"
@@ -182,6 +183,19 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
     assert len(ctx.labels) == n + 2 and ctx.labels[n:].tolist() == [2, 5]
     assert {n, n + 1} <= set(ctx.train_idx) and max(ctx.val_idx) < n  # never validated on
     np.testing.assert_array_equal(ctx.cache.images[n], load_cache(comp, "test", made.recipe.cache_size).images[3])
+
+
+def test_no_confident_test_image_makes_no_second_round(demo_master, home, capsys):
+    """Issue 33: a blend that gives no test image the pseudo_label confidence used to retrain a whole second round on
+    the first round's data."""
+    from seedlings.predict.members import Probs
+    from seedlings.predict.submit import pseudo_round
+
+    run = tiny_run(demo_master, "pl3", UNFROZEN % 1, "pseudo_label=0.9")
+    comp = run.comp
+    flat = np.full((len(comp.test_files), 12), 1 / 12, dtype=np.float32)
+    assert pseudo_round(run, Probs(flat, comp.test_files, comp.classes)) is None
+    assert "no second round" in capsys.readouterr().out and not (home / "runs" / "pl3-pseudo").exists()
 
 
 def test_pseudo_label_must_be_a_confidence():

@@ -179,7 +179,7 @@ def test_a_fold_held_by_another_writer_is_skipped_and_named(demo, home, capsys):
     from seedlings.storage import exclusive
 
     with exclusive(home / "runs" / "tiny" / "fold0" / ".lock", "fold 0"):
-        assert main(cli("train", demo, HEAD_ONLY, "--fold", "0")) == 0
+        assert main(cli("train", demo, HEAD_ONLY, "--fold", "0")) == 3  # the one fold asked for: none trained here
         out = capsys.readouterr().out
         assert "fold 0: skipped," in out and f"is in use by host {socket.gethostname()} process {os.getpid()}" in out
         assert not (home / "runs" / "tiny" / "fold0" / "done.json").exists()

@@ -3,17 +3,12 @@ retried and resumed, the report and best.yaml, bad input, the dashboard; folds o
 
 import json
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from glob import glob
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -42,13 +37,6 @@ def worker(args, home, cwd, jobs=3):
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture
-def data(demo):
-    """The demo without its answers: no held-out grade after the search (that is make compare's job, and minutes)."""
-    (demo / "answers.csv").unlink()
-    return demo
-
-
 def space_file(tmp_path, text=SPACE):
     path = tmp_path / "space.yaml"
     path.write_text(text)
@@ -73,6 +61,7 @@ def run_workers(n, args, home, cwds, timeout=600):
     return outs
 
 
+@pytest.mark.slow  # the PostgreSQL test shares a study among three workers the same way, in less time
 def test_three_workers_on_a_journal_file_share_one_study(data, home, tmp_path):
     """Three processes on one machine, one journal file: exactly TRIALS trials, each number once, every one a real
     run under the sweep trained by train_fold, some pruned; best.yaml is a recipe make submit runs."""
@@ -113,41 +102,6 @@ def test_three_workers_on_a_journal_file_share_one_study(data, home, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ PostgreSQL
-def server_binaries() -> Path | None:
-    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
-    return Path(found[-1]).parent if found[-1] else None
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on a unix socket, run by an unprivileged user (the Debian package's `postgres`
-    when the tests run as root), removed afterwards. .ci/run installs the server package when it is missing."""
-    bins = server_binaries()
-    if bins is None:
-        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # short: a unix socket path has about 100 bytes
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    pgdata = folder / "data"
-
-    def pg(*cmd):
-        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=60)
-
-    pg(str(bins / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    options = f"-k {folder} -c listen_addresses='' -F -c max_connections=50"
-    pg(str(bins / "pg_ctl"), "-D", str(pgdata), "-o", options, "-w", "-l", str(folder / "log"), "start")
-    try:
-        pg(str(bins / "createdb"), "-h", str(folder), "-U", "postgres", "optuna")
-        yield f"postgresql://postgres@/optuna?host={folder}"
-    finally:
-        subprocess.run([*as_user, str(bins / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_path, postgres):
     """Workers standing in for machines (their own working folders, the runs/ folder shared by path) on one real
     PostgreSQL server: the study is created once, under a lock, and ends at exactly TRIALS trials."""
@@ -162,7 +116,8 @@ def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_pa
     assert (home / "runs" / "s" / "trials.csv").is_file() and not (home / "runs" / "s" / "study.journal").exists()
 
 
-@pytest.mark.parametrize("store", ["postgresql", "journal"])
+# on PostgreSQL, test_sweep_reliability's database-gone test also resumes a trial after the heartbeat's grace
+@pytest.mark.parametrize("store", [pytest.param("postgresql", marks=pytest.mark.slow), "journal"])
 def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, store, request):
     """SIGKILL mid-trial: once the heartbeat's grace is over (PostgreSQL) or the worker's process is gone (a journal
     file on one machine) the next worker fails the trial, retries it with the same parameters in the same run

@@ -4,6 +4,7 @@ imports the step it calls when it is called, so that the command line answers `-
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -81,11 +82,18 @@ def lr_find(args: Args) -> None:
     find(opened_run(args), args.fold or 0, args.stage)
 
 
-def train(args: Args) -> None:
+HELD_ELSEWHERE = 3  # `seedlings train`'s exit status when every fold it was asked for is held by another process
+
+
+def train(args: Args) -> int:
+    """Exit 3 when every fold asked for was held by another process or host: a script can tell that none was trained
+    here, and `make train` over several machines takes it as a fold trained elsewhere."""
     from seedlings.train.fit import train_fold
 
     run = opened_run(args)
-    for k in [args.fold] if args.fold is not None else run.models():
+    asked = [k for k in ([args.fold] if args.fold is not None else run.models())]
+    held = 0
+    for k in asked:
         if k not in run.models():
             print(f"fold {k}: not trained by this recipe (train_folds: {run.recipe.train_folds}), nothing to do")
             continue
@@ -93,8 +101,10 @@ def train(args: Args) -> None:
             final = train_fold(run, k)
         except Busy as e:  # another process or host trains it: each fold is trained once
             print(f"fold {k}: skipped, {e}")
+            held += 1
             continue
         print(f"fold {k}: val micro-F1 {final['val_f1']:.4f}, val loss {final['val_loss']:.4f}")
+    return HELD_ELSEWHERE if asked and held == len(asked) else 0
 
 
 def predict(args: Args) -> None:
@@ -255,6 +265,9 @@ def sweep(args: Args) -> None:
         open_study(sweep)
         print(f"study {sweep.name!r}: ready in {sweep.storage and safe_url(sweep.storage) or sweep.journal}")
         return
+    # `make sweep` starts its workers with & in a non-interactive shell, which makes them ignore SIGINT: a terminal's
+    # Ctrl-C would stop make and leave them training. Each worker takes SIGINT back (KeyboardInterrupt, exit 130).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ran = run_worker(sweep)
     print(f"study {sweep.name!r}: this worker ran {ran} trial(s); the study holds {sweep.trials}")
     finish_sweep(sweep, grade=args.grade)

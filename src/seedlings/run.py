@@ -24,6 +24,12 @@ from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Reci
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
 
+def check_name(name: str, flag: str = "--run") -> None:
+    """A run's (or a sweep's) name: a folder under runs/, never outside it."""
+    if not name or any(not part or part.startswith(".") for part in name.split("/")):
+        raise UserError(f"{flag}: {name!r} is not a usable folder name under runs/")
+
+
 @dataclass(frozen=True)
 class Run:
     name: str
@@ -37,8 +43,7 @@ class Run:
             raise UserError(f"--n-folds: must be in [2, 100], got {self.n_folds}")
         if not 0 <= self.fold_seed < 2**32:
             raise UserError(f"--fold-seed: must be in [0, {2**32 - 1}], got {self.fold_seed}")
-        if not self.name or any(not part or part.startswith(".") for part in self.name.split("/")):
-            raise UserError(f"--run: {self.name!r} is not a usable folder name under runs/")
+        check_name(self.name)
 
     @cached_property
     def comp(self) -> Competition:

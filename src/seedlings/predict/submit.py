@@ -126,16 +126,20 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         f"{out}: {n_rows} rows, blend OOF micro-F1 {table['blend']['micro_f1']:.4f}; provenance in "
         f"{out.with_suffix('.json')}; report in {report}"
     )
-    if run.recipe.pseudo_label and not run.pseudo_path.exists():  # round 2 on the confident test images
-        return submit(pseudo_round(run, test), others, weights, command)
-    return out
+    second = pseudo_round(run, test) if run.recipe.pseudo_label and not run.pseudo_path.exists() else None
+    return out if second is None else submit(second, others, weights, command)  # round 2 on the confident images
 
 
-def pseudo_round(run: Run, test: Probs) -> Run:
+def pseudo_round(run: Run, test: Probs) -> Run | None:
     """The pseudo-label round of a run: runs/<run>-pseudo/ with pseudo.csv (the test images whose blended probability
-    reaches pseudo_label, labelled with the predicted species), trained like the first round."""
+    reaches pseudo_label, labelled with the predicted species), trained like the first round. None when no test
+    image reaches it: a second round would train on the first round's data again."""
     confident = test.values.max(1) >= run.recipe.pseudo_label
     second = Run(f"{run.name}-pseudo", run.data, run.recipe, run.n_folds, run.fold_seed)
+    if not confident.any() and not second.pseudo_path.exists():
+        print(f"pseudo-labels: no test image at probability >= {run.recipe.pseudo_label:g}; no second round, the "
+              "submission is this round's")  # fmt: skip
+        return None
     chosen = pd.DataFrame({"file": np.array(test.files)[confident], "species": species_of(test.values[confident],
                            run.comp.classes), "probability": test.values[confident].max(1)})  # fmt: skip
     if not second.pseudo_path.exists():

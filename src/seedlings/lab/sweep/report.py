@@ -3,6 +3,7 @@ keys mattered, how many epochs pruning saved); on a held-out split, the best and
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def pruning_savings(table: pd.DataFrame) -> tuple[int, int]:
 def importances(study: optuna.Study) -> dict[str, float]:
     """fANOVA importance of each key for the value (needs two finished trials that differ)."""
     try:
-        return optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # "too few trials": the report says how many there are
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError):
         return {}
 
@@ -83,10 +86,17 @@ def choice_lines(table: pd.DataFrame, space: dict[str, BaseDistribution]) -> lis
 
 
 def write_plots(study: optuna.Study, out: Path) -> list[str]:
+    """The study's plots, drawn once two trials have scores (a plot of none or one says nothing); Optuna's and
+    matplotlib's warnings about experimental functions and flat axes are not the user's concern."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.value is not None]
+    if len(finished) < 2:
+        return [f"- plots: not drawn ({len(finished)} trial(s) with a score)"]
     lines = []
     for name, (title, plot) in PLOTS.items():
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
             lines.append(f"- {title}: not drawn ({e})")
             continue

@@ -8,12 +8,16 @@ weights, calibration when it lowers the cross-fitted log loss). Held-out answers
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -26,14 +30,29 @@ from seedlings.lab.holdout import ensure_holdout
 from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS
 from seedlings.recipe.load import apply_override, load_recipe, parse_value, read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, SOLVED_HEAD, Recipe, recipe_dict
-from seedlings.run import Run
+from seedlings.run import Run, check_name
 from seedlings.train.schedule import cycle_end_epochs
-
-warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat and retry are marked experimental
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial says what happened
 
 SETTINGS_BEFORE = {"objective": "fold"}  # what a study recorded before a setting existed ran with
 MAX_RETRY = 3  # a trial whose worker died is retried this many times at most
+COMBINATIONS = 256  # the space's combinations of bounds and choices tried before a study is made (all, up to this)
+
+
+class TrialRefused(UserError):
+    """A trial's recipe refused (its combination of the space's values): that trial fails and the sweep goes on."""
+
+
+class KnownFailures(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a refused or interrupted trial has its own line already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)))
+
+
+warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat and retry are marked experimental
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial says what happened
+for _handler in logging.getLogger("optuna").handlers:  # Optuna's own handler, made by set_verbosity
+    _handler.addFilter(KnownFailures())
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,9 @@ def load_space(path: str | Path, base: dict) -> dict[str, BaseDistribution]:
     raw = read_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: a search space maps recipe keys to choices or ranges")
-    return {str(key): distribution(path, str(key), spec, base) for key, spec in raw.items()}
+    space = {str(key): distribution(path, str(key), spec, base) for key, spec in raw.items()}
+    check_combinations(path, space, base)
+    return space
 
 
 def distribution(path: Path, key: str, spec: Any, base: dict) -> BaseDistribution:
@@ -126,6 +147,39 @@ def distribution(path: Path, key: str, spec: Any, base: dict) -> BaseDistributio
         except UserError as e:
             raise UserError(f"{where}: {value!r} does not make a valid recipe ({e})") from None
     return dist
+
+
+def check_combinations(path: Path, space: dict[str, BaseDistribution], base: dict) -> None:
+    """Each value is valid alone (distribution checks that); together they may not be. A space none of whose
+    combinations of bounds, midpoints and choices makes a valid recipe is refused before its study is made, instead of
+    failing every trial (every combination when there are at most COMBINATIONS, a fixed sample of them otherwise)."""
+    candidates = {key: points(dist) for key, dist in space.items()}
+    if len(space) < 2:
+        return
+    total = int(np.prod([len(v) for v in candidates.values()]))
+    if total <= COMBINATIONS:
+        combos: Any = itertools.product(*candidates.values())
+    else:
+        rng = random.Random(0)
+        combos = ([rng.choice(v) for v in candidates.values()] for _ in range(COMBINATIONS))
+    first = None
+    for combo in combos:
+        try:
+            recipe_with(base, dict(zip(candidates, combo)))
+            return
+        except UserError as e:
+            first = first or e
+    raise UserError(f"{path}: no combination of its values makes a valid recipe with the base "
+                    f"(the first tried: {first})")  # fmt: skip
+
+
+def points(dist: BaseDistribution) -> list[Any]:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    middle = (dist.low + dist.high) / 2
+    if isinstance(dist, IntDistribution):
+        middle = dist.low + (round(middle) - dist.low) // dist.step * dist.step
+    return list(dict.fromkeys([dist.low, middle, dist.high]))
 
 
 def encode_choice(value: Any) -> Any:
@@ -177,6 +231,7 @@ def sweep_from_args(args) -> Sweep:
     recipe = load_recipe(args.config, args.overrides)
     data = ensure_holdout(args.data, 0.2, 0) if args.holdout else Path(args.data)
     name = args.sweep or Path(args.space).stem
+    check_name(name, "--sweep")
     if args.sweep_folds > args.n_folds:
         raise UserError(f"--sweep-folds: {args.sweep_folds} is more than the split's --n-folds {args.n_folds}")
     checked = Run(name, data, recipe, args.n_folds, args.fold_seed)

@@ -7,7 +7,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +30,10 @@ from seedlings.storage import loopback_port
 # ----------------------------------------------------------------------------------------------- storage and study
 def check_storage(sweep: Sweep) -> None:
     """A file storage (journal, SQLite) holds one machine's workers: Optuna documents both as unsafe on network file
-    systems, so a second host is refused."""
+    systems, so a second host is refused. A URL of another kind is refused before anything is written."""
+    if sweep.storage and not sweep.storage.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise UserError(f"--storage: expected postgresql://..., mysql://... or sqlite:///..., got "
+                        f"{safe_url(sweep.storage)!r}")  # fmt: skip
     if not sweep.is_file_storage:
         return
     hosts = sweep.dir / "hosts.json"
@@ -48,6 +53,7 @@ def storage_of(sweep: Sweep):
     if not sweep.storage:
         sweep.dir.mkdir(parents=True, exist_ok=True)
         path = str(sweep.journal)
+        check_journal(sweep.journal)
         return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     heartbeat = {} if sweep.storage.startswith("sqlite") else {
         "heartbeat_interval": sweep.heartbeat, "grace_period": sweep.grace,
@@ -58,6 +64,70 @@ def storage_of(sweep: Sweep):
     except Exception as e:  # noqa: BLE001 - a wrong URL or a down server is the user's input
         raise UserError(f"STORAGE: cannot open the study's database at {safe_url(sweep.storage)} "
                         f"({type(e).__name__}: {first_line(e)})") from None  # fmt: skip
+
+
+def check_journal(path: Path) -> None:
+    """A journal file as Optuna writes it: one JSON record a line. A last line cut mid-write (a full disk, a machine
+    that went down) is removed, the file as it was kept beside it: the next record would land on the partial one and
+    from then on Optuna could read nothing. Any other damage exits 2 naming the line. Read under Optuna's own lock, so
+    a record another worker is appending is never taken for a cut one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileOpenLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # the bytes after the last newline: none unless a write was cut
+        for number, line in enumerate(lines, 1):
+            if not journal_record(line):
+                raise UserError(f"{path}: line {number} is not an Optuna journal record (the file is damaged); repair "
+                                "or remove that line, or start another SWEEP")  # fmt: skip
+        if tail and not tail.startswith(b'{"op_code":'):
+            raise UserError(f"{path}: line {len(lines) + 1} is not an Optuna journal record (the file is damaged); "
+                            "remove it, or start another SWEEP")  # fmt: skip
+        if tail:
+            kept = path.with_name(path.name + ".damaged")
+            shutil.copyfile(path, kept)
+            os.truncate(path, len(data) - len(tail))
+            print(f"{path}: its last line was cut mid-write ({len(tail)} bytes); removed it, the file as it was "
+                  f"kept as {kept}", file=sys.stderr)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def check_trial_folders(sweep: Sweep) -> None:
+    """A journal deleted or emptied while its trials' folders remain: a new study would start over in those folders
+    (each trial refused by the run it meets), so it is refused instead of silently replacing the old one."""
+    if sweep.storage or (sweep.journal.is_file() and sweep.journal.stat().st_size > 0):
+        return
+    folders = sorted(sweep.dir.glob("trial-*"))
+    if folders:
+        state = "empty" if sweep.journal.exists() else "missing"
+        raise UserError(f"{sweep.journal}: {state}, but {sweep.dir} holds {len(folders)} trial folder(s) of a study; "
+                        "restore the journal, remove those folders, or start another SWEEP")  # fmt: skip
+
+
+def lost_storage(sweep: Sweep) -> UserError | None:
+    """The database server gone mid-trial: one line naming it. The trial stays RUNNING; once the server is back, a
+    worker started after the heartbeat's grace period fails it and retries it from its checkpoint."""
+    if sweep.is_file_storage:
+        return None
+    try:
+        sqlalchemy.create_engine(sweep.storage, poolclass=sqlalchemy.pool.NullPool).connect().close()
+    except Exception as e:  # noqa: BLE001 - unreachable: that is what went wrong
+        return UserError(f"STORAGE: lost the study's database at {safe_url(sweep.storage)} mid-trial "
+                         f"({type(e).__name__}: {first_line(e)}); once it is back, `make sweep` resumes the trial "
+                         f"after the heartbeat's grace ({sweep.grace} s)")  # fmt: skip
+    return None
 
 
 def safe_url(url: str) -> str:
@@ -123,6 +193,7 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
     check_storage(sweep)
     lock = lock or SweepLock(sweep)
     with lock.held_for():
+        check_trial_folders(sweep)
         storage = storage_of(sweep)
         study = optuna.create_study(study_name=sweep.name, storage=storage, direction="maximize",
                                     sampler=sampler(sweep), pruner=pruner(sweep), load_if_exists=True)  # fmt: skip

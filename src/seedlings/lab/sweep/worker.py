@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from seedlings.errors import UserError
-from seedlings.lab.sweep.space import MAX_RETRY, Sweep, fold_epochs, recipe_with
-from seedlings.lab.sweep.study import SweepLock, open_study
+from seedlings.lab.sweep.space import MAX_RETRY, Sweep, TrialRefused, fold_epochs, recipe_with
+from seedlings.lab.sweep.study import SweepLock, lost_storage, open_study
 from seedlings.predict.submit import evaluate_chain
 from seedlings.run import Run, open_run
 from seedlings.storage import process_alive
 from seedlings.track.mlflow import track_trial
 from seedlings.train.fit import train_fold
+
+HEARTBEAT_LOST = threading.Event()  # set when Optuna's heartbeat thread could not reach the database
+
+
+class WorkerStopped(UserError):
+    """Not the trial's parameters: the worker stops (exit 2) and the trial is queued again."""
 
 
 def slots_taken(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -33,6 +41,7 @@ def run_worker(sweep: Sweep) -> int:
     """Run trials until the study holds `trials` of them; returns how many this worker ran."""
     lock = SweepLock(sweep)
     study = open_study(sweep, lock)
+    threading.excepthook = heartbeat_hook
     ran = 0
     while True:
         lock.acquire()
@@ -44,13 +53,60 @@ def run_worker(sweep: Sweep) -> int:
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting and slots_taken(trials) >= sweep.trials:
                 break
-            # the lock is released by the objective once its trial exists: counting and asking are one step
-            study.optimize(lambda trial: objective(sweep, trial, lock), n_trials=1,
-                           catch=(UserError, MemoryError))  # fmt: skip
+            run_one(sweep, study, lock)
             ran += 1
         finally:
             lock.release()
     return ran
+
+
+def run_one(sweep: Sweep, study: optuna.Study, lock: SweepLock) -> None:
+    """One trial. What stops it for a reason that is not its parameters (Ctrl-C, an error every trial would meet)
+    leaves it queued again; a database gone mid-trial ends the worker in one line."""
+    started: list[int] = []  # the trial this worker starts (its id)
+    try:
+        # the lock is released by the objective once its trial exists: counting and asking are one step
+        study.optimize(lambda trial: objective(sweep, trial, lock, started), n_trials=1,
+                       catch=(TrialRefused, MemoryError))  # fmt: skip
+    except (KeyboardInterrupt, UserError) as e:
+        if started:
+            try:
+                queue_again(study, started[0], "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped")
+            except Exception:  # the database is gone too: after its grace, the heartbeat's retry queues the trial
+                stop_if_lost(sweep)
+                raise
+        raise
+    except Exception:
+        stop_if_lost(sweep)
+        raise
+
+
+def stop_if_lost(sweep: Sweep) -> None:
+    lost = lost_storage(sweep)
+    if lost is not None:
+        raise lost from None
+
+
+def heartbeat_hook(args: threading.ExceptHookArgs) -> None:
+    """Optuna's heartbeat thread ends with a traceback when the database goes away. Instead it raises a flag, and the
+    trial's next epoch stops the worker in one line: a trial without a heartbeat would be retried by another worker
+    while this one still trains it."""
+    if isinstance(args.exc_value, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)):
+        HEARTBEAT_LOST.set()
+        return
+    threading.__excepthook__(args)
+
+
+def queue_again(study: optuna.Study, trial_id: int, why: str) -> None:
+    """A trial this worker stopped for a reason of its own (Ctrl-C, an error that is not the trial's parameters) is
+    failed and queued again with the same parameters, however often that happened: the next worker resumes it from its
+    checkpoint in the same folder, and it keeps its one place in TRIALS."""
+    storage = study._storage
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:  # stopped before Optuna recorded the failure
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    frozen = storage.get_trial(trial_id)
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
+    print(f"trial {frozen.number}: {why}; queued again with its parameters (the next worker resumes it)", flush=True)
 
 
 def fail_dead_local_trials(study: optuna.Study) -> None:
@@ -68,7 +124,8 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
         retry(study, study._storage.get_trial(t._trial_id))
 
 
-def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
+def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[int]) -> float:
+    started.append(trial._trial_id)
     lock.release()
     params = {key: suggest(trial, key, dist) for key, dist in sweep.space.items()}
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -78,11 +135,12 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
     trial.set_user_attr("pid", os.getpid())
     try:
         recipe = recipe_with(sweep.base, params)
-        run = open_run(f"{sweep.name}/trial-{number:04d}", sweep.data, recipe, sweep.n_folds, sweep.fold_seed)
-    except UserError as e:
+    except UserError as e:  # this combination of the space's values: the trial fails, the sweep goes on
         trial.set_user_attr("error", str(e))
         print(f"trial {trial.number}: refused: {e}")
-        raise
+        raise TrialRefused(str(e)) from None
+    # the trial's folder or the data refused: the same for every trial, so the worker stops (exit 2)
+    run = open_run(f"{sweep.name}/trial-{number:04d}", sweep.data, recipe, sweep.n_folds, sweep.fold_seed)
     trial.set_user_attr("planned_epochs", fold_epochs(recipe) * sweep.sweep_folds)
     trial.set_user_attr("run", run.name)
     epochs, scores = 0, []
@@ -93,6 +151,9 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
             # whatever its length (numbered on through the next folds, a 12-epoch trial's fold 1 would meet a
             # 16-epoch trial's fold 0 at one rung); a trial that survives fold 0 runs its other folds to the end
             nonlocal epochs
+            if HEARTBEAT_LOST.is_set():
+                raise WorkerStopped(f"STORAGE: trial {trial.number}'s heartbeat stopped (the database went away); this "
+                                "worker stopped so that no other trains the trial at the same time")  # fmt: skip
             epochs += 1
             trial.set_user_attr("epochs", epochs)
             if fold > 0:
@@ -108,10 +169,13 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock) -> float:
         except optuna.TrialPruned:
             track_trial(run, "PRUNED", pruned_epoch=epochs)
             raise
-        except UserError as e:
-            trial.set_user_attr("error", str(e))
-            track_trial(run, "FAIL")
+        except WorkerStopped:
             raise
+        except UserError as e:  # what training refuses of this recipe: the trial fails, the sweep goes on
+            trial.set_user_attr("error", str(e))
+            print(f"trial {trial.number}: refused: {e}")
+            track_trial(run, "FAIL")
+            raise TrialRefused(str(e)) from None
         scores.append(final["val_f1"])
     trial.set_user_attr("epochs", epochs)
     value = float(np.mean(scores))
