@@ -173,6 +173,8 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(demo, home, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("seedlings").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
     sweep = by_name["s"]
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["trials"] == 4  # finished by the report
+    assert 0 <= sweep.data.metrics["best_value"] <= 1
     trials = [r for name, r in by_name.items() if name.startswith("s/trial-") and " fold " not in name]
     assert len(trials) == 4
     assert all(t.data.tags["mlflow.parentRunId"] == sweep.info.run_id for t in trials)

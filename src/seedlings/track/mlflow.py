@@ -248,6 +248,18 @@ def track_trial(run: Run, state: str, value: float | None = None, pruned_epoch: 
     tracker.finish(run_id, "KILLED" if state == "PRUNED" else "FAILED" if state == "FAIL" else "FINISHED")
 
 
+def track_sweep(name: str, tracking: str, best: float | None, trials: int, files: list[Path]) -> None:
+    """The sweep's own MLflow run (its trials' runs are nested in it), once its report is written: how many trials,
+    the best value, the report and best.yaml; then finished. A sweep whose trials were not tracked has none."""
+    tracker = Tracker(name, wanted(tracking))
+    if not tracker.enabled or not tracker.ids_path.exists():
+        return
+    run_id = tracker.run_id(tags={"sweep": name})
+    tracker.metrics(run_id, {"trials": trials, **({"best_value": best} if best is not None else {})})
+    tracker.artifacts(run_id, files)
+    tracker.finish(run_id)
+
+
 def safe(uri: str) -> str:
     """The tracking URI without a password."""
     if "@" in uri and "://" in uri:

@@ -21,6 +21,7 @@ from seedlings.recipe.load import recipe_from_dict
 from seedlings.recipe.schema import recipe_dict
 from seedlings.run import open_run
 from seedlings.storage import pyplot, save_figure, write_csv, write_text
+from seedlings.track.mlflow import track_sweep
 
 PLOTS = {
     "history": ("optimization history", optuna.visualization.matplotlib.plot_optimization_history),
@@ -178,6 +179,8 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
         lines += ["Held-out grade left out (GRADE=0); `make sweep-report` without it trains the base and the best "
                   "recipe's fold and chain and grades them once.", ""]  # fmt: skip
     report = write_text(out / "report.md", "\n".join(lines))
+    files = [report, out / "trials.csv", out / "best.yaml", *sorted(out.glob("*.png"))]
+    track_sweep(sweep.name, sweep.base.get("tracking", "none"), best.value if best else None, len(table), files)
     print(f"{report}: {len(table)} trials" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))
     return report
 
