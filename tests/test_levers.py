@@ -1,6 +1,7 @@
 """The recipe's optional levers: frozen leading layer groups, mixup/cutmix, the green plant mask, stochastic depth."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,6 +146,12 @@ def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(dem
     np.testing.assert_allclose(load_probs(run.dir / "probs" / "blend.test.csv").values, expected, atol=1e-6)
     provenance = json.loads((home / "submissions" / "full.json").read_text())
     assert provenance["members"]["full fit (every training image)"]["weight"] == pytest.approx(1 / 3)
+    from seedlings.predict.images import predict_images  # new photos: the full fit weighted as the chain weighs it
+
+    got = predict_images("full", [str(demo_master / "test")]).set_index("file")
+    got.index = [Path(f).name for f in got.index]
+    chain = load_probs(run.dir / "probs" / "blend.test.csv")
+    np.testing.assert_allclose(got.loc[chain.files, chain.classes].to_numpy(), chain.values, atol=1e-6, rtol=0)
 
 
 def test_the_full_fit_trains_every_training_image(demo_master, home):
