@@ -152,7 +152,9 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
     lines = [f"# Sweep `{sweep.name}`", "", f"Data: `{sweep.data}`; objective: {objective_text(sweep)}; pruner: "
              f"{sweep.pruner} (on fold 0's validation micro-F1 after each epoch).", ""]  # fmt: skip
     counts = table.state.value_counts().to_dict() if len(table) else {}
-    lines += [f"Trials: {len(table)} ({', '.join(f'{n} {s}' for s, n in counts.items())}); `trials.csv`.", ""]
+    retried = sum("failed_trial" in t.system_attrs for t in trials)  # a stopped trial's retries count once
+    again = f"; {retried} of them retries of a stopped trial, which count once in TRIALS" if retried else ""
+    lines += [f"Trials: {len(table)} ({', '.join(f'{n} {s}' for s, n in counts.items())}){again}; `trials.csv`.", ""]
     run, planned = pruning_savings(table) if len(table) else (0, 0)
     if planned:
         lines += [f"Epochs: {run} run of the {planned} these trials would have run to the end: pruning saved "

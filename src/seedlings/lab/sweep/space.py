@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ class KnownFailures(logging.Filter):
     """Optuna logs every failed trial with its traceback; a refused or interrupted trial has its own line already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)))
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)):
+            return False
+        return not re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage())  # its second line
 
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat and retry are marked experimental
