@@ -16,6 +16,7 @@ BASELINE ?=# compare: another recipe whose fold 0 and chain join the table (BASE
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 SPACE    ?= configs/sweep-cpu.yaml# sweep: the search space (recipe key -> choices or a range)
 TRIALS   ?= 20# sweep: trials in the study in all, however many workers share it
+ADD_TRIALS ?=# sweep: 1 lets a TRIALS above the study's raise its total (another number is refused)
 SWEEP    ?= $(basename $(notdir $(SPACE)))# sweep: study name, runs/$(SWEEP)/
 STORAGE  ?=# sweep: postgresql://user:pass@host/db across machines (default: a journal file in runs/$(SWEEP)/)
 PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
@@ -31,7 +32,7 @@ COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
 	--sweep-folds $(SWEEP_FOLDS) --objective $(OBJECTIVE) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
-	$(if $(filter 0,$(GRADE)),--no-grade)
+	$(if $(filter 0,$(GRADE)),--no-grade) $(if $(ADD_TRIALS),--add-trials)
 # the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
 JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}
 

@@ -16,38 +16,23 @@ from seedlings.predict.blend import assemble
 from seedlings.predict.members import Member, Probs, load_probs, run_members, save_probs
 
 
-def seedlings(*args, home):
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "seedlings.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SEEDLINGS_HOME": str(home)},
-        timeout=300,
-    )
-
-
-def test_foundation_acceptance_commands(tmp_path, home):
+def test_foundation_acceptance_commands(tmp_path, home, capsys):
+    """The foundation's commands, in process (each as a subprocess paid torch's import five times over)."""
     d, f = tmp_path / "D", tmp_path / "F.csv"
-    assert seedlings("demo-data", "--out", str(d), "--per-class", "6", "--seed", "7", home=home).returncode == 0
-    assert (
-        seedlings(
-            "folds", "--data", str(d), "--n-folds", "3", "--fold-seed", "0", "--out", str(f), home=home
-        ).returncode
-        == 0
-    )
+    assert main(["demo-data", "--out", str(d), "--per-class", "6", "--seed", "7"]) == 0
+    assert main(["folds", "--data", str(d), "--n-folds", "3", "--fold-seed", "0", "--out", str(f)]) == 0
     assert f.read_text().startswith("file,species,fold\n")
-    ok = seedlings("check-data", "--data", str(d), home=home)
-    assert ok.returncode == 0 and "train:" in ok.stdout
+    capsys.readouterr()
+    assert main(["check-data", "--data", str(d)]) == 0 and "train:" in capsys.readouterr().out
     victim = sorted((d / "train" / "Fat Hen").iterdir())[2]
     victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
-    bad = seedlings("check-data", "--data", str(d), home=home)
-    assert bad.returncode == 2 and str(victim) in bad.stderr
-    assert bad.stderr.strip().count("\n") == 0
+    assert main(["check-data", "--data", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and err.strip().count("\n") == 0
     (tmp_path / "skip.yaml").write_text("skip_bad_images: true\n")
-    skipped = seedlings("check-data", "--data", str(d), "--config", str(tmp_path / "skip.yaml"), home=home)
-    assert skipped.returncode == 0 and "skipped 1 unreadable" in skipped.stdout and str(victim) in skipped.stdout
+    assert main(["check-data", "--data", str(d), "--config", str(tmp_path / "skip.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable" in out and str(victim) in out
 
 
 @pytest.mark.parametrize("args,key", [

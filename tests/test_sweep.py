@@ -109,7 +109,9 @@ def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_pa
     for c in cwds:
         c.mkdir()
     trials = 6
-    run_workers(3, sweep_cmd(data, space_file(tmp_path), trials, "--storage", postgres), home, cwds)
+    # a worker that finds only running trials watches their heartbeat for one interval before it ends: 2 s here
+    args = sweep_cmd(data, space_file(tmp_path), trials, "--storage", postgres, "--heartbeat", "2", "--grace", "10")
+    run_workers(3, args, home, cwds)
     done = finished_trials(postgres)
     assert sorted(t.number for t in done) == list(range(trials))
     assert {t.state.name for t in done} <= {"COMPLETE", "PRUNED"}
@@ -119,13 +121,14 @@ def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_pa
 # on PostgreSQL, test_sweep_reliability's database-gone test also resumes a trial after the heartbeat's grace
 @pytest.mark.parametrize("store", [pytest.param("postgresql", marks=pytest.mark.slow), "journal"])
 def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, store, request):
-    """SIGKILL mid-trial: once the heartbeat's grace is over (PostgreSQL) or the worker's process is gone (a journal
-    file on one machine) the next worker fails the trial, retries it with the same parameters in the same run
-    folder, resumes from the epoch checkpoint, and ends where an uninterrupted trial does."""
+    """SIGKILL mid-trial, a worker started at once: once the heartbeat's grace is over (PostgreSQL: it watches the
+    trial's heartbeat and waits, where it used to exit with the trial left running) or the worker's process is gone
+    (a journal file on one machine) it fails the trial, retries it with the same parameters in the same run folder,
+    resumes from the epoch checkpoint, and ends where an uninterrupted trial does."""
     space = space_file(tmp_path, "drop_rate: [0.2]\n")  # one choice: the retry and the reference train the same
     epochs = 6
     storage = request.getfixturevalue("postgres") if store == "postgresql" else None
-    extra = ["--storage", storage, "--heartbeat", "1", "--grace", "3"] if storage else []
+    extra = ["--storage", storage, "--heartbeat", "1", "--grace", "8"] if storage else []
     args = sweep_cmd(data, space, 1, *extra, "--pruner", "none", epochs=epochs)
     first = worker(args, home, tmp_path)
     metrics = home / "runs" / "s" / "trial-0000" / "fold0" / "metrics.csv"
@@ -136,11 +139,15 @@ def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data,
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    time.sleep(4)  # the grace period passes without a heartbeat
-    out = run_workers(1, args, home, [tmp_path])[0]
+    killed = time.time()
+    out = run_workers(1, args, home, [tmp_path])[0]  # at once: it waits out the grace period, then resumes the trial
     assert "resuming at stage 1" in out
+    assert ("no heartbeat from their worker" in out) == (store == "postgresql"), out[-3000:]
     trials = {t.number: t for t in finished_trials(storage or journal(home))}
     assert trials[0].state.name == "FAIL" and trials[1].state.name == "COMPLETE"
+    if storage:  # it ended at its last heartbeat (1 s apart), not when the second worker failed it seconds later
+        ended = trials[0].datetime_complete.timestamp()
+        assert killed - 2.5 < ended < killed + 0.5, (killed, ended)
     assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
     assert trials[0].user_attrs["epochs"] + trials[1].user_attrs["epochs"] < 2 * epochs
     ref = ["train", "--data", str(data), "--config", DEFAULTS, "--n-folds", "3", "--run", "ref", "--fold", "0"]

@@ -176,8 +176,7 @@ def test_the_database_gone_mid_trial_ends_the_worker_in_one_line(data, tmp_path,
     assert "Traceback" not in out and len(errors) == 1, out[-3000:]
     assert errors[0].startswith("error: STORAGE: lost the study's database at postgresql://postgres@/optuna")
     postgres_server.start()
-    time.sleep(4)  # the grace period passes without a heartbeat
-    again = worker(args, home, tmp_path)
+    again = worker(args, home, tmp_path)  # at once: it finds the trial's heartbeat silent and waits out the grace
     rest = again.communicate(timeout=600)[0]
     assert again.returncode == 0 and "resuming at stage 1" in rest, rest[-3000:]
     trials = finished_trials(postgres_server.url)
@@ -234,3 +233,16 @@ def test_a_sweep_name_outside_runs_names_its_own_flag(data, tmp_path, capsys):
     """It used to say `--run: ...`, a flag the sweep has not."""
     assert main(sweep_cmd(data, space_file(tmp_path), 2, "--sweep", "../x")) == 2
     assert capsys.readouterr().err.strip() == "error: --sweep: '../x' is not a usable folder name under runs/"
+
+
+def test_trials_other_than_the_studys_are_refused_unless_added(study, capsys):
+    """TRIALS=3 on a 2-trial study used to run a third trial silently; ADD_TRIALS=1 (--add-trials) raises it."""
+    args, path = study
+    capsys.readouterr()
+    assert main([*args, "--trials", "3", "--create-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --trials: study 's' holds 2 trials, given 3; give TRIALS=2, or ADD_TRIALS=1 to raise it to 3"
+    assert main([*args, "--trials", "1", "--add-trials", "--create-only"]) == 2
+    assert main([*args, "--trials", "3", "--add-trials", "--create-only"]) == 0
+    assert optuna.load_study(study_name="s", storage=journal(path.parents[2])).user_attrs["trials"] == 3
+    assert main([*args, "--trials", "3", "--create-only"]) == 0

@@ -253,6 +253,7 @@ def worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grade", dest="grade", action="store_false", help="on a held-out split, leave the report's "
                    "grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
     p.add_argument("--create-only", action="store_true", help="create the study (once, before any worker) and stop")
+    p.add_argument("--add-trials", action="store_true", help="a --trials above the study's raises its total")
 
 
 def share_threads() -> None:

@@ -78,6 +78,7 @@ class Sweep:
     heartbeat: int = HEARTBEAT_S
     grace: int = GRACE_S
     objective: str = "fold"  # fold: mean last-epoch validation micro-F1 | chain: OOF micro-F1 of the folds' blend
+    add_trials: bool = False  # a `trials` above the study's raises its total (else a different number is refused)
 
     @property
     def dir(self) -> Path:
@@ -244,4 +245,5 @@ def sweep_from_args(args) -> Sweep:
     base = recipe_dict(recipe)
     return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
                  args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
-                 heartbeat=args.heartbeat, grace=args.grace, objective=args.objective)  # fmt: skip
+                 heartbeat=args.heartbeat, grace=args.grace, objective=args.objective,
+                 add_trials=getattr(args, "add_trials", False))  # fmt: skip

@@ -208,7 +208,24 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
             if diff:
                 raise UserError(f"study {sweep.name!r}: created with another {', '.join(diff)}; use the same CONFIG, "
                                 "ARGS, SPACE and data, or another SWEEP")  # fmt: skip
+            check_trials(study, sweep)
     return study
+
+
+def check_trials(study: optuna.Study, sweep: Sweep) -> None:
+    """TRIALS is the study's total: another number is refused (it used to run on silently to the new one), unless
+    --add-trials raises it."""
+    held = int(study.user_attrs.get("trials", sweep.trials))
+    if held == sweep.trials:
+        return
+    if sweep.add_trials and sweep.trials > held:
+        study.set_user_attr("trials", sweep.trials)
+        print(f"study {sweep.name!r}: its total raised from {held} to {sweep.trials} trials")
+        return
+    more = " (--add-trials only raises it)" if sweep.add_trials else f", or ADD_TRIALS=1 to raise it to {sweep.trials}"
+    raise UserError(
+        f"--trials: study {sweep.name!r} holds {held} trials, given {sweep.trials}; give TRIALS={held}{more}"
+    )
 
 
 def settings_diff(recorded: dict, now: dict) -> list[str]:

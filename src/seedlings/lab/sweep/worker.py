@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from time import sleep
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from seedlings.errors import UserError
+from seedlings.lab.sweep.heartbeat import end_at_last_heartbeat, heartbeat_ages, silent_trials
 from seedlings.lab.sweep.space import MAX_RETRY, Sweep, TrialRefused, fold_epochs, recipe_with
 from seedlings.lab.sweep.study import SweepLock, lost_storage, open_study
 from seedlings.predict.submit import evaluate_chain
@@ -44,19 +46,29 @@ def run_worker(sweep: Sweep) -> int:
     threading.excepthook = heartbeat_hook
     ran = 0
     while True:
+        full = False
         lock.acquire()
         try:
+            ages = heartbeat_ages(sweep)
             optuna.storages.fail_stale_trials(study)  # dead workers' trials failed and queued again (heartbeat)
+            end_at_last_heartbeat(study, sweep, ages)
             if sweep.is_file_storage:
                 fail_dead_local_trials(study)
             trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and slots_taken(trials) >= sweep.trials:
-                break
-            run_one(sweep, study, lock)
-            ran += 1
+            full = not any(t.state == TrialState.WAITING for t in trials) and slots_taken(trials) >= sweep.trials
+            if not full:
+                run_one(sweep, study, lock)
+                ran += 1
         finally:
             lock.release()
+        if full:  # nothing to start: done, unless a running trial's worker is gone (then it is retried here)
+            silent = silent_trials(sweep)
+            if not silent:
+                break
+            pause = max(silent.values()) + 1
+            print(f"trial(s) {', '.join(map(str, sorted(silent)))}: no heartbeat from their worker; retried here once "
+                  f"the grace period is over, in {pause:.0f} s", flush=True)  # fmt: skip
+            sleep(pause)
     return ran
 
 
