@@ -246,3 +246,27 @@ def test_trials_other_than_the_studys_are_refused_unless_added(study, capsys):
     assert main([*args, "--trials", "3", "--add-trials", "--create-only"]) == 0
     assert optuna.load_study(study_name="s", storage=journal(path.parents[2])).user_attrs["trials"] == 3
     assert main([*args, "--trials", "3", "--create-only"]) == 0
+
+
+@pytest.mark.slow  # 25 s: a sweep, then a chain of three folds through make
+def test_best_yaml_states_the_command_that_gives_its_trials_score(data, tmp_path, home):
+    """Issue 34: best.yaml's command trains the best trial's recipe as the trial was trained (its data, split and CPU
+    thread count, which a CPU's results depend on) into a run of its own, and its fold 0 scores what the trial did,
+    to the last digit. It used to say `make submit CONFIG=...` alone: other threads, another score, runs/best."""
+    import shlex
+
+    from test_sweep import run_workers
+
+    run_workers(1, sweep_cmd(data, space_file(tmp_path, "drop_rate: [0.2]\n"), 1, "--pruner", "none"), home,
+                [tmp_path])  # fmt: skip
+    best = home / "runs" / "s" / "best.yaml"
+    command = best.read_text().splitlines()[1].removeprefix("# ")
+    assert command.startswith("SEEDLINGS_THREADS=") and command.endswith("RUN=s-best"), command
+    words = shlex.split(command)
+    env = {**os.environ, "SEEDLINGS_HOME": str(home), words[0].split("=")[0]: words[0].split("=")[1]}
+    done = subprocess.run([*words[1:3], "-s", "-W", ".venv/.installed", *words[3:]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trial = finished_trials(journal(home))[0]
+    again = json.loads((home / "runs" / "s-best" / "fold0" / "done.json").read_text())["val_f1"]
+    assert again == trial.value

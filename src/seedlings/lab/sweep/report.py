@@ -3,6 +3,7 @@ keys mattered, how many epochs pruning saved); on a held-out split, the best and
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from seedlings import paths
 from seedlings.lab.compare import format_compare, recipe_rows
 from seedlings.lab.sweep.settings import OBJECTIVES
 from seedlings.lab.sweep.space import Sweep, recipe_with
@@ -115,9 +117,18 @@ def objective_text(sweep: Sweep) -> str:
 
 
 def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:
+    """The best trial's whole recipe, headed by the command that trains it again as the trial was trained: its data,
+    split and CPU thread count (results on a CPU depend on it), into a run of its own (<sweep>-best)."""
     recipe = recipe_with(sweep.base, best.params)
+    done = paths.run_dir(str(best.user_attrs.get("run", ""))) / "fold0" / "done.json"
+    threads = json.loads(done.read_text()).get("threads") if done.is_file() else None
+    command = (f"make submit CONFIG={out} DATA={sweep.data} N_FOLDS={sweep.n_folds} FOLD_SEED={sweep.fold_seed} "
+               f"RUN={sweep.name}-best")  # fmt: skip
+    if threads:
+        command = f"SEEDLINGS_THREADS={threads} {command}"
     head = (f"# The best recipe of sweep {sweep.name!r}: trial {best.number}, {objective_text(sweep)}: "
-            f"{best.value:.4f}.\n# make submit CONFIG={out}\n")  # fmt: skip
+            f"{best.value:.4f}" + (f", trained with {threads} CPU thread(s)" if threads else "")
+            + f".\n# {command}\n")  # fmt: skip
     return write_text(out, head + yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
 
 
@@ -163,7 +174,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
         best_yaml = write_best_yaml(sweep, best, out / "best.yaml")
         params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
         lines += ["## Best trial", "", f"Trial {best.number}: {best.value:.4f} with {params}; its whole recipe: "
-                  f"`{best_yaml}` (`make submit CONFIG={best_yaml}`).", ""]  # fmt: skip
+                  f"`{best_yaml}` (its second line: the command that trains it as the trial was).", ""]  # fmt: skip
     weights = importances(study)
     if weights:
         complete = int((table.state == "complete").sum())
