@@ -24,6 +24,7 @@ SWEEP_FOLDS ?= 1# sweep: a trial's value comes from this many folds
 OBJECTIVE ?= fold# sweep: fold (mean last-epoch val micro-F1) | chain (OOF micro-F1 of the folds' blend, as submitted)
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
 GRADE    ?= 1# sweep: 0 leaves that grade out of the report (it trains the base's and the best's chains afresh)
+PORT     ?=# dashboard, mlflow-ui: the port on 127.0.0.1 (default: a free one, printed)
 
 PY        := .venv/bin/python
 SEEDLINGS := .venv/bin/seedlings
@@ -105,10 +106,10 @@ sweep-report: $(STAMP) ## a sweep's trials.csv, best.yaml, plots and report.md i
 	$(SEEDLINGS) sweep-report --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(filter 0,$(GRADE)),--no-grade)
 
 dashboard: $(STAMP) ## optuna-dashboard on the sweep's study, on 127.0.0.1 (the port is printed)
-	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)")
+	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(PORT),--port $(PORT))
 
 mlflow-ui: $(STAMP) ## MLflow's UI on runs/mlflow.db (tracking: mlflow), on 127.0.0.1 (the address is printed)
-	$(SEEDLINGS) mlflow-ui
+	$(SEEDLINGS) mlflow-ui $(if $(PORT),--port $(PORT))
 
 evaluate: $(STAMP) ## out-of-fold micro-F1 of a predicted run: each fold with and without TTA, folds, snapshot blend
 	$(SEEDLINGS) evaluate $(COMMON) $(ARGS)

@@ -118,3 +118,9 @@ def test_make_train_takes_a_fold_held_elsewhere_as_done(tmp_path, status, ok):
          "FOLD=0"], cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""},
     )  # fmt: skip
     assert (done.returncode == 0) == ok, done.stderr
+
+
+@pytest.mark.parametrize("target", ["dashboard", "mlflow-ui"])
+def test_the_uis_take_a_port(target):
+    assert "--port 8123" in make("-n", "-W", ".venv/.installed", target, "PORT=8123", "SWEEP=s").stdout
+    assert "--port" not in make("-n", "-W", ".venv/.installed", target, "SWEEP=s").stdout

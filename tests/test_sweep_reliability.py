@@ -270,3 +270,10 @@ def test_best_yaml_states_the_command_that_gives_its_trials_score(data, tmp_path
     trial = finished_trials(journal(home))[0]
     again = json.loads((home / "runs" / "s-best" / "fold0" / "done.json").read_text())["val_f1"]
     assert again == trial.value
+
+
+def test_the_study_names_its_metric_for_the_dashboard(study):
+    """Issue 34: the dashboard's axis read "Objective 0"."""
+    args, path = study
+    loaded = optuna.load_study(study_name="s", storage=journal(path.parents[2]))
+    assert loaded.metric_names == ["val micro-F1"]

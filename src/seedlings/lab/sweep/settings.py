@@ -29,6 +29,7 @@ def no_pruning(min_resource: int, reduction_factor: int):
 
 
 PRUNERS = {"sha": successive_halving, "hyperband": hyperband, "none": no_pruning}
+METRICS = {"fold": "val micro-F1", "chain": "chain OOF micro-F1"}  # a trial's value, as the dashboard names it
 OBJECTIVES = {  # a trial's value, over its first `sweep_folds` folds
     "fold": "the mean of the folds' last-epoch validation micro-F1 (one view each, no blend)",
     "chain": "the out-of-fold micro-F1 of the folds' blend, as make submit blends them (TTA, snapshots, calibration)",

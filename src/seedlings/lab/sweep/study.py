@@ -21,7 +21,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from seedlings.errors import UserError
-from seedlings.lab.sweep.settings import PRUNERS
+from seedlings.lab.sweep.settings import METRICS, PRUNERS
 from seedlings.lab.sweep.space import MAX_RETRY, SETTINGS_BEFORE, Sweep
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.storage import loopback_port
@@ -203,6 +203,7 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
             study.set_user_attr("trials", sweep.trials)
             study.set_user_attr("pruner", sweep.pruner)
             study.set_user_attr("data_path", str(Path(sweep.data).resolve()))
+            study.set_metric_names([METRICS[sweep.objective]])  # the dashboard's axis, not "Objective 0"
         else:
             diff = settings_diff(recorded, sweep.settings())
             if diff:
