@@ -23,7 +23,7 @@ PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
 SWEEP_FOLDS ?= 1# sweep: a trial's value comes from this many folds
 OBJECTIVE ?= fold# sweep: fold (mean last-epoch val micro-F1) | chain (OOF micro-F1 of the folds' blend, as submitted)
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
-GRADE    ?= 1# sweep: 0 leaves that grade out of the report (it trains the base's and the best's chains afresh)
+GRADE    ?=# sweep: the report's held-out grade: 1 on the answers beside DATA, 0 never (default: with HOLDOUT=1)
 PORT     ?=# dashboard, mlflow-ui: the port on 127.0.0.1 (default: a free one, printed)
 
 PY        := .venv/bin/python
@@ -33,7 +33,7 @@ COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
 	--sweep-folds $(SWEEP_FOLDS) --objective $(OBJECTIVE) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
-	$(if $(filter 0,$(GRADE)),--no-grade) $(if $(ADD_TRIALS),--add-trials)
+	$(if $(filter 0,$(GRADE)),--no-grade)$(if $(filter 1,$(GRADE)),--grade) $(if $(ADD_TRIALS),--add-trials)
 # the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
 JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}
 
@@ -103,7 +103,8 @@ sweep: sweep-study ## search recipes with Optuna: SPACE, TRIALS, STORAGE, PRUNER
 	done; rc=0; for p in $$pids; do wait $$p || rc=$$?; done; exit $$rc
 
 sweep-report: $(STAMP) ## a sweep's trials.csv, best.yaml, plots and report.md in runs/SWEEP/ (graded on a held-out split)
-	$(SEEDLINGS) sweep-report --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(filter 0,$(GRADE)),--no-grade)
+	$(SEEDLINGS) sweep-report --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") \
+	  $(if $(filter 0,$(GRADE)),--no-grade)$(if $(filter 1,$(GRADE)),--grade)
 
 dashboard: $(STAMP) ## optuna-dashboard on the sweep's study, on 127.0.0.1 (the port is printed)
 	$(SEEDLINGS) dashboard --sweep "$(SWEEP)" $(if $(STORAGE),--storage "$(STORAGE)") $(if $(PORT),--port $(PORT))

@@ -291,7 +291,8 @@ def test_two_train_processes_over_one_shared_run_train_each_fold_once(demo_maste
 
 def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path, home, capsys):
     """On a split with answers the report trains the base and the best recipe afresh and grades fold and chain once
-    (kept in graded.csv); --no-grade (GRADE=0) writes the tables and plots only and says how to get the grade. The
+    (kept in graded.csv) when asked (--grade, GRADE=1) or when the sweep searched a held-out split (HOLDOUT=1); it
+    used to grade on any answers.csv it found. --no-grade (GRADE=0) writes the tables and plots only. The
     report needs the sweep's name only: base, space, data and split are read from the study."""
     assert main(sweep_cmd(demo, space_file(tmp_path), 2, "--no-grade", "--pruner", "none", epochs=2)) == 0
     sweep = home / "runs" / "s"
@@ -299,7 +300,9 @@ def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path
     assert not (sweep / "graded.csv").exists() and not (sweep / "base").exists()
     assert len(pd.read_csv(sweep / "trials.csv")) == 2
     capsys.readouterr()
-    assert main(["sweep-report", "--sweep", "s"]) == 0
+    assert main(["sweep-report", "--sweep", "s"]) == 0  # the sweep did not search a held-out split: no grade
+    assert not (sweep / "graded.csv").exists() and "GRADE=1" in (sweep / "report.md").read_text()
+    assert main(["sweep-report", "--sweep", "s", "--grade"]) == 0  # GRADE=1: on the answers beside the data
     graded = pd.read_csv(sweep / "graded.csv")
     best = max(finished_trials(journal(home)), key=lambda t: t.value)
     assert (graded.best_trial == best.number).all()

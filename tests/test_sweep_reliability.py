@@ -151,6 +151,7 @@ def test_an_error_every_trial_would_meet_stops_the_worker_and_keeps_the_trial(da
     out = first.communicate(timeout=600)[0]
     assert first.returncode == 2, out[-3000:]
     assert "trial-0001/config.yaml: not a run config" in out and "Traceback" not in out and "failed with" not in out
+    assert any(line.startswith("[trial 0] epoch 1 ") for line in out.splitlines())  # issue 34: lines say their trial
     trials = finished_trials(journal(home))
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     (folder / "config.yaml").unlink()
@@ -172,7 +173,7 @@ def test_the_database_gone_mid_trial_ends_the_worker_in_one_line(data, tmp_path,
     postgres_server.stop()
     out = first.communicate(timeout=120)[0]
     assert first.returncode == 2
-    errors = [line for line in out.splitlines() if not line.startswith(("epoch ", "/"))]
+    errors = [line for line in out.splitlines() if not line.startswith(("[trial 0] epoch ", "/"))]
     assert "Traceback" not in out and len(errors) == 1, out[-3000:]
     assert errors[0].startswith("error: STORAGE: lost the study's database at postgresql://postgres@/optuna")
     postgres_server.start()

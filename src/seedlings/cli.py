@@ -216,8 +216,10 @@ def add_sweep_commands(sub) -> None:
         help="the sweep's name, runs/<sweep>/; its settings are read from its study (default: none: required)",
     )
     p.add_argument("--storage", default="", help="the study's storage URL (default: the sweep's journal file)")
-    p.add_argument("--no-grade", dest="grade", action="store_false", help="on a held-out split, leave the report's "
-                   "grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
+    p.add_argument("--no-grade", dest="grade", action="store_false", default=None, help="leave the report's "
+                   "held-out grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
+    p.add_argument("--grade", dest="grade", action="store_true", default=None, help="grade on the answers beside "
+                   "the data (default: only when the sweep searched a held-out split, --holdout)")  # fmt: skip
     for flag in WORKER_FLAGS:  # what a worker is given; the report reads it from the study (kept for old scripts)
         p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -250,8 +252,10 @@ def worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
     p.add_argument("--heartbeat", type=int, default=s.HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")
     p.add_argument("--grace", type=int, default=s.GRACE_S, help="seconds without one before a trial is retried (RDB)")
-    p.add_argument("--no-grade", dest="grade", action="store_false", help="on a held-out split, leave the report's "
-                   "grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
+    p.add_argument("--no-grade", dest="grade", action="store_false", default=None, help="leave the report's "
+                   "held-out grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
+    p.add_argument("--grade", dest="grade", action="store_true", default=None, help="grade on the answers beside "
+                   "the data (default: only when the sweep searched a held-out split, --holdout)")  # fmt: skip
     p.add_argument("--create-only", action="store_true", help="create the study (once, before any worker) and stop")
     p.add_argument("--add-trials", action="store_true", help="a --trials above the study's raises its total")
 

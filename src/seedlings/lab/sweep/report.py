@@ -154,7 +154,10 @@ def grade_on_holdout(sweep: Sweep, best: FrozenTrial) -> pd.DataFrame | None:
     return table
 
 
-def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) -> Path:
+def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool | None = None) -> Path:
+    """The report; `grade`: None grades the best once on held-out answers when the sweep searched a held-out split
+    (HOLDOUT=1), True on any data folder with answers.csv (--grade), False never (--no-grade)."""
+    grade = sweep.holdout if grade is None else grade
     out = sweep.dir
     trials = study.get_trials()
     table = trials_table(trials)
@@ -189,8 +192,8 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
             lines += ["## Held-out grade (once, after the search)", "", "```",
                       format_compare(graded, Path(sweep.data)), "```", ""]  # fmt: skip
     elif best is not None and (Path(sweep.data) / "answers.csv").exists():
-        lines += ["Held-out grade left out (GRADE=0); `make sweep-report` without it trains the base and the best "
-                  "recipe's fold and chain and grades them once.", ""]  # fmt: skip
+        lines += ["Held-out grade left out; `make sweep-report GRADE=1` trains the base and the best recipe's fold "
+                  "and chain and grades them once on the answers beside the data.", ""]  # fmt: skip
     report = write_text(out / "report.md", "\n".join(lines))
     files = [report, out / "trials.csv", out / "best.yaml", *sorted(out.glob("*.png"))]
     track_sweep(sweep.name, sweep.base.get("tracking", "none"), best.value if best else None, len(table), files)
@@ -198,7 +201,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool = True) ->
     return report
 
 
-def finish_sweep(sweep: Sweep, grade: bool = True) -> None:
+def finish_sweep(sweep: Sweep, grade: bool | None = None) -> None:
     """A worker that finds no trial left to run: the report, once the last running trial has ended (written by
     whichever worker gets there; the held-out grade is kept, so later ones only rewrite the tables)."""
     lock = SweepLock(sweep)

@@ -79,6 +79,7 @@ class Sweep:
     grace: int = GRACE_S
     objective: str = "fold"  # fold: mean last-epoch validation micro-F1 | chain: OOF micro-F1 of the folds' blend
     add_trials: bool = False  # a `trials` above the study's raises its total (else a different number is refused)
+    holdout: bool = False  # searched on make compare's held-out split: the report grades the best once on its answers
 
     @property
     def dir(self) -> Path:
@@ -246,4 +247,4 @@ def sweep_from_args(args) -> Sweep:
     return Sweep(name, data, base, load_space(args.space, base), args.trials, args.n_folds, args.fold_seed,
                  args.sweep_folds, args.storage, args.pruner, args.min_resource, args.reduction_factor,
                  heartbeat=args.heartbeat, grace=args.grace, objective=args.objective,
-                 add_trials=getattr(args, "add_trials", False))  # fmt: skip
+                 add_trials=getattr(args, "add_trials", False), holdout=bool(args.holdout))  # fmt: skip

@@ -204,6 +204,7 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
             study.set_user_attr("pruner", sweep.pruner)
             study.set_user_attr("data_path", str(Path(sweep.data).resolve()))
             study.set_metric_names([METRICS[sweep.objective]])  # the dashboard's axis, not "Objective 0"
+            study.set_user_attr("holdout", sweep.holdout)
         else:
             diff = settings_diff(recorded, sweep.settings())
             if diff:
@@ -270,7 +271,7 @@ def load_sweep(name: str, storage: str = "") -> tuple[Sweep, optuna.Study]:
     data = Path(attrs.get("data_path") or recorded["data"])
     sweep = Sweep(name, data, recorded["base"], space, int(attrs.get("trials", 0)), recorded["n_folds"],
                   recorded["fold_seed"], recorded["sweep_folds"], storage, attrs.get("pruner", "sha"),
-                  objective=recorded["objective"])  # fmt: skip
+                  objective=recorded["objective"], holdout=bool(attrs.get("holdout", True)))  # fmt: skip
     return sweep, study
 
 

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import sys
 import threading
 from time import sleep
 from typing import Any
@@ -78,7 +81,7 @@ def run_one(sweep: Sweep, study: optuna.Study, lock: SweepLock) -> None:
     started: list[int] = []  # the trial this worker starts (its id)
     try:
         # the lock is released by the objective once its trial exists: counting and asking are one step
-        study.optimize(lambda trial: objective(sweep, trial, lock, started), n_trials=1,
+        study.optimize(lambda trial: labelled(sweep, trial, lock, started), n_trials=1,
                        catch=(TrialRefused, MemoryError))  # fmt: skip
     except (KeyboardInterrupt, UserError) as e:
         if started:
@@ -134,6 +137,28 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # what fail_stale_trials does
         print(f"trial {t.number}: its worker (process {pid}) is gone; failed and queued again")
         retry(study, study._storage.get_trial(t._trial_id))
+
+
+class TrialLines(io.TextIOBase):
+    """Standard output during a trial, each line headed by the trial's number: two workers' epoch lines interleave
+    in one terminal or log."""
+
+    def __init__(self, out, label: str):
+        self.out, self.label, self.fresh = out, label, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            self.out.write(self.label + piece if self.fresh else piece)
+            self.fresh = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def labelled(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[int]) -> float:
+    with contextlib.redirect_stdout(TrialLines(sys.stdout, f"[trial {trial.number}] ")):
+        return objective(sweep, trial, lock, started)
 
 
 def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[int]) -> float:
