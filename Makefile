@@ -23,6 +23,7 @@ PRUNER   ?= sha# sweep: sha (successive halving) | hyperband | none
 SWEEP_FOLDS ?= 1# sweep: a trial's value comes from this many folds
 OBJECTIVE ?= fold# sweep: fold (mean last-epoch val micro-F1) | chain (OOF micro-F1 of the folds' blend, as submitted)
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
+BLEND_ONLY ?=# submit: 1 trains no fold, blends those trained (by a cluster's fold array) and names the rest
 GRADE    ?=# sweep: the report's held-out grade: 1 on the answers beside DATA, 0 never (default: with HOLDOUT=1)
 PORT     ?=# dashboard, mlflow-ui: the port on 127.0.0.1 (default: a free one, printed)
 
@@ -82,7 +83,7 @@ predict: $(STAMP) ## TTA probabilities per fold and snapshot: runs/RUN/probs/<me
 	$(SEEDLINGS) predict $(COMMON) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
 
 submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, predict, blend: submissions/RUN.csv
-	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(ARGS)
+	$(SEEDLINGS) submit $(COMMON) $(if $(RUNS),--runs $(RUNS)) $(if $(BLEND_ONLY),--blend-only) $(ARGS)
 
 compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
 	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations $(if $(filter-out 1,$(ABLATIONS)),--ablations-file "$(ABLATIONS)")) $(if $(BASELINE),--baseline "$(BASELINE)") $(ARGS)

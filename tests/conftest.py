@@ -4,8 +4,10 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from glob import glob
 from pathlib import Path
 
@@ -213,3 +215,77 @@ def postgres_server():
 @pytest.fixture
 def postgres(postgres_server):
     return postgres_server.url
+
+
+# ----------------------------------------------------------------------------------------------------------- Slurm
+@pytest.fixture
+def slurm_cluster():
+    """A one-node Slurm cluster of its own: a munge daemon with a fresh key, slurmctld and slurmd on free ports with
+    their state under a temporary folder, this machine the node; removed afterwards. The environment to use it
+    (SLURM_CONF) is yielded. .ci/run installs Debian's slurmctld, slurmd and munge when they are missing."""
+    from seedlings.storage import loopback_port
+
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch", "sinfo")):
+        pytest.skip("Slurm not installed (.ci/run installs Debian's slurmctld, slurmd and munge)")
+    if os.geteuid() != 0:
+        pytest.skip("slurmd runs as root")
+    folder = Path(tempfile.mkdtemp(prefix="sl", dir="/tmp"))
+    (folder / "state").mkdir()
+    (folder / "spool").mkdir()
+    key = folder / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    sock = folder / "munge.sock"
+    munged = ["munged", "-f", f"--socket={sock}", f"--key-file={key}", f"--log-file={folder / 'munged.log'}",
+              f"--pid-file={folder / 'munged.pid'}", f"--seed-file={folder / 'munged.seed'}"]  # fmt: skip
+    subprocess.run(munged, check=True, capture_output=True, timeout=30)
+    host = socket.gethostname().split(".")[0]
+    conf = folder / "slurm.conf"
+    conf.write_text(f"""ClusterName=seedlings-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={loopback_port()}
+SlurmdPort={loopback_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={folder / "state"}
+SlurmdSpoolDir={folder / "spool"}
+SlurmctldPidFile={folder / "slurmctld.pid"}
+SlurmdPidFile={folder / "slurmd.pid"}
+SlurmctldLogFile={folder / "slurmctld.log"}
+SlurmdLogFile={folder / "slurmd.log"}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = []
+    try:
+        for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
+            daemons.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+            if state.strip() == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the test cluster never came up: {(folder / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        for d in daemons:
+            d.terminate()
+        for d in daemons:
+            d.wait(timeout=30)
+        subprocess.run(["munged", "-s", f"--socket={sock}"], capture_output=True, timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)

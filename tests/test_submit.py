@@ -122,3 +122,19 @@ def test_make_demo_from_scratch(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert validate_submission(dst / "data" / "demo", dst / "submissions" / "demo.csv") > 0
+
+
+def test_blend_only_trains_no_fold_and_blends_those_done(demo_master, home, capsys):
+    """--blend-only (BLEND_ONLY=1, the job after a cluster's fold array): fold 1 untrained is named, not trained, and
+    folds 0 and 2 make the submission (the chain used to stop at predicting a fold it had left out)."""
+    from conftest import tiny_run
+    from seedlings.predict.submit import submit
+    from seedlings.train.fit import train_fold
+
+    run = tiny_run(demo_master, "bo", "stages=[{size: 32, freeze: false, lr: 0.003, n_cycles: 1, cycle_len: 1}]")
+    for fold in (0, 2):
+        train_fold(run, fold)
+    out = submit(run, train=False)
+    assert validate_submission(demo_master, out) > 0 and not run.is_trained(1)
+    assert "fold 1 is not in this blend: not trained" in capsys.readouterr().err
+    assert json.loads(out.with_suffix(".json").read_text())["missing_folds"] == [1]

@@ -113,6 +113,8 @@ def add_model_commands(sub) -> None:
         "--runs", nargs="*", default=None, help="other finished runs on the same folds to blend in (default: none)"
     )
     p.add_argument("--weights", choices=["equal", "fit"], default="fit", help="blend weights (fit: OOF log loss)")
+    p.add_argument("--blend-only", action="store_true", help="train no fold: blend those already trained and name "
+                   "the others (a cluster's job after its fold array)")  # fmt: skip
     run_args(
         command(sub, "evaluate", commands.evaluate, "out-of-fold scores of a predicted run: TTA, folds, blends"), False
     )

@@ -134,7 +134,7 @@ def submit(args: Args) -> None:
     run = opened_run(args)
     names = [name for name in dict.fromkeys(args.runs) if name != run.name]
     others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
-    submit_chain(run, others, weights=args.weights, command=sys.argv)
+    submit_chain(run, others, weights=args.weights, command=sys.argv, train=not args.blend_only)
 
 
 def validate_submission(args: Args) -> None:

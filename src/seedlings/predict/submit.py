@@ -67,9 +67,12 @@ def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
     return bad
 
 
-def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None) -> Path:
+def submit(
+    run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None, train: bool = True
+) -> Path:
     """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished
-    runs on the same data and folds whose members join the blend."""
+    runs on the same data and folds whose members join the blend. train=False (--blend-only) trains no fold: the
+    folds other jobs trained are blended and the others named (a cluster's dependent job after a fold array)."""
     timings: dict[str, float] = {}
     comp = run.comp  # sample_submission.csv against test/: checked before anything trains
     with timed(timings, "folds"):
@@ -81,15 +84,19 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
     missing = {}
     with timed(timings, "train"):
         for fold in run.models():
+            if not train and not run.is_trained(fold):
+                missing[fold] = "not trained (--blend-only trains none: its task failed or has not run)"
+                continue
             try:
                 train_fold(run, fold)
             except Busy as e:  # trained by another process or host (shared runs/): blended when it is done
                 missing[fold] = str(e)
     if len(missing) == len(run.models()):
-        raise UserError(f"run {run.name!r}: every fold is being trained elsewhere ({'; '.join(missing.values())})")
+        raise UserError(f"run {run.name!r}: no fold to blend ({'; '.join(sorted(set(missing.values())))})")
     for fold, why in missing.items():
         print(f"warning: fold {fold} is not in this blend: {why}; make submit again when it is done", file=sys.stderr)
-    chain = evaluate_chain(run, others, weights=weights, timings=timings)
+    done = [fold for fold in run.models() if fold not in missing]  # the folds it blends: not one held elsewhere
+    chain = evaluate_chain(run, others, folds=done if missing else None, weights=weights, timings=timings)
     oof, test, table = chain.oof, chain.test, chain.table
     with timed(timings, "blend"):
         print(format_table(table))
@@ -127,7 +134,7 @@ def submit(run: Run, others: list[Run] = (), weights: str = "fit", command: list
         f"{out.with_suffix('.json')}; report in {report}"
     )
     second = pseudo_round(run, test) if run.recipe.pseudo_label and not run.pseudo_path.exists() else None
-    return out if second is None else submit(second, others, weights, command)  # round 2 on the confident images
+    return out if second is None else submit(second, others, weights, command, train)  # round 2, confident images
 
 
 def pseudo_round(run: Run, test: Probs) -> Run | None:
