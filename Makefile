@@ -24,6 +24,8 @@ SWEEP_FOLDS ?= 1# sweep: a trial's value comes from this many folds
 OBJECTIVE ?= fold# sweep: fold (mean last-epoch val micro-F1) | chain (OOF micro-F1 of the folds' blend, as submitted)
 HOLDOUT  ?=# sweep: 1 searches on make compare's held-out split of DATA (the report then grades the best once)
 BLEND_ONLY ?=# submit: 1 trains no fold, blends those trained (by a cluster's fold array) and names the rest
+HEARTBEAT ?=# sweep on a database: seconds between a trial's heartbeats (default 60)
+GRACE    ?=# ...and seconds without one before its trial is retried (default 180)
 GRADE    ?=# sweep: the report's held-out grade: 1 on the answers beside DATA, 0 never (default: with HOLDOUT=1)
 PORT     ?=# dashboard, mlflow-ui: the port on 127.0.0.1 (default: a free one, printed)
 
@@ -34,7 +36,8 @@ COMMON     = --data "$(DATA)" --config "$(CONFIG)" --run "$(RUN)" --n-folds $(N_
 FOLDS     := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 SWEEP_ARGS = $(COMMON) --space "$(SPACE)" --trials $(TRIALS) --sweep "$(SWEEP)" --pruner $(PRUNER) \
 	--sweep-folds $(SWEEP_FOLDS) --objective $(OBJECTIVE) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(HOLDOUT),--holdout) \
-	$(if $(filter 0,$(GRADE)),--no-grade)$(if $(filter 1,$(GRADE)),--grade) $(if $(ADD_TRIALS),--add-trials)
+	$(if $(filter 0,$(GRADE)),--no-grade)$(if $(filter 1,$(GRADE)),--grade) $(if $(ADD_TRIALS),--add-trials) \
+	$(if $(HEARTBEAT),--heartbeat $(HEARTBEAT)) $(if $(GRACE),--grace $(GRACE))
 # the -j count make runs with (inside a recipe): parallel folds and sweep workers share the CPU threads by it
 JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9); jobs=$${jobs:-1}
 
