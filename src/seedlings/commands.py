@@ -91,7 +91,7 @@ def train(args: Args) -> int:
     from seedlings.train.fit import train_fold
 
     run = opened_run(args)
-    asked = [k for k in ([args.fold] if args.fold is not None else run.models())]
+    asked = [args.fold] if args.fold is not None else run.models()
     held = 0
     for k in asked:
         if k not in run.models():

@@ -3,7 +3,6 @@ keys mattered, how many epochs pruning saved); on a held-out split, the best and
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from seedlings.recipe.schema import recipe_dict
 from seedlings.run import open_run
 from seedlings.storage import pyplot, save_figure, write_csv, write_text
 from seedlings.track.mlflow import track_sweep
+from seedlings.train.fit import read_done
 
 PLOTS = {
     "history": ("optimization history", optuna.visualization.matplotlib.plot_optimization_history),
@@ -121,7 +121,7 @@ def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:
     split and CPU thread count (results on a CPU depend on it), into a run of its own (<sweep>-best)."""
     recipe = recipe_with(sweep.base, best.params)
     done = paths.run_dir(str(best.user_attrs.get("run", ""))) / "fold0" / "done.json"
-    threads = json.loads(done.read_text()).get("threads") if done.is_file() else None
+    threads = read_done(done, 0).get("threads") if done.is_file() else None
     command = (f"make submit CONFIG={out} DATA={sweep.data} N_FOLDS={sweep.n_folds} FOLD_SEED={sweep.fold_seed} "
                f"RUN={sweep.name}-best")  # fmt: skip
     if threads:

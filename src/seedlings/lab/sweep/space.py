@@ -158,9 +158,9 @@ def check_combinations(path: Path, space: dict[str, BaseDistribution], base: dic
     """Each value is valid alone (distribution checks that); together they may not be. A space none of whose
     combinations of bounds, midpoints and choices makes a valid recipe is refused before its study is made, instead of
     failing every trial (every combination when there are at most COMBINATIONS, a fixed sample of them otherwise)."""
-    candidates = {key: points(dist) for key, dist in space.items()}
     if len(space) < 2:
         return
+    candidates = {key: points(dist) for key, dist in space.items()}
     total = int(np.prod([len(v) for v in candidates.values()]))
     if total <= COMBINATIONS:
         combos: Any = itertools.product(*candidates.values())

@@ -112,15 +112,16 @@ def heartbeat_hook(args: threading.ExceptHookArgs) -> None:
     threading.__excepthook__(args)
 
 
-def queue_again(study: optuna.Study, trial_id: int, why: str) -> None:
-    """A trial this worker stopped for a reason of its own (Ctrl-C, an error that is not the trial's parameters) is
-    failed and queued again with the same parameters, however often that happened: the next worker resumes it from its
-    checkpoint in the same folder, and it keeps its one place in TRIALS."""
+def queue_again(study: optuna.Study, trial_id: int, why: str, max_retry: int | None = None) -> None:
+    """A trial stopped for a reason that is not its parameters (Ctrl-C, an error every trial would meet, a dead local
+    worker) is failed and queued again with the same parameters, as the heartbeat's retry does: the next worker resumes
+    it from its checkpoint in the same folder, and it keeps its one place in TRIALS. max_retry: None for a stop of
+    this worker's own, however often it happens; MAX_RETRY for a dead worker, as the heartbeat allows."""
     storage = study._storage
-    if storage.get_trial(trial_id).state == TrialState.RUNNING:  # stopped before Optuna recorded the failure
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:  # what fail_stale_trials does first
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
     frozen = storage.get_trial(trial_id)
-    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, frozen)
     print(f"trial {frozen.number}: {why}; queued again with its parameters (the next worker resumes it)", flush=True)
 
 
@@ -129,14 +130,11 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
     this machine: a running trial whose worker process is gone (kill -9, a reboot, the OOM killer) is failed and
     queued again with the same parameters, like the heartbeat's retry, so it resumes from its checkpoint."""
     host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if pid is None or t.user_attrs.get("host") != host or process_alive(int(pid), running=b"seedlings"):
             continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # what fail_stale_trials does
-        print(f"trial {t.number}: its worker (process {pid}) is gone; failed and queued again")
-        retry(study, study._storage.get_trial(t._trial_id))
+        queue_again(study, t._trial_id, f"its worker (process {pid}) is gone", MAX_RETRY)
 
 
 class TrialLines(io.TextIOBase):
