@@ -128,7 +128,7 @@ leaderboard: $(STAMP) ## list your Kaggle submissions and their public and priva
 demo: $(STAMP) ## the whole chain on a generated competition: submissions/demo.csv
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
 	$(SEEDLINGS) submit --data data/demo --config configs/cpu.yaml --run demo --n-folds 5 --fold-seed 0 \
-	  mixup_alpha=0 cutmix_alpha=0 bf16=false $(ARGS)
+	  mixup_alpha=0 cutmix_alpha=0 precision=fp32 $(ARGS)
 # the demo: 172 images a fold, so 6 steps an epoch, too few for mixing to pay; float32 on every CPU, so its numbers
 # do not depend on whether the CPU computes bf16, and its exported model gives its probabilities
 

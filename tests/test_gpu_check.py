@@ -43,7 +43,7 @@ def test_gpu_check_times_the_pipelines_own_step(monkeypatch):
 
     calls = []
 
-    def known_step(forward, optimizer, criterion, x, y, device, bf16=True):
+    def known_step(forward, optimizer, criterion, x, y, device, dtype=None, scaler=None):
         calls.append(len(x))
         time.sleep(0.02)
 

@@ -19,7 +19,7 @@ from conftest import TINY
 REPO = Path(__file__).resolve().parents[1]
 # float32 everywhere (on a CPU with native bf16 the chain would predict in bf16, the ONNX graph in float32), and a
 # calibrated blend, so that the graph's calibration is exercised
-CHAIN = [*TINY, "precompute_d4=false", "bf16=false", "calibrate=bias"]
+CHAIN = [*TINY, "precompute_d4=false", "precision=fp32", "calibrate=bias"]
 
 
 def cli(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

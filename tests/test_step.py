@@ -1,5 +1,5 @@
-"""bf16 where it pays: autocast only on devices that compute bf16 natively, and a frozen prefix in bf16 inside a
-float32 training step."""
+"""Autocast to the precision's dtype, and a frozen prefix in bf16 inside a float32 training step (train/precision.py
+says where each runs)."""
 
 import pytest
 import timm
@@ -29,18 +29,16 @@ def test_outermost_modules_cover_exactly_the_frozen_groups():
     assert outermost_within(model, set()) == []
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_autocast_only_where_bf16_is_native(monkeypatch, native):
-    monkeypatch.setattr(step, "cpu_has_bf16", lambda: native)
-    with step.autocast(torch.device("cpu"), True):
-        out = nn.Linear(4, 4)(torch.randn(2, 4))
-    assert out.dtype == (torch.bfloat16 if native else torch.float32)
-    with step.autocast(torch.device("cpu"), False):
+def test_autocast_computes_in_the_dtype_it_is_given_and_float32_without():
+    for dtype in (torch.bfloat16, torch.float16):
+        with step.autocast(torch.device("cpu"), dtype):
+            assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == dtype
+    with step.autocast(torch.device("cpu"), None):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
 
-def test_frozen_prefix_runs_in_bf16_and_the_rest_trains_in_float32(monkeypatch):
-    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)  # bf16 emulated on CPUs without it: slower, same maths
+def test_frozen_prefix_runs_in_bf16_and_the_rest_trains_in_float32():
+    # the caller asks for it only on a CPU with native bf16 (Precision.frozen_bf16); emulated elsewhere: same maths
     model, frozen = lite0(3)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -59,8 +57,7 @@ def test_frozen_prefix_runs_in_bf16_and_the_rest_trains_in_float32(monkeypatch):
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_a_forward_that_raises_leaves_no_autocast_behind(monkeypatch):
-    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)
+def test_a_forward_that_raises_leaves_no_autocast_behind():
     model, frozen = lite0(3)
     with pytest.raises(RuntimeError), step.bf16_forwards(outermost_within(model, frozen), torch.device("cpu")):
         model(torch.randn(2, 5, 64, 64))  # 5 channels: conv_stem's forward fails inside its autocast

@@ -192,7 +192,7 @@ def test_unfreezing_does_not_move_what_the_head_sees(demo_master, home, tmp_path
     # head_c 1: a confident head, which any shift of its features would move (uniform: ln 12 = 2.48); float32: bf16
     # forwards (on a CPU that has it) move the loss by about 1e-3 on their own
     recipe = tiny_recipe(stages, "precompute_d4=false", f"pretrained={weights}", "bn_stats=frozen", "head_c=1.0",
-                         "bf16=false")  # fmt: skip
+                         "precision=fp32")  # fmt: skip
     train_fold(open_run("transition", demo_master, recipe, 3), 0)
     m = pd.read_csv(home / "runs" / "transition" / "fold0" / "metrics.csv")
     head_end, unfrozen = m[m.stage == 0].iloc[-1], m[m.stage == 1].iloc[0]
@@ -307,13 +307,13 @@ def test_a_stage_on_frozen_maps_is_the_network_cut_after_its_frozen_groups(demo_
     from seedlings.train.fold import eval_loader
     from seedlings.train.predictor import Predictor
 
-    recipe = tiny_recipe(MAPS_STAGES, "bf16=false", "mixup_alpha=0.4", "cutmix_alpha=1.0", "tta=d4")
+    recipe = tiny_recipe(MAPS_STAGES, "precision=fp32", "mixup_alpha=0.4", "cutmix_alpha=1.0", "tta=d4")
     run = open_run("maps", demo_master, recipe, 3)
     ctx = prepare_fold(run, 0)
     cut = FrozenCut.of(ctx, 1)
     assert cut.n == 4  # conv_stem, bn1, blocks.0.0, blocks.1.0: the first of the tiny net's 3 groups
     maps, rows = cut.train_maps(), ctx.val_idx[:5]
-    assert maps.shape[:2] == (len(ctx.labels), 8) and maps.dtype == torch.float32  # float32: bf16 off
+    assert maps.shape[:2] == (len(ctx.labels), 8) and maps.dtype == torch.float32  # float32: precision fp32
     assert list((home / "runs" / "maps" / "features").glob("s1-32px-maps4-d4-*.pt"))
     x = next(iter(eval_loader(ctx, 32, rows)))[0]
     ctx.model.eval()

@@ -19,7 +19,7 @@ from seedlings.data.competition import Competition, parallel_map, scan_competiti
 from seedlings.data.folds import default_folds_path, load_folds
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
-from seedlings.recipe.load import read_yaml, recipe_from_dict
+from seedlings.recipe.load import read_yaml, recipe_from_dict, replaced_keys
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
@@ -99,6 +99,9 @@ class Run:
     def training_key(self) -> str:
         """A short hash of what shapes the run's models: the recipe less the free keys, and the split."""
         trained = {k: v for k, v in recipe_dict(self.recipe).items() if k not in FREE_KEYS}
+        legacy = {"auto": True, "fp32": False}  # precision as the bf16 key it replaced: runs keep their keys
+        if trained.get("precision") in legacy:
+            trained["bf16"] = legacy[trained.pop("precision")]
         key = json.dumps([trained, self.n_folds, self.fold_seed], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:10]
 
@@ -262,7 +265,7 @@ def read_config(path: Path) -> dict | None:
         raise UserError(f"{path}: not a readable run config ({e}); delete the run to redo it") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path}: not a run config; delete the run to start again")
-    return saved
+    return replaced_keys(saved)  # a run recorded before a key was replaced: read as the key that replaced it
 
 
 def differences(old, new, key: str = "") -> list[tuple[str, object, object]]:

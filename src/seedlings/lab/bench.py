@@ -27,7 +27,8 @@ from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
 from seedlings.train.fold import prepare_fold
-from seedlings.train.step import autocast, cpu_has_bf16, train_step
+from seedlings.train.precision import cpu_has_bf16
+from seedlings.train.step import autocast, train_step
 from seedlings.train.trainees import trainee_for
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -101,7 +102,8 @@ def training_row(
     criterion = torch.nn.CrossEntropyLoss()
 
     def step(x, y) -> None:
-        train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.bf16).item()  # .item(): wait for it
+        # .item(): wait for it
+        train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.precision.train).item()
 
     trainee.train_mode()
     x0, y0 = next(iter(trainee.batches(0)))
@@ -123,14 +125,14 @@ def training_row(
 def frozen_groups_table(data: Path, n_batches: int, model: str = "tf_efficientnet_lite2", size: int = 160) -> None:
     """Training images/s of the pipeline's step with the first k of 5 layer groups frozen (stages.k.frozen_groups):
     no gradient flows into frozen groups, and on a CPU the early, high-resolution layers hold most of the backward.
-    Each row twice: float32 throughout, and the frozen groups' forward in bf16 (what `bf16: true` does on a CPU with
-    native bf16; the same on one without)."""
+    Each row twice: float32 throughout, and the frozen groups' forward in bf16 (what `precision: auto` does on a CPU
+    with native bf16; the same on one without)."""
     rows = []
     for k in (0, 1, 2, 3):
         stage = f"stages=[{{size: {size}, freeze: false, lr: 0.001, frozen_groups: {k}}}]"
         extra = (f"model={model}", "layer_groups=5", stage)
         fp32, bf16 = (
-            training_row(data, size, n_batches, "albumentations", (*extra, f"bf16={b}")) for b in ("false", "true")
+            training_row(data, size, n_batches, "albumentations", (*extra, f"precision={p}")) for p in ("fp32", "auto")
         )
         rows.append((k, fp32["full pipeline"], bf16["full pipeline"]))
     print(f"\ntraining images/s, {model} at {size} px, batch 32, 5 layer groups: the first k frozen (native bf16 on "
@@ -149,7 +151,7 @@ def inference_row(model: str, size: int, n_batches: int) -> dict:
     out = {"float32": 0.0, "bf16": 0.0}
     with torch.no_grad():
         for name, bf16 in (("float32", False), ("bf16", True)) * 2:
-            with autocast(torch.device("cpu"), bf16):
+            with autocast(torch.device("cpu"), torch.bfloat16 if bf16 and cpu_has_bf16() else None):
                 net(x)  # warm-up
                 start = time.perf_counter()
                 for _ in range(n_batches):

@@ -28,6 +28,7 @@ from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
 from seedlings.train.fit import train_fold
+from seedlings.train.precision import choose_precision, scaler_for
 from seedlings.train.step import autocast, train_step
 
 FULL = {"models": {"tf_efficientnet_lite0": 128, "convnext_small": 64}, "sizes": (224, 320, 384), "images": 4750}
@@ -54,18 +55,19 @@ def measure(model_name: str, batch: int, size: int, n_images: int, device: torch
     """One row of the table: bare, loader, full epoch, prediction, memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bf16 = device.type == "cuda"
+    precision = choose_precision("auto", device)  # what a recipe's precision: auto trains in on this device
+    scaler = scaler_for(precision, device)
     model = timm.create_model(model_name, num_classes=12).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def step(x, y) -> None:  # the pipeline's own training step
-        train_step(model, optimizer, criterion, x, y, device, bf16)
+        train_step(model, optimizer, criterion, x, y, device, precision.train, scaler)
 
     side = int(round(size * CACHE_MARGIN))
     cache = np.random.default_rng(0).integers(0, 256, (n_images, side, side, 3), dtype=np.uint8)
     made = DeviceBatches(cache, np.arange(n_images), np.arange(n_images) % 12, size, (0.5,) * 3, (0.5,) * 3,
-                         CROP_SCALE, 0, 0, batch, device, torch.bfloat16 if bf16 else torch.float32,
+                         CROP_SCALE, 0, 0, batch, device, precision.train or torch.float32,
                          drop_last=True)  # fmt: skip
     x0, y0 = next(made.epoch(0))
     bare = batch / seconds_per_call(device, lambda: step(x0, y0), steps)
@@ -79,7 +81,7 @@ def measure(model_name: str, batch: int, size: int, n_images: int, device: torch
     epoch_s = seconds_per_call(device, epoch, 1)  # the warm-up epoch tunes cuDNN for every shape; the second is timed
     full = len(made) * batch / epoch_s
     model.eval()
-    with torch.no_grad(), autocast(device, bf16):
+    with torch.no_grad(), autocast(device, precision.infer):
         plain = batch / seconds_per_call(device, lambda: model(x0), steps)
         d4 = 8 * batch / seconds_per_call(device, lambda: tta_predict(model, x0, "d4", stack=True), max(1, steps // 4))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -140,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(measure(model_name, batch, size, plan["images"], device, steps))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": card, "torch": torch.__version__, "rows": rows, "fold": end_to_end(out, args.dry_run, device)}
+    precision = choose_precision("auto", device).why
+    result = {"device": card, "torch": torch.__version__, "precision": precision, "rows": rows,
+              "fold": end_to_end(out, args.dry_run, device)}  # fmt: skip
     (out / "gpu-check.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{card}, torch {torch.__version__}\n{table(rows)}")
+    print(f"\n{card}, torch {torch.__version__}, precision {precision}\n{table(rows)}")
     print(f"one shortened fold end to end: {result['fold']['fold_seconds']:.0f} s; {out / 'gpu-check.json'}")
     return result
 

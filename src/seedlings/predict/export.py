@@ -118,9 +118,10 @@ def model_card(run: Run, record: dict, chain: Chain, onnx_file: str) -> dict:
             "members": len(chain.members),
             "calibrated": chain.calibrated,
         },  # fmt: skip
-        "precision": "float32; the chain itself predicts in bf16 where the device computes it natively (CUDA, CPUs "
-        "with AVX512-BF16 or AMX) when the recipe's bf16 is on: the probabilities then differ by up to a few "
-        "hundredths, and a photo whose top two classes nearly tie may change its species",
+        "precision": f"float32; the chain itself predicted with the recipe's precision ({recipe.precision}): in bf16 "
+        "or fp16 where it chose one (auto: bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs), the "
+        "probabilities then differ by up to a few hundredths, and a photo whose top two classes nearly tie may "
+        "change its species",
         "recipe": record.get("recipe", {}),
         "oof": record["members"].get("blend", {}),
         "data_sha256": hashlib.sha256(run.data_record_path.read_bytes()).hexdigest(),  # data.json: every image's sha

@@ -185,13 +185,46 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise UserError(f"{p}: an empty recipe (it would silently train the defaults); give its keys")
         if not isinstance(values, dict):
             raise UserError(f"{p}: a recipe is a mapping of keys to values")
-        values = _fix_floats(drop_run_record(values, p))
+        values = replaced_keys(_fix_floats(drop_run_record(values, p)), str(p))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"{item}: an override is key=value")
         key, text = item.split("=", 1)
-        apply_override(values, key.strip(), parse_value(text, key.strip()))
+        key, value = key.strip(), parse_value(text, key.strip())
+        if key in REPLACED:
+            ((key, value),) = replaced_keys({key: value}, item).items()
+        apply_override(values, key, value)
     return recipe_from_dict(values)
+
+
+def bf16_as_precision(value: Any, where: str) -> tuple[str, str]:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: bf16: expected true or false (precision replaces it), got {value!r}")
+    return "precision", "auto" if value else "fp32"
+
+
+REPLACED = {"bf16": bf16_as_precision}  # a key a recipe no longer has -> (the key that replaced it, its value)
+
+
+def replaced_keys(values: dict, where: str | None = None) -> dict:
+    """`values` with every replaced key read as the key that replaced it (bf16: true is precision: auto, false is
+    precision: fp32): said on stderr with `where` (a user's recipe or override), silently without (a run's record)."""
+    if not isinstance(values, dict) or not REPLACED.keys() & values.keys():
+        return values
+    out = {}
+    for key, value in values.items():
+        if key not in REPLACED:
+            out[key] = value
+            continue
+        new, new_value = REPLACED[key](value, where or "a run's config")
+        if new in values and values[new] != new_value:
+            raise UserError(f"{where or 'a run config'}: {key} and {new} both given and they differ; {new} replaced "
+                            f"{key}: keep {new} only")  # fmt: skip
+        out[new] = new_value
+        if where:
+            print(f"{where}: {key}: {yaml.safe_dump(value).split()[0]} is read as {new}: {new_value} "
+                  f"({new} replaced {key})", file=sys.stderr)  # fmt: skip
+    return out
 
 
 def drop_run_record(values: dict, path: Path) -> dict:
@@ -216,6 +249,6 @@ def with_changes(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
 
 def recipe_from_dict(values: dict) -> Recipe:
     """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
-    recipe = _build(Recipe, values)
+    recipe = _build(Recipe, replaced_keys(values))
     validate(recipe)
     return recipe

@@ -12,6 +12,7 @@ from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS
 from seedlings.optim import OPTIMIZERS
+from seedlings.train.precision import PRECISIONS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
@@ -133,8 +134,11 @@ class Recipe:
     #   feature time; the solved head is only a warm start)
     num_workers: int = runs(-1)  # loader worker processes; -1: none on CPU (the model needs both cores), 8 on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
-    bf16: bool = True  # bf16 autocast: on CUDA everything; on a CPU with native bf16 (AVX512-BF16, AMX) the forwards
-    #   without gradients (features, validation, prediction, a stage's frozen groups); float32 on other CPUs
+    precision: str = "auto"  # auto: bf16 on a GPU that computes it natively (compute capability 8.0+), fp16 with a
+    #   gradient scaler on older GPUs (T4, V100, P100); on a CPU float32 training, the forwards without gradients
+    #   (features, validation, prediction, a stage's frozen groups) in bf16 where it computes bf16 natively
+    #   (AVX512-BF16, AMX) | bf16 | fp16 (gradient scaler; skipped steps counted in metrics.csv) | fp32. Refused where
+    #   the device cannot compute it. Replaces `bf16` (true: auto, false: fp32), still read with a note
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
     head_c: float = 0.0  # fit: logistic stages: inverse L2 strength on standardised features; 0: chosen by
     #   cross-validated log loss (a calibrated head, docs/history.md: the transition)
@@ -227,6 +231,7 @@ CHOICES = {  # each choice key's values, from the table that gives each value it
     "calibrate": ("none", "bias"),
     "validate": ("epoch", "cycle"),
     "tracking": ("none", "mlflow"),
+    "precision": PRECISIONS,
 }
 
 

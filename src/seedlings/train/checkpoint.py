@@ -14,6 +14,7 @@ from seedlings.errors import UserError
 from seedlings.storage import BackgroundSaver, cpu_copy, file_sha256, load_torch, save_torch, write_csv, write_json
 from seedlings.train.average import WeightAverage
 from seedlings.train.fold import FoldContext
+from seedlings.train.precision import StepScaler
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
 
@@ -83,7 +84,7 @@ class FoldLog:
     saver: BackgroundSaver = field(default_factory=BackgroundSaver)
 
     def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler,
-                   average: WeightAverage | None = None) -> None:  # fmt: skip
+                   average: WeightAverage | None = None, scaler: StepScaler | None = None) -> None:  # fmt: skip
         """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based); average: the stage's
         weight average (a snapshot holds it; at the stage's end the model already does). Snapshots and the
         checkpoint are host copies written off the training thread (resume stays exact: they are the state now)."""
@@ -108,6 +109,7 @@ class FoldLog:
                 "optimizer": None if at_stage_end else cpu_copy(optimizer.state_dict()),
                 "scheduler": None if at_stage_end else cpu_copy(scheduler.state_dict()),
                 "average": None if at_stage_end or average is None else average.state_dict(),
+                "scaler": None if at_stage_end or scaler is None else scaler.state_dict(),  # fp16: scale, growth
                 "stage": stage_i + 1 if at_stage_end else stage_i,
                 "epoch": 0 if at_stage_end else epoch + 1,
                 "rng": rng_state(),

@@ -29,7 +29,7 @@ from seedlings.recipe.schema import HEAD_ON_FEATURES, SOLVED_HEAD
 from seedlings.storage import load_torch, save_torch
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix
-from seedlings.train.step import autocast, fast_bf16, to_device
+from seedlings.train.step import autocast, to_device
 
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # inverse L2 strengths tried on standardised features (Lite0: 1280)
 CV_FOLDS = 3
@@ -64,7 +64,7 @@ def per_view(
     for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=desc, leave=False, disable=None):
         x, got = to_device(x, ctx.device), []
         for k in views:
-            with autocast(ctx.device, ctx.inference_bf16):
+            with autocast(ctx.device, ctx.precision.infer):
                 got.append(through(dihedral(x, k)))
         out.append(torch.stack(got, 1).cpu())
     return torch.cat(out)
@@ -93,10 +93,10 @@ def features_for(ctx: FoldContext, stage_i: int) -> torch.Tensor:
 def frozen_maps(
     ctx: FoldContext, size: int, n_modules: int, index: np.ndarray, images: np.ndarray | None = None
 ) -> torch.Tensor:
-    """The output of the first `n_modules` of body_sequence for every dihedral view, (N, 8, C, H, W): bf16 where
-    forwards run in bf16 (they come out of the frozen layers so), float32 otherwise."""
+    """The output of the first `n_modules` of body_sequence for every dihedral view, (N, 8, C, H, W): in the dtype
+    of the forwards without gradients (bf16 or fp16: they come out of the frozen layers so), float32 otherwise."""
     trunk = [m for _, m in body_sequence(ctx.model, "precompute")[:n_modules]]
-    dtype = torch.bfloat16 if ctx.inference_bf16 and fast_bf16(ctx.device) else torch.float32
+    dtype = ctx.precision.infer or torch.float32
 
     def through_trunk(x: torch.Tensor) -> torch.Tensor:
         for module in trunk:

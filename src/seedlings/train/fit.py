@@ -7,7 +7,9 @@ the head (features.py), a trainee says what a stage trains and on what (trainees
 
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.mixing import mix_batch, mixed_criterion
+from seedlings.train.precision import StepScaler, scaler_for
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
@@ -94,17 +97,23 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             warmup = round(stage.warmup * trainee.steps_per_epoch)
             scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
             average = average_for(ctx.model, optimizer, recipe.ema)  # None: no weight average
+            scaler = scaler_for(ctx.precision, ctx.device)  # fp16: gradients scaled; None: no scaling
+            if scaler is not None:  # a skipped step leaves the schedule one step ahead of the optimizer, as meant
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             first_epoch = 0
             if resuming and ckpt["epoch"] > 0:  # within the stage: its optimizer and schedule go on where they were
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
                 if average is not None:
                     average.load_state_dict(ckpt["average"])
+                if scaler is not None and ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
                 first_epoch = ckpt["epoch"]
             ends = cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
-                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, average)
+                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, average,
+                                    scaler)  # fmt: skip
                 if average is not None and epoch + 1 == ends[-1]:
                     average.copy_to_model()  # the stage ends on its average: the next stage starts from it
                 scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
@@ -113,7 +122,10 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                 row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
                        "train_loss": train["train_loss"], **val, "lr": train["lr"],
                        "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
-                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average)  # snapshots, checkpoint, CSVs
+                if scaler is not None:  # fp16: the steps whose gradients overflowed, skipped by the scaler
+                    row["skipped_steps"] = scaler.take_skipped()
+                # snapshots, checkpoint, CSVs
+                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average, scaler)
                 if tracking is not None:
                     tracking.epoch(row)
                 if on_epoch is not None:
@@ -135,9 +147,10 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
 
 
 def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict],
-                average: WeightAverage | None = None) -> dict:  # fmt: skip
+                average: WeightAverage | None = None, scaler: StepScaler | None = None) -> dict:  # fmt: skip
     """One pass over the training batches, every step's learning rates appended to lr_rows (and the weight average,
-    if any, updated after every step): train loss, the head's last learning rate, images/s."""
+    if any, updated after every step; fp16 steps scaled by `scaler`): train loss, the head's last learning rate,
+    images/s."""
     recipe = ctx.recipe
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     trainee.train_mode()
@@ -154,7 +167,7 @@ def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, e
             key = (recipe.seed, ctx.fold, epoch, len(lr_rows))
             x, y_a, y_b, lam = mix_batch(x, y, recipe.mixup_alpha, recipe.cutmix_alpha, key)
             step_loss = mixed_criterion(criterion, y_a, y_b, lam)
-        loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.bf16)
+        loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.precision.train, scaler)
         scheduler.step()
         if average is not None:
             average.update()

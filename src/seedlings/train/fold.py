@@ -18,6 +18,7 @@ from seedlings.errors import UserError
 from seedlings.recipe.schema import BODY_ON_MAPS
 from seedlings.run import Run
 from seedlings.train.model import create_model, frozen_prefix, layer_groups, model_mean_std
+from seedlings.train.precision import Precision, choose_precision
 from seedlings.train.step import Select, autocast, batch_view_probs, to_device
 
 
@@ -49,15 +50,9 @@ class FoldContext:
         return self.run.fold_dir(self.fold)
 
     @property
-    def bf16(self) -> bool:
-        """Training in bf16: on CUDA only (a CPU's bf16 backward is slower than its float32 one)."""
-        return self.device.type == "cuda" and self.recipe.bf16
-
-    @property
-    def inference_bf16(self) -> bool:
-        """Forwards without gradients in bf16 (features, validation, prediction, a stage's frozen layers): wherever
-        the device computes bf16 natively (step.autocast), on CUDA and on CPUs with AVX512-BF16 or AMX."""
-        return self.recipe.bf16
+    def precision(self) -> Precision:
+        """What training and the forwards without gradients compute in on this device (train/precision.py)."""
+        return choose_precision(self.recipe.precision, self.device)
 
 
 def pick_device() -> torch.device:
@@ -75,6 +70,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     good = ~np.isin(np.array(comp.train_files), cache.bad)
     in_val = folds.fold.to_numpy() == fold
     device = device or pick_device()
+    choose_precision(recipe.precision, device)  # a precision the device cannot compute: refused before anything runs
     torch.manual_seed(recipe.seed * 1000 + fold)  # the new head's initial weights
     # channels_last: 1.4x to 1.6x faster training of tf_efficientnet_lite0 on this 2-core CPU (make bench, three runs
     # in docs/results.md), the fast path on GPUs
@@ -177,7 +173,7 @@ def view_probs(
     views, one: the batch as it is."""
     out = []
     for x, n in static_batches(ctx, batches):
-        with autocast(ctx.device, ctx.inference_bf16):
+        with autocast(ctx.device, ctx.precision.infer):
             p = forward(x).float().softmax(-1)[None] if views is None else batch_view_probs(forward, x, views, select,
                                                                                             stack)  # fmt: skip
         out.append(p[:, :n].cpu())
@@ -196,7 +192,7 @@ def training_batches(ctx: FoldContext, size: int) -> tuple[Callable[[int], Itera
     if augment_on_device(ctx):
         made = DeviceBatches(
             ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], size, ctx.mean, ctx.std, recipe.crop_scale,
-            recipe.seed, ctx.fold, recipe.batch_size, ctx.device, torch.bfloat16 if ctx.bf16 else torch.float32,
+            recipe.seed, ctx.fold, recipe.batch_size, ctx.device, ctx.precision.train or torch.float32,
             drop_last=ctx.device.type == "cuda",  # static shapes: a ragged last batch re-tunes cuDNN (GPU only)
         )  # fmt: skip
         return made.epoch, len(made)

@@ -18,6 +18,7 @@ from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import FoldContext, prepare_fold
+from seedlings.train.precision import scaler_for
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
 
@@ -74,6 +75,7 @@ def lr_sweep(
     peak = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / peak for g in optimizer.param_groups]  # differential LRs keep their ratios in the sweep
     criterion = nn.CrossEntropyLoss(label_smoothing=ctx.recipe.label_smoothing)
+    scaler = scaler_for(ctx.precision, ctx.device)  # fp16: scaled gradients, as training takes its steps
     lrs, rows = sweep_lrs(start, end, steps), []
     avg, best, epoch = 0.0, float("inf"), 0
     batches = trainee.batches(epoch)
@@ -87,7 +89,7 @@ def lr_sweep(
             x, y = next(batches)
         for g, ratio in zip(optimizer.param_groups, ratios):
             g["lr"] = lr * ratio
-        loss = train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.bf16).item()
+        loss = train_step(trainee.forward, optimizer, criterion, x, y, ctx.device, ctx.precision.train, scaler).item()
         avg = beta * avg + (1 - beta) * loss
         smoothed = avg / (1 - beta ** (i + 1))  # bias correction: early averages are not pulled towards 0
         rows.append({"step": i, "lr": float(lr), "loss": loss, "smoothed_loss": smoothed})

@@ -4,30 +4,19 @@ finder, `make bench` and the GPU check all take this step, so what they time is 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-
-@functools.cache  # asked on every training step and prediction batch; the answer cannot change
-def cpu_has_bf16() -> bool:
-    """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards run about twice as fast as float32 ones
-    there, and emulated elsewhere (slower than float32)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+from seedlings.train.precision import StepScaler
 
 
-def fast_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" or cpu_has_bf16()
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast when asked and the device computes in bf16 natively; float32 otherwise."""
-    if bf16 and fast_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` (a Precision's train or infer dtype, already checked against the device); None: float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -35,8 +24,8 @@ def bf16_forwards(modules: list[nn.Module], device: torch.device) -> Iterator[No
     """Within this block, `modules` (layers that train nothing) run under bf16 autocast inside a float32 forward and
     hand float32 on to the layers that train. On a CPU with native bf16, a frozen prefix's forward runs twice as fast
     in bf16, while the bf16 backward of the layers that train runs slower than float32 (docs/recipe.md: bf16 on a
-    CPU)."""
-    if not modules or not fast_bf16(device):
+    CPU). The caller passes modules only where the CPU computes bf16 natively (Precision.frozen_bf16)."""
+    if not modules:
         yield
         return
     open_casts: dict[nn.Module, torch.autocast] = {}
@@ -72,16 +61,21 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     device: torch.device,
-    bf16: bool = True,
+    dtype: torch.dtype | None = None,
+    scaler: StepScaler | None = None,
 ) -> torch.Tensor:
-    """One optimizer step; returns the batch's mean loss as a tensor on the device (reading it is a host sync: the
-    caller decides when)."""
+    """One optimizer step under autocast to `dtype` (None: float32), its gradients scaled by `scaler` (fp16: a step
+    whose gradients overflow is skipped and counted there); returns the batch's mean loss as a tensor on the device
+    (reading it is a host sync: the caller decides when)."""
     x, y = to_device(x, device), y.to(device, non_blocking=True)
-    with autocast(device, bf16):
+    with autocast(device, dtype):
         loss = criterion(forward(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.step(loss, optimizer)
     return loss.detach()
 
 

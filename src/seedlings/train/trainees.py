@@ -71,8 +71,8 @@ class WholeNet(BodyTrainee):
         self.batches, self.steps_per_epoch = training_batches(ctx, self.stage.size)
         self.net = torch.compile(ctx.model) if recipe.compile else ctx.model
         frozen = {n for names in ctx.groups[: self.stage.frozen_groups] for n in names}
-        # on a CPU the frozen groups run in bf16 (CUDA trains the whole network in bf16 already)
-        self.bf16_modules = outermost_within(ctx.model, frozen) if ctx.device.type == "cpu" and recipe.bf16 else []
+        # on a CPU with native bf16 the frozen groups run in bf16 (a GPU trains the whole network in bf16 or fp16)
+        self.bf16_modules = outermost_within(ctx.model, frozen) if ctx.precision.frozen_bf16 else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with bf16_forwards(self.bf16_modules, self.ctx.device):
