@@ -4,6 +4,7 @@ COMPETITION ?= plant-seedlings-classification# Kaggle's name of the competition 
 DEFAULT_DATA := data/$(COMPETITION)
 DATA     ?= $(DEFAULT_DATA)# competition folder: train/<Species>/*, test/*, sample_submission.csv
 CONFIG   ?= configs/cpu.yaml# recipe (YAML)
+RECIPE   ?= configs/gpu.yaml# kaggle: the recipe its notebook runs (any recipe, a run's config.yaml, a sweep's best.yaml)
 RUN      ?= $(basename $(notdir $(CONFIG)))# run name: runs/$(RUN)/, submissions/$(RUN).csv
 N_FOLDS  ?= 5# folds for cross-validation
 FOLD_SEED ?= 0# seed of the fold split (separate from the recipe's training seed)
@@ -45,6 +46,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data demo-data check-data folds lr-find train predict submit compare mle evaluate upload leaderboard demo \
+	kaggle kaggle-push kaggle-output \
 	test test-all \
 	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard mlflow-ui
 
@@ -124,6 +126,17 @@ upload: $(STAMP) ## send submissions/RUN.csv to Kaggle with a message from its p
 
 leaderboard: $(STAMP) ## list your Kaggle submissions and their public and private scores
 	$(SEEDLINGS) leaderboard --competition "$(COMPETITION)"
+
+# Kaggle's notebooks: RECIPE (default configs/gpu.yaml) run there offline; RUN, N_FOLDS, FOLD_SEED and ARGS as usual
+KAGGLE_RUN = $(if $(filter command line environment,$(origin RUN)),--run "$(RUN)")
+kaggle: $(STAMP) ## build kaggle/: a notebook and its wheel dataset that run RECIPE on Kaggle's GPUs offline
+	$(SEEDLINGS) kaggle-bundle --config "$(RECIPE)" $(KAGGLE_RUN) --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED) $(ARGS)
+
+kaggle-push: $(STAMP) ## send kaggle/ to Kaggle (the dataset created or versioned, then the notebook, which runs)
+	$(SEEDLINGS) kaggle-push
+
+kaggle-output: $(STAMP) ## fetch the finished notebook's runs/RUN and submission into runs/ and submissions/
+	$(SEEDLINGS) kaggle-output --config "$(RECIPE)" $(KAGGLE_RUN)
 
 demo: $(STAMP) ## the whole chain on a generated competition: submissions/demo.csv
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0

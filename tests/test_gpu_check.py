@@ -30,6 +30,7 @@ def test_gpu_check_dry_run(home, tmp_path):
     assert result["fold"]["val_f1"] == pytest.approx(metrics.val_f1.iloc[-1])
     assert result["fold"]["fold_seconds"] >= metrics.seconds.sum()
     assert "bare img/s" in done.stdout and "one shortened fold end to end" in done.stdout
+    assert result["precision"].startswith("auto: ") and f"precision {result['precision']}" in done.stdout  # and why
 
 
 def test_gpu_check_times_the_pipelines_own_step(monkeypatch):

@@ -112,7 +112,7 @@ def test_make_demo_from_scratch(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     dst = tmp_path / "repo"
-    shutil.copytree(repo, dst, ignore=shutil.ignore_patterns(".venv", "data", "runs", "submissions", ".git"))
+    shutil.copytree(repo, dst, ignore=shutil.ignore_patterns(".venv", "data", "runs", "submissions", ".git", "kaggle"))
     (dst / ".venv").symlink_to(repo / ".venv")
     (dst / "submissions").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "SEEDLINGS_HOME"}

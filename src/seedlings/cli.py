@@ -135,6 +135,19 @@ def add_kaggle_commands(sub) -> None:
         sub, "leaderboard", commands.leaderboard, "list your Kaggle submissions and their public and private scores"
     )
     p.add_argument("--competition", default=defaults.COMPETITION, help="Kaggle's name of the competition")
+    p = command(sub, "kaggle-bundle", commands.kaggle_bundle, "kaggle/: a notebook and its wheel dataset that run a "
+                "recipe on Kaggle's GPUs with no internet (make kaggle)")  # fmt: skip
+    p.add_argument("--config", default="configs/gpu.yaml", help="recipe: a file, a run's config.yaml, a best.yaml")
+    p.add_argument("--run", default=None, help="the run's name on Kaggle (default: the recipe's file name)")
+    p.add_argument("--n-folds", type=int, default=defaults.N_FOLDS, help="folds of the split")
+    p.add_argument("--fold-seed", type=int, default=defaults.FOLD_SEED, help="seed of the split")
+    p.add_argument("--out", default=None, help="the bundle's folder (default: kaggle/ in the checkout)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted: stages.1.size=160")
+    p = command(sub, "kaggle-push", commands.kaggle_push, "send kaggle/ to Kaggle: the dataset, then the notebook")
+    p.add_argument("--bundle", default=None, help="the bundle's folder (default: kaggle/ in the checkout)")
+    p = command(sub, "kaggle-output", commands.kaggle_output, "fetch a finished notebook's runs/<run>/ and submission")
+    p.add_argument("--config", default=defaults.CONFIG, help="recipe whose file name is the run's default name")
+    p.add_argument("--run", default=None, help="run name (default: the recipe's file name)")
 
 
 def add_results_commands(sub) -> None:

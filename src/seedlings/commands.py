@@ -157,6 +157,25 @@ def leaderboard(args: Args) -> None:
     save_leaderboard(show(competition=args.competition))  # the runs table reads each run's scores from it
 
 
+def kaggle_bundle(args: Args) -> None:
+    from seedlings.bundle.kaggle import build_bundle
+
+    build_bundle(args.config, args.overrides, run_name(args), args.n_folds, args.fold_seed,
+                 Path(args.out) if args.out else None)  # fmt: skip
+
+
+def kaggle_push(args: Args) -> None:
+    from seedlings.bundle.push import push
+
+    push(Path(args.bundle) if args.bundle else None)
+
+
+def kaggle_output(args: Args) -> None:
+    from seedlings.bundle.push import fetch_output
+
+    fetch_output(run_name(args))
+
+
 # --------------------------------------------------------------------------------------------------------- results
 def runs(args: Args) -> None:
     from seedlings.track.table import runs_table, show

