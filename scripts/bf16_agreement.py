@@ -12,7 +12,7 @@ from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import run_members
 from seedlings.run import saved_run
 from seedlings.train.fold import prepare_fold
-from seedlings.train.precision import cpu_has_bf16
+from seedlings.precision import cpu_has_bf16
 from seedlings.train.predictor import Predictor
 
 run = saved_run(sys.argv[1])

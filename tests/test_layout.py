@@ -90,5 +90,16 @@ def test_each_step_is_a_subpackage():
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
     assert {"seedlings.data", "seedlings.recipe", "seedlings.train", "seedlings.predict", "seedlings.lab"} <= packages
     loose = {m for m, p in MODULES.items() if p.parent == PACKAGE and p.name != "__init__.py"}
-    assert loose <= {"seedlings.cli", "seedlings.commands", "seedlings.defaults", "seedlings.errors", "seedlings.paths",
-                     "seedlings.storage", "seedlings.metrics", "seedlings.optim", "seedlings.run"}, loose  # fmt: skip
+    allowed = {
+        "seedlings.cli",
+        "seedlings.commands",
+        "seedlings.defaults",
+        "seedlings.errors",
+        "seedlings.paths",
+        "seedlings.storage",
+        "seedlings.metrics",
+        "seedlings.optim",
+        "seedlings.precision",
+        "seedlings.run",
+    }
+    assert loose <= allowed, loose

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_run
+from seedlings import precision as P
 from seedlings.cli import main
 from seedlings.errors import UserError
 from seedlings.recipe.load import load_recipe
 from seedlings.train import fit
-from seedlings.train import precision as P
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 

@@ -1,4 +1,4 @@
-"""Autocast to the precision's dtype, and a frozen prefix in bf16 inside a float32 training step (train/precision.py
+"""Autocast to the precision's dtype, and a frozen prefix in bf16 inside a float32 training step (precision.py
 says where each runs)."""
 
 import pytest

@@ -23,11 +23,11 @@ from seedlings.data.competition import scan_competition
 from seedlings.data.demo import make_demo
 from seedlings.data.loaders import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.optim import make_optimizer
+from seedlings.precision import cpu_has_bf16
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
 from seedlings.train.fold import prepare_fold
-from seedlings.train.precision import cpu_has_bf16
 from seedlings.train.step import autocast, train_step
 from seedlings.train.trainees import trainee_for
 

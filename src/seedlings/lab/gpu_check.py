@@ -23,12 +23,12 @@ from seedlings import paths
 from seedlings.data.augment import CROP_SCALE
 from seedlings.data.demo import make_demo
 from seedlings.data.device_batches import DeviceBatches
+from seedlings.precision import choose_precision, scaler_for
 from seedlings.predict.tta import tta_predict
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
 from seedlings.train.fit import train_fold
-from seedlings.train.precision import choose_precision, scaler_for
 from seedlings.train.step import autocast, train_step
 
 FULL = {"models": {"tf_efficientnet_lite0": 128, "convnext_small": 64}, "sizes": (224, 320, 384), "images": 4750}

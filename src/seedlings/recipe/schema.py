@@ -12,7 +12,7 @@ from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS
 from seedlings.optim import OPTIMIZERS
-from seedlings.train.precision import PRECISIONS
+from seedlings.precision import PRECISIONS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail

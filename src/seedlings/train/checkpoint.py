@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 
 from seedlings.errors import UserError
+from seedlings.precision import StepScaler
 from seedlings.storage import BackgroundSaver, cpu_copy, file_sha256, load_torch, save_torch, write_csv, write_json
 from seedlings.train.average import WeightAverage
 from seedlings.train.fold import FoldContext
-from seedlings.train.precision import StepScaler
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
 

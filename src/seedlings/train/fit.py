@@ -20,6 +20,7 @@ from tqdm import tqdm
 from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
 from seedlings.optim import make_optimizer
+from seedlings.precision import StepScaler, scaler_for
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
@@ -30,7 +31,6 @@ from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.mixing import mix_batch, mixed_criterion
-from seedlings.train.precision import StepScaler, scaler_for
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for

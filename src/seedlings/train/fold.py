@@ -15,10 +15,10 @@ from seedlings.data.competition import Competition
 from seedlings.data.device_batches import DeviceBatches
 from seedlings.data.loaders import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.errors import UserError
+from seedlings.precision import Precision, choose_precision
 from seedlings.recipe.schema import BODY_ON_MAPS
 from seedlings.run import Run
 from seedlings.train.model import create_model, frozen_prefix, layer_groups, model_mean_std
-from seedlings.train.precision import Precision, choose_precision
 from seedlings.train.step import Select, autocast, batch_view_probs, to_device
 
 
@@ -51,7 +51,7 @@ class FoldContext:
 
     @property
     def precision(self) -> Precision:
-        """What training and the forwards without gradients compute in on this device (train/precision.py)."""
+        """What training and the forwards without gradients compute in on this device (precision.py)."""
         return choose_precision(self.recipe.precision, self.device)
 
 

@@ -12,13 +12,13 @@ from torch import nn
 
 from seedlings.errors import UserError
 from seedlings.optim import make_optimizer
+from seedlings.precision import scaler_for
 from seedlings.recipe.schema import SOLVED_HEAD, Recipe
 from seedlings.run import Run
 from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import FoldContext, prepare_fold
-from seedlings.train.precision import scaler_for
 from seedlings.train.step import train_step
 from seedlings.train.trainees import trainee_for
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from seedlings.train.precision import StepScaler
+from seedlings.precision import StepScaler
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
