@@ -8,11 +8,11 @@ import sys
 import time
 
 from seedlings.metrics import val_scores
+from seedlings.precision import choose_precision, cpu_has_bf16
 from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import run_members
 from seedlings.run import saved_run
 from seedlings.train.fold import prepare_fold
-from seedlings.precision import cpu_has_bf16
 from seedlings.train.predictor import Predictor
 
 run = saved_run(sys.argv[1])
@@ -25,7 +25,7 @@ for fold in run.models():
     ctx.model.load_state_dict(run_members(run, fold)[-1].state_dict(ctx.device))
     labels, probs, speed = ctx.labels[ctx.val_idx], {}, {}
     for bf16 in (False, True):
-        run.recipe.precision = "auto" if bf16 else "fp32"  # auto: bf16 forwards on a CPU that computes it
+        ctx.precision = choose_precision("auto" if bf16 else "fp32", ctx.device)  # auto: bf16 forwards where native
         start = time.perf_counter()
         probs[bf16] = tta_probs(Predictor(ctx, through_network=True), "train", ctx.val_idx, tta)
         speed[bf16] = len(labels) / (time.perf_counter() - start)

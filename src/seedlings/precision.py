@@ -32,7 +32,7 @@ class Precision:
         return self.train == torch.float16
 
 
-@functools.cache  # asked on every training step and prediction batch; the answer cannot change
+@functools.cache  # asked by every fold, the bench and the GPU check; the answer cannot change
 def cpu_has_bf16() -> bool:
     """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards run about twice as fast as float32 ones
     there, and emulated elsewhere (slower than float32)."""

@@ -40,6 +40,7 @@ class FoldContext:
     device: torch.device
     mean: tuple
     std: tuple
+    precision: Precision  # what training and the forwards without gradients compute in on this device, chosen once
 
     @property
     def recipe(self):
@@ -48,11 +49,6 @@ class FoldContext:
     @property
     def dir(self):
         return self.run.fold_dir(self.fold)
-
-    @property
-    def precision(self) -> Precision:
-        """What training and the forwards without gradients compute in on this device (precision.py)."""
-        return choose_precision(self.recipe.precision, self.device)
 
 
 def pick_device() -> torch.device:
@@ -70,7 +66,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     good = ~np.isin(np.array(comp.train_files), cache.bad)
     in_val = folds.fold.to_numpy() == fold
     device = device or pick_device()
-    choose_precision(recipe.precision, device)  # a precision the device cannot compute: refused before anything runs
+    precision = choose_precision(recipe.precision, device)  # one the device cannot compute: refused before anything
     torch.manual_seed(recipe.seed * 1000 + fold)  # the new head's initial weights
     # channels_last: 1.4x to 1.6x faster training of tf_efficientnet_lite0 on this 2-core CPU (make bench, three runs
     # in docs/results.md), the fast path on GPUs
@@ -104,6 +100,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
         device=device,
         mean=mean,
         std=std,
+        precision=precision,
     )
 
 
