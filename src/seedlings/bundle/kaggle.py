@@ -78,15 +78,19 @@ def bundled_distributions(recipe) -> dict[str, str]:
     return closure(wanted, image)
 
 
+def pip(args: list[str], what: str) -> None:
+    """This environment's pip with `args`; a failure exits 2 with pip's last line."""
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise UserError(f"{what} failed: {tail[0]}")
+
+
 def download_wheels(dists: dict[str, str], dest: Path) -> None:
     """Each pinned wheel from the package index (binary only, for this interpreter: Kaggle's image runs the same
     Python and platform, CPython 3.11 on x86-64 Linux)."""
     pins = [f"{name}=={version}" for name, version in sorted(dists.items())]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), *pins]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        raise UserError(f"pip download of the bundle's wheels failed: {tail[0]}")
+    pip(["download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), *pins], "pip download of the wheels")
 
 
 def build_project_wheel(dest: Path) -> Path:
@@ -96,11 +100,7 @@ def build_project_wheel(dest: Path) -> Path:
         shutil.copytree(paths.REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(paths.REPO / name, source / name)
-        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(source)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
-            raise UserError(f"building this project's wheel failed: {tail[0]}")
+        pip(["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(source)], "this project's wheel")
         (wheel,) = Path(tmp).glob("seedlings-*.whl")
         return Path(shutil.copy2(wheel, dest))
 

@@ -190,7 +190,7 @@ class RealKaggle:
             raise
 
     def dataset_push(self, folder: Path, new: bool, notes: str) -> None:
-        if new:  # private; the wheels' folder uploaded as one zip
+        if new:  # private; a folder inside would be uploaded as one zip (make kaggle writes none)
             self._call(self.api.dataset_create_new, str(folder), public=False, quiet=True, dir_mode="zip")
         else:
             self._call(self.api.dataset_create_version, str(folder), notes, quiet=True, dir_mode="zip")
