@@ -137,7 +137,7 @@ def add_kaggle_commands(sub) -> None:
     p.add_argument("--competition", default=defaults.COMPETITION, help="Kaggle's name of the competition")
     p = command(sub, "kaggle-bundle", commands.kaggle_bundle, "kaggle/: a notebook and its wheel dataset that run a "
                 "recipe on Kaggle's GPUs with no internet (make kaggle)")  # fmt: skip
-    p.add_argument("--config", default="configs/gpu.yaml", help="recipe: a file, a run's config.yaml, a best.yaml")
+    p.add_argument("--config", default=defaults.KAGGLE_RECIPE, help="recipe: a file, a run's config.yaml, a best.yaml")
     p.add_argument("--run", default=None, help="the run's name on Kaggle (default: the recipe's file name)")
     p.add_argument("--n-folds", type=int, default=defaults.N_FOLDS, help="folds of the split")
     p.add_argument("--fold-seed", type=int, default=defaults.FOLD_SEED, help="seed of the split")
@@ -146,7 +146,7 @@ def add_kaggle_commands(sub) -> None:
     p = command(sub, "kaggle-push", commands.kaggle_push, "send kaggle/ to Kaggle: the dataset, then the notebook")
     p.add_argument("--bundle", default=None, help="the bundle's folder (default: kaggle/ in the checkout)")
     p = command(sub, "kaggle-output", commands.kaggle_output, "fetch a finished notebook's runs/<run>/ and submission")
-    p.add_argument("--config", default=defaults.CONFIG, help="recipe whose file name is the run's default name")
+    p.add_argument("--config", default=defaults.KAGGLE_RECIPE, help="recipe whose file name is the run's default name")
     p.add_argument("--run", default=None, help="run name (default: the recipe's file name)")
 
 

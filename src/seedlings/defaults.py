@@ -4,5 +4,6 @@ Nothing is imported here, so the command line reads them (and shows them in its 
 COMPETITION = "plant-seedlings-classification"  # Kaggle's name for it (fetch, upload, leaderboard)
 DATA = f"data/{COMPETITION}"  # the competition folder, relative to where commands run (the repo)
 CONFIG = "configs/cpu.yaml"  # the recipe
+KAGGLE_RECIPE = "configs/gpu.yaml"  # the recipe a Kaggle notebook runs (make kaggle, make kaggle-output)
 N_FOLDS = 5  # folds of the split: runs with the same (data, n_folds, fold_seed) share folds and blend
 FOLD_SEED = 0  # seed of the fold split, apart from the recipe's training seed
