@@ -132,7 +132,7 @@ KAGGLE_RUN = $(if $(filter command line environment,$(origin RUN)),--run "$(RUN)
 kaggle: $(STAMP) ## build kaggle/: a notebook and its wheel dataset that run RECIPE on Kaggle's GPUs offline
 	$(SEEDLINGS) kaggle-bundle --config "$(RECIPE)" $(KAGGLE_RUN) --n-folds $(N_FOLDS) --fold-seed $(FOLD_SEED) $(ARGS)
 
-kaggle-push: $(STAMP) ## send kaggle/ to Kaggle (the dataset created or versioned, then the notebook, which runs)
+kaggle-push: $(STAMP) ## send kaggle/ to Kaggle (a hub model's weights once, the wheels created or versioned, the notebook)
 	$(SEEDLINGS) kaggle-push
 
 kaggle-output: $(STAMP) ## fetch the finished notebook's runs/RUN and submission into runs/ and submissions/

@@ -69,6 +69,7 @@ class FakeKaggle:
     """The kaggle package's side of a push and a fetch, as the client sees it."""
 
     def __init__(self, statuses=("pending", "ready"), exists=False, kernel="complete", output=None):
+        """exists: True (every dataset is on Kaggle), False (none) or the names of those that are."""
         self.statuses, self.exists, self.kernel, self.output = list(statuses), exists, kernel, output
         self.calls = []
 
@@ -77,13 +78,14 @@ class FakeKaggle:
 
     def dataset_status(self, dataset):
         self.calls.append(("status", dataset))
-        if not self.exists:
+        if not (self.exists is True or dataset in (self.exists or ())):
             return None
         return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
 
     def dataset_push(self, folder, new, notes):
-        self.calls.append(("dataset", json.loads((folder / "dataset-metadata.json").read_text())["id"], new))
-        self.exists = True
+        dataset = json.loads((folder / "dataset-metadata.json").read_text())["id"]
+        self.calls.append(("dataset", dataset, new, sorted(p.name for p in folder.iterdir())))
+        self.exists = True if self.exists is True else {*(self.exists or ()), dataset}
 
     def kernel_push(self, folder):
         meta = json.loads((folder / "kernel-metadata.json").read_text())
@@ -103,15 +105,79 @@ class FakeKaggle:
 def test_push_creates_the_dataset_waits_until_ready_then_pushes_the_notebook_as_the_account(bundle):
     fake = FakeKaggle()
     assert P.push(bundle, fake, wait_s=5) == "me/seedlings-cpu"
-    assert ("dataset", "me/seedlings-cpu-wheels", True) in fake.calls
+    assert [c[:3] for c in fake.calls if c[0] == "dataset"] == [("dataset", "me/seedlings-cpu-wheels", True)]
     assert fake.calls[-1] == ("kernel", "me/seedlings-cpu", ["me/seedlings-cpu-wheels"])
     again = FakeKaggle(statuses=("ready",), exists=True)
     P.push(bundle, again, wait_s=5)
-    assert ("dataset", "me/seedlings-cpu-wheels", False) in again.calls  # a new version of the same dataset
+    assert ("dataset", "me/seedlings-cpu-wheels", False) in [c[:3] for c in again.calls]  # a new version
     broken = FakeKaggle(statuses=("error",), exists=True)
     with pytest.raises(UserError, match="dataset me/seedlings-cpu-wheels: Kaggle says 'error'"):
         P.push(bundle, broken, wait_s=5)
     assert not any(c[0] == "kernel" for c in broken.calls)
+
+
+@pytest.fixture
+def hub_bundle(tmp_path, monkeypatch):
+    """configs/gpu.yaml's bundle (ConvNeXt from timm's hub), built with the hub out of reach and wheels faked."""
+    import timm
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", unreachable)
+    monkeypatch.setattr(
+        B, "download_wheels", lambda dists, dest: [(dest / f"{n}-1-py3-none-any.whl").touch() for n in dists]
+    )
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    return B.build_bundle("configs/gpu.yaml", [], "gpu", 5, 0, out=tmp_path / "kaggle")
+
+
+def test_a_hub_recipe_builds_offline_its_weights_named_for_a_dataset_of_their_own(hub_bundle):
+    record = json.loads((hub_bundle / "dataset" / B.BUNDLE_FILE).read_text())
+    slug = "timm-convnext-small-fb-in22k-ft-in1k"
+    assert record["weights"] == {"model": "convnext_small.fb_in22k_ft_in1k", "file": f"{slug}.safetensors"}
+    assert not list(hub_bundle.rglob("*.safetensors"))  # fetched by the push, not the build
+    assert not any("efficientnet" in w["name"] for w in record["wheels"])
+    weights = json.loads((hub_bundle / "weights" / "dataset-metadata.json").read_text())
+    assert weights["id"] == f"someone/{slug}" and len(weights["title"]) <= 50
+    kernel = json.loads((hub_bundle / "notebook" / "kernel-metadata.json").read_text())
+    assert kernel["dataset_sources"] == ["someone/seedlings-gpu-wheels", f"someone/{slug}"]
+    assert len(B.notebook_slug("a_very_long.run_name" * 4)) == 50  # Kaggle's limit for a name
+    assert len(B.kaggle_slug("x" * 80)) == 50 and B.kaggle_slug("x" * 80) != B.kaggle_slug("x" * 79)
+
+
+def test_push_fetches_and_sends_the_hub_weights_once_before_the_wheels(hub_bundle, monkeypatch):
+    import timm
+    import torch
+
+    fetched = []
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: fetched.append(name) or torch.nn.Linear(2, 3))
+    slug = "timm-convnext-small-fb-in22k-ft-in1k"
+    fake = FakeKaggle()
+    P.push(hub_bundle, fake, wait_s=5)
+    sent = [c for c in fake.calls if c[0] == "dataset"]
+    assert [c[1:3] for c in sent] == [(f"me/{slug}", True), ("me/seedlings-gpu-wheels", True)]
+    assert sent[0][3] == ["dataset-metadata.json", f"{slug}.safetensors"] and fetched == [
+        "convnext_small.fb_in22k_ft_in1k"
+    ]
+    from safetensors.torch import load_file
+
+    assert set(load_file(hub_bundle / "weights" / f"{slug}.safetensors")) == {"weight", "bias"}
+    assert fake.calls[-1] == ("kernel", "me/seedlings-gpu", ["me/seedlings-gpu-wheels", f"me/{slug}"])
+    (hub_bundle / "weights" / f"{slug}.safetensors").unlink()
+    again = FakeKaggle(statuses=("ready",), exists={f"me/{slug}", "me/seedlings-gpu-wheels"})
+    P.push(hub_bundle, again, wait_s=5)  # on Kaggle already: neither fetched nor sent again
+    assert [c[1:3] for c in again.calls if c[0] == "dataset"] == [("me/seedlings-gpu-wheels", False)]
+    assert fetched == ["convnext_small.fb_in22k_ft_in1k"]
+
+
+def test_push_of_hub_weights_it_cannot_fetch_exits_2_having_sent_nothing(hub_bundle, capsys):
+    fake = FakeKaggle()
+    with pytest.raises(
+        UserError, match="the weights of convnext_small.fb_in22k_ft_in1k could not be fetched for Kaggle"
+    ):
+        P.push(hub_bundle, fake, wait_s=5)
+    assert not [c for c in fake.calls if c[0] in ("dataset", "kernel")]
 
 
 def test_push_without_credentials_or_bundle_exits_2_naming_it(tmp_path, monkeypatch, capsys):

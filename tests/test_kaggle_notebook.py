@@ -61,8 +61,25 @@ def kaggle_image(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def run_notebook(bundle: Path, root: Path, python: Path, jupyter: Path) -> str:
+    """The bundle's notebook executed in the kernel `python`, with `root` as /kaggle; what its cells printed."""
+    kernels = jupyter / "kernels" / "kaggle-image"
+    kernels.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python",
+            "display_name": "Kaggle's image", "env": {"KAGGLE_ROOT": str(root)}}  # fmt: skip
+    (kernels / "kernel.json").write_text(json.dumps(spec))
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(bundle / "notebook" / "seedlings.ipynb", as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name="kaggle-image", resources={"metadata": {"path": str(root)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
 @pytest.mark.slow
 def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkeypatch):
+    """Twice: make demo's recipe as it is (its weights a wheel's), then, shortened, as a hub recipe (`pretrained=hub`)
+    whose weights come from their own dataset (the same weights, saved as make kaggle-push saves a hub model's): its
+    submission is that of the same chain run here on that file."""
     for k in ("SEEDLINGS_JOBS", "SEEDLINGS_THREADS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(k, raising=False)
     made = subprocess.run(["make", "-s", "-n", "demo"], cwd=REPO, capture_output=True, text=True).stdout
@@ -73,8 +90,11 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
     chain = [sys.executable, "-m", "seedlings.cli", "submit", "--data", str(data), "--run", "demo",
              "--config", str(REPO / "configs" / "cpu.yaml"), *DEMO_ARGS, *DEMO_OVERRIDES]  # fmt: skip
     subprocess.run(chain, env=env, check=True, capture_output=True)
+    expected = (home / "submissions" / "demo.csv").read_bytes()
 
     monkeypatch.setattr(B, "download_wheels", lambda dists, dest: [wheel_from_environment(n, dest) for n in dists])
+    python = kaggle_image(tmp_path / "image")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     bundle = B.build_bundle(str(REPO / "configs" / "cpu.yaml"), DEMO_OVERRIDES, "demo", 5, 0, tmp_path / "kaggle")
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     assert size < 64 * 2**20, f"the bundle is {size / 2**20:.1f} MiB"
@@ -82,22 +102,30 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
     shutil.copytree(data, root / "input" / "plant-seedlings-classification")
     shutil.copytree(bundle / "dataset", root / "input" / "seedlings-demo-wheels")
     (root / "working").mkdir()
-
-    python = kaggle_image(tmp_path / "image")
-    kernels = tmp_path / "jupyter" / "kernels" / "kaggle-image"
-    kernels.mkdir(parents=True)
-    spec = {"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python",
-            "display_name": "Kaggle's image", "env": {"KAGGLE_ROOT": str(root)}}  # fmt: skip
-    (kernels / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(bundle / "notebook" / "seedlings.ipynb", as_version=4)
-    NotebookClient(nb, timeout=1800, kernel_name="kaggle-image", resources={"metadata": {"path": str(root)}}).execute()
-    said = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    said = run_notebook(bundle, root, python, tmp_path / "jupyter")
     assert "installed 0 of" not in said and "seedlings" in said.split("wheels:", 1)[1].split("\n", 1)[0]
     torch_info = list((tmp_path / "image").glob("lib/python*/site-packages/torch-*.dist-info"))
     assert len(torch_info) == 1 and torch_info[0].is_symlink()  # the image's own torch, never replaced
-    got = (root / "working" / "submission.csv").read_bytes()
-    assert got == (home / "submissions" / "demo.csv").read_bytes()
+    assert (root / "working" / "submission.csv").read_bytes() == expected
     assert (root / "working" / "runs" / "demo" / "report" / "report.md").is_file()
+
+    from safetensors.torch import save_file
+
+    from seedlings.train.model import bundled_state_dict
+
+    short = [*DEMO_OVERRIDES, "stages.1.cycle_len=3"]  # the weights' path is what this half checks: a shorter chain
+    hub = B.build_bundle(str(REPO / "configs" / "cpu.yaml"), [*short, "pretrained=hub"], "hub", 5, 0,
+                         tmp_path / "kaggle-hub")  # fmt: skip
+    weights = json.loads((hub / "dataset" / B.BUNDLE_FILE).read_text())["weights"]
+    root = tmp_path / "kaggle-root-hub"
+    shutil.copytree(data, root / "input" / "plant-seedlings-classification")
+    shutil.copytree(hub / "dataset", root / "input" / "seedlings-hub-wheels")
+    saved = root / "input" / "timm-weights" / weights["file"]  # the weight dataset, as make kaggle-push fills it
+    saved.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in bundled_state_dict(weights["model"]).items()}, str(saved))
+    (root / "working").mkdir()
+    run_notebook(hub, root, python, tmp_path / "jupyter")
+    assert f"pretrained: {saved}" in (root / "working" / "runs" / "hub" / "config.yaml").read_text()
+    local = [*chain[:7], "hub", *chain[8 : -len(DEMO_OVERRIDES)], *short, f"pretrained={saved}"]
+    subprocess.run(local, env=env, check=True, capture_output=True)  # the same chain here, on the same weights file
+    assert (root / "working" / "submission.csv").read_bytes() == (home / "submissions" / "hub.csv").read_bytes()

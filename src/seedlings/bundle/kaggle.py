@@ -3,15 +3,16 @@
 kaggle/dataset/ is a Kaggle dataset of wheels: this project's own, and every runtime dependency of the chain that
 Kaggle's image may lack (the closure of what the chain imports, less what the image is assumed to have: torch,
 torchvision, numpy, pandas, scikit-learn, opencv, and all they require), at the versions this project pins and tests,
-plus the ImageNet weights the recipe starts from. kaggle/notebook/ is the notebook (notebook.py writes it) and its
-kernel-metadata.json: the competition and the dataset as inputs, GPU on, internet off. `make kaggle-push` and
-`make kaggle-output` (push.py) move them through the kaggle package's API.
+plus the package of the bundled ImageNet weights the recipe starts from. A hub model's weights are a second dataset,
+kaggle/weights/ (its metadata; make kaggle-push fetches the weights). kaggle/notebook/ is the notebook (notebook.py
+writes it) and its kernel-metadata.json: the competition and the datasets as inputs, GPU on, internet off.
+`make kaggle-push` and `make kaggle-output` (push.py) move them through the kaggle package's API.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from seedlings.recipe.load import load_recipe
 from seedlings.run import git_commit
 from seedlings.train.model import BUNDLED
 
-BUNDLE_FORMAT = "seedlings-bundle-1"
+BUNDLE_FORMAT = "seedlings-bundle-2"  # 2: a hub model's weights in a dataset of their own
 BUNDLE_FILE = "seedlings-bundle.json"  # in the dataset: the notebook finds the dataset by it, wherever it is mounted
 IMAGE = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "opencv-python", "opencv-python-headless",
          "ipykernel")  # fmt: skip  # what Kaggle's notebook image has: never bundled, never replaced
@@ -105,30 +106,27 @@ def build_project_wheel(dest: Path) -> Path:
         return Path(shutil.copy2(wheel, dest))
 
 
-def hub_weights(recipe, dest: Path) -> Path:
-    """A `pretrained: hub` model's ImageNet weights saved into the dataset (the notebook has no internet)."""
-    import timm
-    from safetensors.torch import save_file
+def kaggle_slug(text: str) -> str:
+    """A dataset's or notebook's name as Kaggle takes it: lower case, dashes, at most 50 characters (a longer one
+    keeps its first 41 and a hash of the whole, so two long names stay apart)."""
+    slug = canonicalize_name(text)
+    return slug if len(slug) <= 50 else f"{slug[:41]}-{hashlib.sha256(slug.encode()).hexdigest()[:8]}"
 
-    hub_log = logging.getLogger("huggingface_hub")
-    level, hub_log.level = hub_log.level, logging.CRITICAL  # its retries' lines: the failure is said once, below
-    try:
-        model = timm.create_model(recipe.model, pretrained=True)
-    except (RuntimeError, OSError) as e:
-        raise UserError(f"pretrained: hub: the weights of {recipe.model} could not be fetched for the bundle "
-                        f"({type(e).__name__}); fetch them once online, or bundle a recipe with pretrained: bundled "
-                        "(tf_efficientnet_lite0/1/2)") from None  # fmt: skip
-    finally:
-        hub_log.setLevel(level)
-    dest.mkdir(parents=True, exist_ok=True)
-    out = dest / f"{recipe.model.replace('/', '_')}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    return out
+
+def weights_dataset(recipe, owner: str, folder: Path) -> tuple[dict, str]:
+    """A `pretrained: hub` model's weights travel in a dataset of their own (the notebook has no internet): here its
+    metadata only. make kaggle-push fetches the weights from timm's hub and sends them once, when Kaggle has no such
+    dataset yet; the wheel dataset, versioned on every push, stays small."""
+    folder.mkdir(parents=True)
+    slug = kaggle_slug(f"timm-{recipe.model}")
+    meta = {"title": slug, "id": f"{owner}/{slug}", "licenses": [{"name": "other"}]}
+    (folder / "dataset-metadata.json").write_text(json.dumps(meta, indent=1))
+    return {"model": recipe.model, "file": f"{slug}.safetensors"}, meta["id"]
 
 
 def notebook_slug(run: str) -> str:
-    """The notebook's name on Kaggle (its dataset: this and -wheels)."""
-    return canonicalize_name(f"seedlings-{run}")
+    """The notebook's name on Kaggle (its wheel dataset: this and -wheels)."""
+    return kaggle_slug(f"seedlings-{run}")
 
 
 def wheel_name(path: Path) -> str:
@@ -149,29 +147,35 @@ def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int,
     dataset.mkdir(parents=True)  # flat: no folder for the upload to pack into an archive
     notebook.mkdir(parents=True)
     try:
-        weights = hub_weights(recipe, dataset) if recipe.pretrained == "hub" else None  # the step that fails first
         download_wheels(bundled_distributions(recipe), dataset)
         build_project_wheel(dataset)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     wheels = [{"name": wheel_name(p), "file": p.name} for p in sorted(dataset.glob("*.whl"))]
-    record = {"format": BUNDLE_FORMAT, "git_commit": git_commit(), "wheels": wheels,
-              "weights": weights.relative_to(dataset).as_posix() if weights else None}  # fmt: skip
-    (dataset / BUNDLE_FILE).write_text(json.dumps(record, indent=1))
-    meta = {"title": f"{slug} wheels", "id": f"{owner}/{slug}-wheels", "licenses": [{"name": "other"}]}
+    wheel_slug = kaggle_slug(f"{slug}-wheels")
+    meta = {"title": wheel_slug, "id": f"{owner}/{wheel_slug}", "licenses": [{"name": "other"}]}
     (dataset / "dataset-metadata.json").write_text(json.dumps(meta, indent=1))
+    weights, sources = None, [meta["id"]]
+    if recipe.pretrained == "hub":
+        weights, weights_id = weights_dataset(recipe, owner, staging / "weights")
+        sources.append(weights_id)
+    record = {"format": BUNDLE_FORMAT, "git_commit": git_commit(), "wheels": wheels, "weights": weights}
+    (dataset / BUNDLE_FILE).write_text(json.dumps(record, indent=1))
     recipe_text = Path(recipe_path).read_text(encoding="utf-8")
-    write_notebook(notebook / "seedlings.ipynb", run, recipe_text, overrides, n_folds, fold_seed, record["weights"])
+    write_notebook(notebook / "seedlings.ipynb", run, recipe_text, overrides, n_folds, fold_seed, weights)
     (notebook / "kernel-metadata.json").write_text(json.dumps({
         "id": f"{owner}/{slug}", "title": slug, "code_file": "seedlings.ipynb", "language": "python",
         "kernel_type": "notebook", "is_private": True, "enable_gpu": True, "enable_tpu": False,
-        "enable_internet": False, "dataset_sources": [f"{owner}/{slug}-wheels"],
+        "enable_internet": False, "dataset_sources": sources,
         "competition_sources": [COMPETITION], "kernel_sources": [], "model_sources": [],
     }, indent=1))  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"{out}: {len(wheels)} wheels{', the weights of ' + recipe.model if weights else ''}, "
-          f"{size / 2**20:.1f} MiB; notebook {owner}/{slug} (make kaggle-push sends both)")  # fmt: skip
+    later = f"; the weights of {recipe.model}: make kaggle-push fetches and sends them once" if weights else ""
+    print(
+        f"{out}: {len(wheels)} wheels, {size / 2**20:.1f} MiB; notebook {owner}/{slug}{later} "
+        "(make kaggle-push sends the bundle)"
+    )
     return out

@@ -41,8 +41,10 @@ print(f"bundle {bundle['git_commit'][:10]} from {BUNDLE}; installed {len(missing
 RUN_CHAIN = """\
 RECIPE = WORK / "recipe.yaml"
 RECIPE.write_text(RECIPE_TEXT)
-if bundle["weights"]:  # a hub model's ImageNet weights, carried in the dataset (no internet here)
-    OVERRIDES = [*OVERRIDES, f"pretrained={BUNDLE / bundle['weights']}"]
+if bundle["weights"]:  # a hub model's ImageNet weights: their own dataset, sent once by make kaggle-push
+    found = sorted(INPUT.rglob(bundle["weights"]["file"]))
+    assert found, f"{bundle['weights']['file']}: not among the inputs; make kaggle-push sends its dataset"
+    OVERRIDES = [*OVERRIDES, f"pretrained={found[0]}"]
 import torch
 
 gpus = torch.cuda.device_count()
@@ -83,15 +85,17 @@ def cell(kind: str, text: str) -> dict:
 
 
 def write_notebook(path: Path, run: str, recipe_text: str, overrides: list[str], n_folds: int, fold_seed: int,
-                   weights: str | None) -> Path:  # fmt: skip
+                   weights: dict | None) -> Path:  # fmt: skip
     """The notebook for one run: its recipe, overrides and split written into its first code cell."""
     settings = (f"RUN = {run!r}\nN_FOLDS, FOLD_SEED = {n_folds}, {fold_seed}\nOVERRIDES = {list(overrides)!r}\n"
                 f"RECIPE_TEXT = {recipe_text!r}\n")  # fmt: skip
-    intro = (f"# seedlings: run `{run}` on Kaggle\n\nWritten by `make kaggle`. It installs what this image lacks "
-             "from the attached wheel dataset (no internet), trains and predicts the recipe below on the mounted "
-             "competition (with two GPUs, two folds at once), writes `/kaggle/working/submission.csv` and shows the "
-             "run's report. `make kaggle-output` brings `runs/` and the submission back to your checkout."
-             + ("\n\nThe hub model's ImageNet weights come from the dataset." if weights else ""))  # fmt: skip
+    intro = (
+        f"# seedlings: run `{run}` on Kaggle\n\nWritten by `make kaggle`. It installs what this image lacks "
+        "from the attached wheel dataset (no internet), trains and predicts the recipe below on the mounted "
+        "competition (with two GPUs, two folds at once), writes `/kaggle/working/submission.csv` and shows the "
+        "run's report. `make kaggle-output` brings `runs/` and the submission back to your checkout."
+        + (f"\n\nThe ImageNet weights of `{weights['model']}` come from their own dataset." if weights else "")
+    )
     cells = [cell("markdown", intro), cell("code", settings), cell("code", FIND_AND_INSTALL),
              cell("code", RUN_CHAIN), cell("code", SHOW)]  # fmt: skip
     kernel = {"display_name": "Python 3", "language": "python", "name": "python3"}

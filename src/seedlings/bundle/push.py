@@ -5,6 +5,7 @@ submissions/, so that `make upload` and `make leaderboard` work on them as on a 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -36,9 +37,54 @@ def with_owner(meta: dict, owner: str) -> dict:
     return out
 
 
+def hub_weights(model: str, out: Path) -> Path:
+    """A hub model's ImageNet weights, fetched by timm and saved as safetensors at `out` (a second push reuses them)."""
+    if out.is_file():
+        return out
+    import timm
+    from safetensors.torch import save_file
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level, hub_log.level = hub_log.level, logging.CRITICAL  # its retries' lines: the failure is said once, below
+    try:
+        state = timm.create_model(model, pretrained=True).state_dict()
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"pretrained: hub: the weights of {model} could not be fetched for Kaggle "
+                        f"({type(e).__name__}); push once online, or bundle a recipe with pretrained: bundled "
+                        "(tf_efficientnet_lite0/1/2)") from None  # fmt: skip
+    finally:
+        hub_log.setLevel(level)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out.with_suffix(".partial")))
+    return out.with_suffix(".partial").replace(out)
+
+
+def wait_ready(client: KaggleClient, dataset: str, wait_s: float) -> None:
+    """Until Kaggle has processed the dataset's new version (a notebook pushed before would not see it)."""
+    deadline = time.monotonic() + wait_s
+    while (status := client.dataset_status(dataset)) != "ready":
+        if status in ("error", "failed") or time.monotonic() > deadline:
+            raise UserError(f"dataset {dataset}: Kaggle says {status!r} after the upload; see kaggle.com/datasets/"
+                            f"{dataset}, then make kaggle-push again")  # fmt: skip
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def push_weights(folder: Path, weights: dict, client: KaggleClient, owner: str, wait_s: float) -> None:
+    """The hub model's weight dataset, sent only when Kaggle has none of that name: its weights never change."""
+    meta_path = folder / "dataset-metadata.json"
+    meta = with_owner(read_metadata(meta_path), owner)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    if client.dataset_status(meta["id"]) is None:
+        hub_weights(weights["model"], folder / weights["file"])
+        client.dataset_push(folder, True, f"ImageNet weights of {weights['model']} from timm's hub")
+        print(f"created dataset {meta['id']} (the weights of {weights['model']}); waiting for Kaggle to process it")
+    else:
+        print(f"dataset {meta['id']}: on Kaggle already, the weights of {weights['model']} are not sent again")
+    wait_ready(client, meta["id"], wait_s)
+
+
 def push(bundle: Path | None = None, client: KaggleClient | None = None, wait_s: float = READY_WAIT_S) -> str:
-    """Create the wheel dataset, or a new version of it, wait until Kaggle has processed it, push the notebook (it
-    runs at once on Kaggle's GPU); returns the notebook's id."""
+    """Send a hub model's weight dataset if Kaggle lacks it, create the wheel dataset or a new version of it, wait
+    until Kaggle has processed them, push the notebook (it runs at once on Kaggle's GPU); returns the notebook's id."""
     bundle = bundle or paths.REPO / "kaggle"
     dataset_meta = read_metadata(bundle / "dataset" / "dataset-metadata.json")
     kernel_meta = read_metadata(bundle / "notebook" / "kernel-metadata.json")
@@ -51,17 +97,14 @@ def push(bundle: Path | None = None, client: KaggleClient | None = None, wait_s:
     for path, meta in ((bundle / "dataset" / "dataset-metadata.json", dataset_meta),
                        (bundle / "notebook" / "kernel-metadata.json", kernel_meta)):  # fmt: skip
         path.write_text(json.dumps(with_owner(meta, owner), indent=1))
+    record = json.loads((bundle / "dataset" / BUNDLE_FILE).read_text())
+    if record.get("weights"):
+        push_weights(bundle / "weights", record["weights"], client, owner, wait_s)
     dataset = with_owner(dataset_meta, owner)["id"]
     new = client.dataset_status(dataset) is None
-    commit = json.loads((bundle / "dataset" / BUNDLE_FILE).read_text()).get("git_commit", "")[:10]
-    client.dataset_push(bundle / "dataset", new, f"seedlings {commit}")
+    client.dataset_push(bundle / "dataset", new, f"seedlings {record.get('git_commit', '')[:10]}")
     print(f"{'created' if new else 'new version of'} dataset {dataset}; waiting for Kaggle to process it")
-    deadline = time.monotonic() + wait_s
-    while (status := client.dataset_status(dataset)) != "ready":
-        if status in ("error", "failed") or time.monotonic() > deadline:
-            raise UserError(f"dataset {dataset}: Kaggle says {status!r} after the upload; see kaggle.com/datasets/"
-                            f"{dataset}, then make kaggle-push again")  # fmt: skip
-        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+    wait_ready(client, dataset, wait_s)
     kernel = with_owner(kernel_meta, owner)["id"]
     url = client.kernel_push(bundle / "notebook")
     print(f"pushed notebook {kernel}: it runs on Kaggle now ({url or 'kaggle.com/code/' + kernel}); "
