@@ -1,6 +1,7 @@
 """make kaggle's notebook executed (nbclient) on the demo competition laid out as Kaggle mounts it, in a fresh virtual
 environment that starts with only what Kaggle's image is assumed to have and installs the rest from the bundle with no
-index: its submission is make demo's, byte for byte. Slow: the chain runs twice (about five minutes)."""
+index: its submission is make demo's, byte for byte. Slow: the chain runs twice, then a shorter one twice (about eight
+minutes)."""
 
 import base64
 import hashlib

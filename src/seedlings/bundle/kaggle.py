@@ -173,9 +173,7 @@ def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int,
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    later = f"; the weights of {recipe.model}: make kaggle-push fetches and sends them once" if weights else ""
-    print(
-        f"{out}: {len(wheels)} wheels, {size / 2**20:.1f} MiB; notebook {owner}/{slug}{later} "
-        "(make kaggle-push sends the bundle)"
-    )
+    later = f", and once the weights of {recipe.model}, fetched from timm's hub" if weights else ""
+    print(f"{out}: {len(wheels)} wheels, {size / 2**20:.1f} MiB; notebook {owner}/{slug}; make kaggle-push sends "
+          f"them{later}")  # fmt: skip
     return out
