@@ -125,6 +125,7 @@ def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkey
     assert set(runs_of(server)) == {"tracked", "tracked fold 0", "tracked fold 1"}
 
 
+@pytest.mark.slow  # 22 s: make test stays within its 10 minutes
 def test_a_server_that_goes_down_never_costs_a_training(server, demo_master, home, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     run = tiny_run(demo_master, "cut", STAGES)

@@ -102,6 +102,7 @@ def test_three_workers_on_a_journal_file_share_one_study(data, home, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ PostgreSQL
+@pytest.mark.slow  # 29 s: make test stays within its 10 minutes
 def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_path, postgres):
     """Workers standing in for machines (their own working folders, the runs/ folder shared by path) on one real
     PostgreSQL server: the study is created once, under a lock, and ends at exactly TRIALS trials."""
@@ -119,7 +120,8 @@ def test_workers_in_separate_folders_share_a_postgresql_study(data, home, tmp_pa
 
 
 # on PostgreSQL, test_sweep_reliability's database-gone test also resumes a trial after the heartbeat's grace
-@pytest.mark.parametrize("store", [pytest.param("postgresql", marks=pytest.mark.slow), "journal"])
+@pytest.mark.slow  # 29 s a store: make test stays within its 10 minutes
+@pytest.mark.parametrize("store", ["postgresql", "journal"])
 def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data, home, tmp_path, store, request):
     """SIGKILL mid-trial, a worker started at once: once the heartbeat's grace is over (PostgreSQL: it watches the
     trial's heartbeat and waits, where it used to exit with the trial left running) or the worker's process is gone

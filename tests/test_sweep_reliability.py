@@ -44,6 +44,7 @@ def group_gone(pgid: int, within: float) -> bool:
     return False
 
 
+@pytest.mark.slow  # 37 s: make test stays within its 10 minutes
 def test_ctrl_c_stops_make_sweep_and_the_rerun_resumes_the_trial(data, home, tmp_path):
     """SIGINT to make's process group, as a terminal sends it: make and its workers are gone within 10 s (workers
     started with & in make's shell used to ignore it and train on), the interrupted trial is queued again, and the
