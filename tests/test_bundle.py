@@ -171,13 +171,17 @@ def test_push_fetches_and_sends_the_hub_weights_once_before_the_wheels(hub_bundl
     assert fetched == ["convnext_small.fb_in22k_ft_in1k"]
 
 
-def test_push_of_hub_weights_it_cannot_fetch_exits_2_having_sent_nothing(hub_bundle, capsys):
+def test_push_of_hub_weights_it_cannot_fetch_or_that_failed_before_exits_2_having_sent_nothing(hub_bundle):
     fake = FakeKaggle()
     with pytest.raises(
         UserError, match="the weights of convnext_small.fb_in22k_ft_in1k could not be fetched for Kaggle"
     ):
         P.push(hub_bundle, fake, wait_s=5)
     assert not [c for c in fake.calls if c[0] in ("dataset", "kernel")]
+    broken = FakeKaggle(statuses=("error",), exists={"me/timm-convnext-small-fb-in22k-ft-in1k"})
+    with pytest.raises(UserError, match=r"an earlier upload of the weights failed\); delete it at kaggle.com/datasets"):
+        P.push(hub_bundle, broken, wait_s=5)
+    assert not [c for c in broken.calls if c[0] in ("dataset", "kernel")]
 
 
 def test_push_without_credentials_or_bundle_exits_2_naming_it(tmp_path, monkeypatch, capsys):

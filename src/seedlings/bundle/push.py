@@ -73,10 +73,14 @@ def push_weights(folder: Path, weights: dict, client: KaggleClient, owner: str, 
     meta_path = folder / "dataset-metadata.json"
     meta = with_owner(read_metadata(meta_path), owner)
     meta_path.write_text(json.dumps(meta, indent=1))
-    if client.dataset_status(meta["id"]) is None:
+    status = client.dataset_status(meta["id"])
+    if status is None:
         hub_weights(weights["model"], folder / weights["file"])
         client.dataset_push(folder, True, f"ImageNet weights of {weights['model']} from timm's hub")
         print(f"created dataset {meta['id']} (the weights of {weights['model']}); waiting for Kaggle to process it")
+    elif status in ("error", "failed"):  # never versioned: a push again would meet the same broken dataset
+        raise UserError(f"dataset {meta['id']}: Kaggle says {status!r} (an earlier upload of the weights failed); "
+                        f"delete it at kaggle.com/datasets/{meta['id']}, then make kaggle-push again")  # fmt: skip
     else:
         print(f"dataset {meta['id']}: on Kaggle already, the weights of {weights['model']} are not sent again")
     wait_ready(client, meta["id"], wait_s)
