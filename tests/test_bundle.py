@@ -13,14 +13,15 @@ from seedlings.cli import main
 from seedlings.errors import UserError
 
 
+def fake_download(dists, dest):
+    """pip download's place: empty files named as pip would name the wheels."""
+    for name, version in dists.items():
+        (dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+
+
 @pytest.fixture
 def bundle(tmp_path, monkeypatch):
-    """A bundle of configs/cpu.yaml whose wheels are empty files named as pip would name them."""
-
-    def fake_download(dists, dest):
-        for name, version in dists.items():
-            (dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
-
+    """A bundle of configs/cpu.yaml, its wheels faked."""
     monkeypatch.setattr(B, "download_wheels", fake_download)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     return B.build_bundle("configs/cpu.yaml", ["mixup_alpha=0"], "cpu", 5, 0, out=tmp_path / "kaggle")
@@ -125,9 +126,7 @@ def hub_bundle(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(timm, "create_model", unreachable)
-    monkeypatch.setattr(
-        B, "download_wheels", lambda dists, dest: [(dest / f"{n}-1-py3-none-any.whl").touch() for n in dists]
-    )
+    monkeypatch.setattr(B, "download_wheels", fake_download)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     return B.build_bundle("configs/gpu.yaml", [], "gpu", 5, 0, out=tmp_path / "kaggle")
 

@@ -88,9 +88,14 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
     assert " ".join(DEMO_ARGS) in made  # what follows is make demo's chain, as the Makefile runs it
     data = make_demo(home / "data" / "demo", per_class=10, seed=0)
     env = {**os.environ, "SEEDLINGS_HOME": str(home)}
-    chain = [sys.executable, "-m", "seedlings.cli", "submit", "--data", str(data), "--run", "demo",
-             "--config", str(REPO / "configs" / "cpu.yaml"), *DEMO_ARGS, *DEMO_OVERRIDES]  # fmt: skip
-    subprocess.run(chain, env=env, check=True, capture_output=True)
+
+    def chain(run: str, overrides: list[str]) -> None:
+        """make demo's chain, as the Makefile runs it, as `run` with `overrides`."""
+        cmd = [sys.executable, "-m", "seedlings.cli", "submit", "--data", str(data), "--run", run,
+               "--config", str(REPO / "configs" / "cpu.yaml"), *DEMO_ARGS, *overrides]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    chain("demo", DEMO_OVERRIDES)
     expected = (home / "submissions" / "demo.csv").read_bytes()
 
     monkeypatch.setattr(B, "download_wheels", lambda dists, dest: [wheel_from_environment(n, dest) for n in dists])
@@ -127,6 +132,5 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
     (root / "working").mkdir()
     run_notebook(hub, root, python, tmp_path / "jupyter")
     assert f"pretrained: {saved}" in (root / "working" / "runs" / "hub" / "config.yaml").read_text()
-    local = [*chain[:7], "hub", *chain[8 : -len(DEMO_OVERRIDES)], *short, f"pretrained={saved}"]
-    subprocess.run(local, env=env, check=True, capture_output=True)  # the same chain here, on the same weights file
+    chain("hub", [*short, f"pretrained={saved}"])  # the same chain here, on the same weights file
     assert (root / "working" / "submission.csv").read_bytes() == (home / "submissions" / "hub.csv").read_bytes()

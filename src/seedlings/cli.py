@@ -143,12 +143,7 @@ def add_kaggle_commands(sub) -> None:
     p.add_argument("--fold-seed", type=int, default=defaults.FOLD_SEED, help="seed of the split")
     p.add_argument("--out", default=None, help="the bundle's folder (default: kaggle/ in the checkout)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted: stages.1.size=160")
-    p = command(
-        sub,
-        "kaggle-push",
-        commands.kaggle_push,
-        "send kaggle/ to Kaggle: a hub model's weights once, the wheels, the notebook",
-    )
+    p = command(sub, "kaggle-push", commands.kaggle_push, "send kaggle/ to Kaggle: hub weights once, wheels, notebook")
     p.add_argument("--bundle", default=None, help="the bundle's folder (default: kaggle/ in the checkout)")
     p = command(sub, "kaggle-output", commands.kaggle_output, "fetch a finished notebook's runs/<run>/ and submission")
     p.add_argument("--config", default=defaults.KAGGLE_RECIPE, help="recipe whose file name is the run's default name")

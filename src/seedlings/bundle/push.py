@@ -37,6 +37,13 @@ def with_owner(meta: dict, owner: str) -> dict:
     return out
 
 
+def owned(path: Path, meta: dict, owner: str) -> dict:
+    """`meta` (read from `path`) with `owner`'s ids, written back to `path`: what the push sends names the account."""
+    out = with_owner(meta, owner)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def hub_weights(model: str, out: Path) -> Path:
     """A hub model's ImageNet weights, fetched by timm and saved as safetensors at `out` (a second push reuses them)."""
     if out.is_file():
@@ -70,9 +77,7 @@ def wait_ready(client: KaggleClient, dataset: str, wait_s: float) -> None:
 
 def push_weights(folder: Path, weights: dict, client: KaggleClient, owner: str, wait_s: float) -> None:
     """The hub model's weight dataset, sent only when Kaggle has none of that name: its weights never change."""
-    meta_path = folder / "dataset-metadata.json"
-    meta = with_owner(read_metadata(meta_path), owner)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    meta = owned(folder / "dataset-metadata.json", read_metadata(folder / "dataset-metadata.json"), owner)
     status = client.dataset_status(meta["id"])
     if status is None:
         hub_weights(weights["model"], folder / weights["file"])
@@ -98,18 +103,15 @@ def push(bundle: Path | None = None, client: KaggleClient | None = None, wait_s:
     owner = client.username() or dataset_meta["id"].split("/")[0]
     if owner == PLACEHOLDER_OWNER:
         raise UserError("the Kaggle account's name is unknown: set KAGGLE_USERNAME (or use a kaggle.json)")
-    for path, meta in ((bundle / "dataset" / "dataset-metadata.json", dataset_meta),
-                       (bundle / "notebook" / "kernel-metadata.json", kernel_meta)):  # fmt: skip
-        path.write_text(json.dumps(with_owner(meta, owner), indent=1))
+    dataset = owned(bundle / "dataset" / "dataset-metadata.json", dataset_meta, owner)["id"]
+    kernel = owned(bundle / "notebook" / "kernel-metadata.json", kernel_meta, owner)["id"]
     record = json.loads((bundle / "dataset" / BUNDLE_FILE).read_text())
     if record.get("weights"):
         push_weights(bundle / "weights", record["weights"], client, owner, wait_s)
-    dataset = with_owner(dataset_meta, owner)["id"]
     new = client.dataset_status(dataset) is None
     client.dataset_push(bundle / "dataset", new, f"seedlings {record.get('git_commit', '')[:10]}")
     print(f"{'created' if new else 'new version of'} dataset {dataset}; waiting for Kaggle to process it")
     wait_ready(client, dataset, wait_s)
-    kernel = with_owner(kernel_meta, owner)["id"]
     url = client.kernel_push(bundle / "notebook")
     print(f"pushed notebook {kernel}: it runs on Kaggle now ({url or 'kaggle.com/code/' + kernel}); "
           f"make kaggle-output RUN=... fetches what it wrote once it is complete")  # fmt: skip
