@@ -138,7 +138,8 @@ class DeviceBatches:
                 )
         # uploaded once: (n, S, S, 3) uint8 is 4x smaller than the float images it becomes
         self.images = torch.from_numpy(rows).to(device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+        labels = np.asarray(labels)  # class indices, or a distribution per row (distillation's targets)
+        self.labels = torch.as_tensor(labels, dtype=torch.long if labels.ndim == 1 else torch.float32, device=device)
         self.size, self.crop_scale, self.seed, self.fold = size, crop_scale, seed, fold
         self.batch_size, self.device, self.out_dtype, self.drop_last = batch_size, device, out_dtype, drop_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)

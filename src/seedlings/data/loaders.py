@@ -36,7 +36,8 @@ def eval_transform(size: int, mean: tuple, std: tuple) -> A.Compose:
 
 
 class CachedImages(Dataset):
-    """Images from an ImageCache (rows `index`) with labels; items are (CHW float tensor, label)."""
+    """Images from an ImageCache (rows `index`) with labels; items are (CHW float tensor, label): a class index, or
+    a float32 distribution over the classes where `labels` has a row per image (distillation's targets)."""
 
     def __init__(self, images: np.ndarray, index: np.ndarray, labels: np.ndarray | None, transform: A.Compose):
         self.images, self.index, self.transform = images, np.asarray(index), transform
@@ -50,7 +51,8 @@ class CachedImages(Dataset):
         if seed is not None:
             self.transform.set_random_seed(seed)  # per-item seed: batches replay exactly on resume
         x = self.transform(image=np.asarray(self.images[self.index[i]]))["image"]
-        return torch.from_numpy(x.transpose(2, 0, 1).copy()), int(self.labels[i])
+        y = self.labels[i]
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(y) if y.ndim else int(y)
 
 
 class EpochSampler(Sampler):

@@ -12,7 +12,8 @@ import pandas as pd
 from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.run import Run, snapshot_name
-from seedlings.storage import file_sha256, load_torch, read_json, write_csv
+from seedlings.storage import file_sha256, read_json, write_csv
+from seedlings.train.checkpoint import recorded_weights
 
 
 @dataclass
@@ -79,16 +80,7 @@ class Member:
     def state_dict(self, device="cpu") -> dict:
         """The member's weights, checked against the sha256 its fold recorded (weights.json) when it saved them: a
         missing, damaged or copied file exits 2 naming it and the command that trains the fold again."""
-        redo = self.retrain
-        if not self.weights.exists():
-            raise UserError(f"{self.weights}: weights of fold {self.fold} of run {self.run!r} missing; {redo}")
-        record = self.dir / "weights.json"
-        if record.exists():
-            saved = read_json(record, "record of the fold's weights", redo).get(self.weights.name)
-            if saved != file_sha256(self.weights):
-                raise UserError(f"{self.weights}: not the weights fold {self.fold} of run {self.run!r} saved (copied "
-                                f"from another run, or damaged); {redo}")  # fmt: skip
-        return load_torch(self.weights, f"weights of fold {self.fold} of run {self.run!r}", device)
+        return recorded_weights(self.dir, self.weights, f"fold {self.fold} of run {self.run!r}", self.retrain, device)
 
     def load(self, split: str) -> Probs:
         """Saved probabilities, checked against the sha256 predict recorded: a damaged file is never blended."""

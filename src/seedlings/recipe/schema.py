@@ -117,6 +117,11 @@ class Recipe:
     #   folds train on those species' images only and, where the blend's top classes are exactly them, their share of
     #   the blend's probability is divided as the specialist divides it (out of fold too: each fold by its own model);
     #   "": none
+    teacher: list[str] = field(default_factory=list)  # distillation: finished runs on the same data and folds whose
+    #   probabilities (each fold's final model on its own training images, the mean of the 8 dihedral views; the runs
+    #   averaged) are mixed into the training targets; fold k learns from the teachers' fold k, trained without fold
+    #   k's images, so the out-of-fold score stays honest; a solved head learns the labels alone; []: none
+    distill: float = 0.0  # with teacher: the teachers' share of each training target (the label has the rest)
     calibrate: str = runs("none")  # none | bias: the blend's log-probabilities rescaled by one temperature plus a bias
     #   per class, fitted by log loss on the out-of-fold probabilities and applied to the test ones (mixup, cutmix and
     #   label smoothing leave a blend under-confident and leaning to the large classes; docs/recipe.md)
@@ -203,6 +208,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "mixup_alpha": (0.0, 10.0),
     "pseudo_label": (0.0, 0.9999),
     "cutmix_alpha": (0.0, 10.0),
+    "distill": (0.0, 1.0),
     "cache_margin": (1.0, 2.0),
     "num_workers": (-1, 256),
     "head_c": (0.0, 1e6),
@@ -272,6 +278,8 @@ def validate(recipe: Recipe) -> None:
         bad("classes", f"two species or more, each once, got {recipe.classes}")
     if recipe.classes and (recipe.specialist or recipe.pseudo_label or recipe.full_fit):
         bad("classes", "a specialist (a run of some classes) has no specialist, pseudo-labels or full fit of its own")
+    if bool(recipe.teacher) != (recipe.distill > 0):
+        bad("distill", f"a share in (0, 1] with a teacher, 0 without; got {recipe.distill:g}, teacher {recipe.teacher}")
     if not recipe.stages:
         bad("stages", "at least one stage is needed")
     for i, stage in enumerate(recipe.stages):

@@ -12,7 +12,16 @@ import torch
 
 from seedlings.errors import UserError
 from seedlings.precision import StepScaler
-from seedlings.storage import BackgroundSaver, cpu_copy, file_sha256, load_torch, save_torch, write_csv, write_json
+from seedlings.storage import (
+    BackgroundSaver,
+    cpu_copy,
+    file_sha256,
+    load_torch,
+    read_json,
+    save_torch,
+    write_csv,
+    write_json,
+)
 from seedlings.train.average import WeightAverage
 from seedlings.train.fold import FoldContext
 
@@ -72,6 +81,20 @@ def record_weights(fold_dir: Path, weights: Path) -> None:
     record = fold_dir / "weights.json"
     saved = json.loads(record.read_text()) if record.exists() else {}
     write_json(record, {**saved, weights.name: file_sha256(weights)})
+
+
+def recorded_weights(fold_dir: Path, weights: Path, owner: str, redo: str, device="cpu") -> dict:
+    """The state dict in `weights`, checked against the sha256 its fold (`owner`: "fold k of run 'x'") recorded in
+    weights.json when it saved it: a missing, damaged or copied file exits 2 naming it and `redo`, the command that
+    repairs it."""
+    if not weights.exists():
+        raise UserError(f"{weights}: weights of {owner} missing; {redo}")
+    record = fold_dir / "weights.json"
+    if record.exists():
+        saved = read_json(record, "record of the fold's weights", redo).get(weights.name)
+        if saved != file_sha256(weights):
+            raise UserError(f"{weights}: not the weights {owner} saved (copied from another run, or damaged); {redo}")
+    return load_torch(weights, f"weights of {owner}", device)
 
 
 @dataclass

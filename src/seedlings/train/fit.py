@@ -33,6 +33,7 @@ from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.mixing import mix_batch, mixed_criterion
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
+from seedlings.train.teacher import teacher_targets
 from seedlings.train.trainees import trainee_for
 
 EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
@@ -54,6 +55,7 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
             if done.exists():  # finished by the process that held the lock before
                 return read_done(done, fold)
             ctx = prepare_fold(run, fold)
+            ctx.targets = teacher_targets(ctx)  # with a teacher, soft targets (its refusals pin nothing); None: labels
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
             tracking = track_fold(run, fold)
             try:

@@ -41,6 +41,7 @@ class FoldContext:
     mean: tuple
     std: tuple
     precision: Precision  # what training and the forwards without gradients compute in on this device, chosen once
+    targets: np.ndarray | None = None  # (cache rows, classes) float32 training targets (teacher.py); None: the labels
 
     @property
     def recipe(self):
@@ -49,6 +50,10 @@ class FoldContext:
     @property
     def dir(self):
         return self.run.fold_dir(self.fold)
+
+    def train_targets(self, rows: np.ndarray) -> np.ndarray:
+        """What training rows are trained towards: their labels, or with a teacher a distribution over the classes."""
+        return self.labels[rows] if self.targets is None else self.targets[rows]
 
 
 def pick_device() -> torch.device:
@@ -188,13 +193,14 @@ def training_batches(ctx: FoldContext, size: int) -> tuple[Callable[[int], Itera
     recipe = ctx.recipe
     if augment_on_device(ctx):
         made = DeviceBatches(
-            ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], size, ctx.mean, ctx.std, recipe.crop_scale,
-            recipe.seed, ctx.fold, recipe.batch_size, ctx.device, ctx.precision.train or torch.float32,
+            ctx.cache.images, ctx.train_idx, ctx.train_targets(ctx.train_idx), size, ctx.mean, ctx.std,
+            recipe.crop_scale, recipe.seed, ctx.fold, recipe.batch_size, ctx.device,
+            ctx.precision.train or torch.float32,
             drop_last=ctx.device.type == "cuda",  # static shapes: a ragged last batch re-tunes cuDNN (GPU only)
         )  # fmt: skip
         return made.epoch, len(made)
     transform = train_transform(size, ctx.mean, ctx.std, recipe.crop_scale)
-    ds = CachedImages(ctx.cache.images, ctx.train_idx, ctx.labels[ctx.train_idx], transform)
+    ds = CachedImages(ctx.cache.images, ctx.train_idx, ctx.train_targets(ctx.train_idx), transform)
     sampler = EpochSampler(len(ds), recipe.seed, ctx.fold)
     loader = make_loader(ds, recipe.batch_size, ctx.device, sampler, recipe.num_workers)
 

@@ -20,6 +20,7 @@ from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.step import train_step
+from seedlings.train.teacher import teacher_targets
 from seedlings.train.trainees import trainee_for
 
 
@@ -150,6 +151,7 @@ def lr_find(run: Run, fold: int, stage: int | None) -> None:
     stage = default_stage(recipe) if stage is None else stage
     weights = weights_before_stage(run, fold, stage)
     ctx = prepare_fold(run, fold)
+    ctx.targets = teacher_targets(ctx)  # the sweep trains towards what the stage will
     if weights is not None:
         ctx.model.load_state_dict(weights)
     df = lr_sweep(ctx, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)

@@ -101,7 +101,7 @@ class AfterFrozenMaps(BodyTrainee):
         rows = ctx.train_idx[rng.permutation(len(ctx.train_idx))]
         views = rng.integers(0, self.maps.shape[1], len(rows))
         for s in batch_slices(len(rows), recipe.batch_size):
-            yield self.maps[rows[s], views[s]].float(), torch.from_numpy(ctx.labels[rows[s]])
+            yield self.maps[rows[s], views[s]].float(), torch.from_numpy(ctx.train_targets(rows[s]))
 
     def val_batches(self) -> Iterator:
         return self.cut.view_batches(self.maps, self.ctx.val_idx, 0)
@@ -124,7 +124,7 @@ class HeadOnFeatures(Trainee):
                                          train_bn=False)  # fmt: skip
         n_views = feats.shape[1]
         self.x_train = feats[ctx.train_idx].reshape(-1, feats.shape[-1])  # each view a sample of its own
-        self.y_train = torch.from_numpy(np.repeat(ctx.labels[ctx.train_idx], n_views))
+        self.y_train = torch.from_numpy(np.repeat(ctx.train_targets(ctx.train_idx), n_views, axis=0))
         self.x_val = feats[ctx.val_idx, 0]  # the image as it is
         self.steps_per_epoch = -(-len(self.x_train) // recipe.batch_size)
 

@@ -1,0 +1,88 @@
+"""Knowledge distillation (Hinton et al. 2015) as soft targets: a run with `teacher` trains towards its labels mixed
+with the probabilities of other finished runs on the same data and folds. Fold k learns from each teacher's fold k,
+which never saw fold k's images, so the student's out-of-fold score stays honest. Each teacher's final model of the
+fold predicts the fold's training images, the mean of their 8 dihedral views (read from its precomputed maps where its
+last stage trained on them); the teachers are averaged. Written once per fold to fold<k>/teacher.csv, which a resumed
+fold reads back instead of predicting again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from seedlings import paths
+from seedlings.data.augment import TTA_VIEWS
+from seedlings.errors import UserError
+from seedlings.run import saved_run
+from seedlings.storage import write_csv
+from seedlings.train.checkpoint import recorded_weights
+from seedlings.train.fold import FoldContext, prepare_fold
+from seedlings.train.predictor import Predictor
+
+TEACHER_FILE = "teacher.csv"  # in a fold's folder: file,<class>... the teachers' probabilities of its training images
+
+
+def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
+    """(cache rows, classes) float32: each training row's one-hot label weighted 1 - distill plus the teachers'
+    probabilities weighted distill (rows the teachers did not predict, pseudo-labelled test images, keep their
+    label); None without a teacher."""
+    recipe = ctx.recipe
+    if not recipe.teacher:
+        return None
+    path = ctx.dir / TEACHER_FILE
+    probs = read_teacher_probs(path, ctx.classes)
+    if probs is None:
+        with torch.random.fork_rng(devices=[]):  # preparing a teacher seeds torch: the student's draws stay its own
+            parts = [teacher_probs(ctx, name) for name in recipe.teacher]
+        files = parts[0].index  # the same training images for every teacher of one fold
+        probs = pd.DataFrame(np.mean([p.loc[files].to_numpy() for p in parts], 0), index=files, columns=ctx.classes)
+        write_csv(path, probs.rename_axis("file").reset_index(), float_format="%.9g")
+    labels = ctx.labels
+    targets = np.zeros((len(labels), len(ctx.classes)), dtype=np.float32)
+    targets[labels >= 0, labels[labels >= 0]] = 1.0
+    row = {f: i for i, f in enumerate(ctx.cache.files)}
+    rows = np.array([row[f] for f in probs.index], dtype=int)
+    targets[rows] = (1 - recipe.distill) * targets[rows] + recipe.distill * probs.to_numpy(np.float32)
+    return targets
+
+
+def teacher_probs(ctx: FoldContext, name: str) -> pd.DataFrame:
+    """Teacher run `name`'s final model of the fold: its probabilities of the fold's training images (rows indexed by
+    file, columns the classes), each the mean of the 8 dihedral views."""
+    if name == ctx.run.name:
+        raise UserError(f"teacher: run {name!r} cannot teach itself")
+    if not (paths.run_dir(name) / "config.yaml").exists():
+        raise UserError(f"teacher: run {name!r} not found (train its folds first)")
+    try:
+        teacher = saved_run(name, ctx.run.data, ctx.run.n_folds, ctx.run.fold_seed)
+    except UserError as e:
+        raise UserError(f"teacher: run {name!r} does not share this run's data and folds: {e}") from None
+    fold = ctx.fold
+    if not teacher.is_trained(fold):
+        raise UserError(f"teacher: fold {fold} of run {name!r} is not trained (make train RUN={name} FOLD={fold})")
+    tctx = prepare_fold(teacher, fold, ctx.device)
+    if tctx.classes != ctx.classes:
+        raise UserError(f"teacher: run {name!r} tells apart {tctx.classes}, this run {ctx.classes}")
+    redo = f"rm -r {teacher.fold_dir(fold)} && make train RUN={name} FOLD={fold} trains it again"
+    tctx.model.load_state_dict(recorded_weights(tctx.dir, teacher.final_path(fold), f"fold {fold} of run {name!r}",
+                                                redo, ctx.device))  # fmt: skip
+    row = {f: i for i, f in enumerate(tctx.cache.files)}
+    files = [ctx.cache.files[i] for i in ctx.train_idx if ctx.cache.files[i] in row]
+    views = Predictor(tctx).probs("train", np.array([row[f] for f in files], dtype=int), list(TTA_VIEWS["d4"]))
+    print(f"fold {fold}: teacher {name!r} predicted {len(files)} training images")
+    return pd.DataFrame(views.mean(0).numpy(), index=files, columns=ctx.classes)
+
+
+def read_teacher_probs(path: Path, classes: list[str]) -> pd.DataFrame | None:
+    """The teachers' probabilities a fold wrote before (indexed by file); None when absent or not readable as such
+    (predicted again)."""
+    try:
+        df = pd.read_csv(path, float_precision="round_trip")
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError):
+        return None
+    if list(df.columns) != ["file", *classes] or df.iloc[:, 1:].isna().any().any():
+        return None
+    return df.set_index("file").astype(np.float32)
