@@ -7,6 +7,7 @@ fold reads back instead of predicting again."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,9 @@ def teacher_probs(ctx: FoldContext, name: str) -> pd.DataFrame:
                                                 redo, ctx.device))  # fmt: skip
     row = {f: i for i, f in enumerate(tctx.cache.files)}
     files = [ctx.cache.files[i] for i in ctx.train_idx if ctx.cache.files[i] in row]
+    start = time.perf_counter()
     views = Predictor(tctx).probs("train", np.array([row[f] for f in files], dtype=int), list(TTA_VIEWS["d4"]))
-    print(f"fold {fold}: teacher {name!r} predicted {len(files)} training images")
+    print(f"fold {fold}: teacher {name!r} predicted {len(files)} training images in {time.perf_counter() - start:.1f}s")
     return pd.DataFrame(views.mean(0).numpy(), index=files, columns=ctx.classes)
 
 
