@@ -63,6 +63,10 @@ def test_a_bundle_of_a_recipe_or_run_that_does_not_exist_exits_2(tmp_path, capsy
     assert main(["kaggle-bundle", "--config", "runs/nope/config.yaml", "--out", str(tmp_path / "k")]) == 2
     assert capsys.readouterr().err.strip() == "error: runs/nope/config.yaml: recipe not found"
     assert main(["kaggle-bundle", "--config", "configs/cpu.yaml", "--out", str(tmp_path / "k"), "precision=fp8"]) == 2
+    capsys.readouterr()
+    assert main(["kaggle-bundle", "--config", "configs/cpu.yaml", "--out", str(tmp_path / "k"), "teacher=[a]",
+                 "distill=0.5"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.startswith("error: teacher: a Kaggle notebook has none of this machine's runs")
     assert not (tmp_path / "k").exists()
 
 

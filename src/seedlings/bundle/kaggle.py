@@ -138,6 +138,9 @@ def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int,
     """kaggle/ for `recipe_path` with `overrides` (a run's config.yaml or a sweep's best.yaml are recipes too): built
     beside it and moved in place whole, so a failed build leaves the last good bundle as it was."""
     recipe = load_recipe(recipe_path, overrides)  # refused here, not on Kaggle
+    if recipe.teacher:
+        raise UserError("teacher: a Kaggle notebook has none of this machine's runs to learn from; train the student "
+                        "here, or bundle the recipe without teacher and distill")  # fmt: skip
     out = out or paths.REPO / "kaggle"
     owner = owner or kaggle_username() or PLACEHOLDER_OWNER
     slug = notebook_slug(run)
