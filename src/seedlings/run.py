@@ -24,6 +24,8 @@ from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Reci
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
 
+KEYS_ADDED_LATER = ("teacher", "distill")  # after runs recorded their training key (checkpoints name it)
+
 def check_name(name: str, flag: str = "--run") -> None:
     """A run's (or a sweep's) name: a folder under runs/, never outside it."""
     if not name or any(not part or part.startswith(".") for part in name.split("/")):
@@ -98,7 +100,9 @@ class Run:
 
     def training_key(self) -> str:
         """A short hash of what shapes the run's models: the recipe less the free keys, and the split."""
-        trained = {k: v for k, v in recipe_dict(self.recipe).items() if k not in FREE_KEYS}
+        default = recipe_dict(Recipe())  # keys added since: at their default they leave the key as it was
+        trained = {k: v for k, v in recipe_dict(self.recipe).items()
+                   if k not in FREE_KEYS and not (k in KEYS_ADDED_LATER and v == default[k])}  # fmt: skip
         legacy = {"auto": True, "fp32": False}  # precision as the bf16 key it replaced: runs keep their keys
         if trained.get("precision") in legacy:
             trained["bf16"] = legacy[trained.pop("precision")]
