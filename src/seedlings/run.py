@@ -23,8 +23,8 @@ from seedlings.recipe.load import read_yaml, recipe_from_dict, replaced_keys
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
-
 KEYS_ADDED_LATER = ("teacher", "distill")  # after runs recorded their training key (checkpoints name it)
+
 
 def check_name(name: str, flag: str = "--run") -> None:
     """A run's (or a sweep's) name: a folder under runs/, never outside it."""
