@@ -36,7 +36,8 @@ def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
     path = ctx.dir / TEACHER_FILE
     probs = read_teacher_probs(path, ctx.classes)
     if probs is None:
-        with torch.random.fork_rng(devices=[]):  # preparing a teacher seeds torch: the student's draws stay its own
+        gpus = [torch.cuda.current_device()] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):  # preparing a teacher seeds torch: the student's draws stay its own
             parts = [teacher_probs(ctx, name) for name in recipe.teacher]
         files = parts[0].index  # the same training images for every teacher of one fold
         probs = pd.DataFrame(np.mean([p.loc[files].to_numpy() for p in parts], 0), index=files, columns=ctx.classes)
