@@ -77,7 +77,8 @@ def wait_ready(client: KaggleClient, dataset: str, wait_s: float) -> None:
 
 def push_weights(folder: Path, weights: dict, client: KaggleClient, owner: str, wait_s: float) -> None:
     """The hub model's weight dataset, sent only when Kaggle has none of that name: its weights never change."""
-    meta = owned(folder / "dataset-metadata.json", read_metadata(folder / "dataset-metadata.json"), owner)
+    meta_path = folder / "dataset-metadata.json"
+    meta = owned(meta_path, read_metadata(meta_path), owner)
     status = client.dataset_status(meta["id"])
     if status is None:
         hub_weights(weights["model"], folder / weights["file"])
