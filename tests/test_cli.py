@@ -129,6 +129,11 @@ def test_probabilities_round_trip_exactly(home):
     back = load_probs(path)
     assert back.values.dtype == np.float32 and np.array_equal(back.values, values)
     assert back.files[3] == "f3.png" and back.classes[0] == "class a"
+    lines = path.read_text().splitlines()
+    lines[4] = "f3.png,torn," + lines[4].split(",", 2)[2]  # a cell that is not a number
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="p.csv: unreadable probabilities"):
+        load_probs(path)
 
 
 def test_holdout_competition_and_member_grading(demo_master, tmp_path, home):

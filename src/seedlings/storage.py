@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -165,6 +167,41 @@ def file_sha256(path: str | Path) -> str:
 def write_csv(path: str | Path, df: pd.DataFrame, **to_csv) -> Path:
     """A DataFrame as CSV without its index, Unix line ends (byte-identical on every platform)."""
     return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, lineterminator="\n", **to_csv))
+
+
+@dataclass
+class Probs:
+    """Class probabilities of some images: `values[i]` belongs to `files[i]`, columns in `classes` order. One file
+    format (save_probs, load_probs) for every member's and blend's predictions and a distilled fold's teachers."""
+
+    values: np.ndarray  # (n_images, n_classes) float32
+    files: list[str]
+    classes: list[str]
+
+
+def save_probs(path: Path, probs: Probs) -> None:
+    """One format: a CSV `file,<class>...`; 9 significant digits give back every float32 exactly."""
+    df = pd.DataFrame(probs.values.astype(np.float32), columns=probs.classes)
+    df.insert(0, "file", probs.files)
+    write_csv(path, df, float_format="%.9g")
+
+
+def load_probs(path: Path) -> Probs:
+    if not path.exists():
+        raise UserError(f"{path}: no probabilities (make predict)")
+    try:
+        df = pd.read_csv(path, float_precision="round_trip")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path}: unreadable probabilities ({type(e).__name__}); delete it to redo it") from None
+    if df.columns[0] != "file" or len(df.columns) < 3:
+        raise UserError(f"{path}: expected columns file,<class>,..., got {','.join(map(str, df.columns))}")
+    try:
+        values = df.iloc[:, 1:].to_numpy(np.float32)
+    except ValueError:  # a cell that is not a number
+        raise UserError(
+            f"{path}: unreadable probabilities (a value that is not a number); delete it to redo it"
+        ) from None
+    return Probs(values, df.file.tolist(), df.columns[1:].tolist())
 
 
 def pyplot():

@@ -11,9 +11,10 @@ from scipy.optimize import minimize
 
 from seedlings.errors import UserError
 from seedlings.metrics import PROB_FLOOR, log_loss, micro_f1
-from seedlings.predict.members import Member, Probs, run_members
+from seedlings.predict.members import Member, run_members
 from seedlings.recipe.schema import Recipe
 from seedlings.run import Run
+from seedlings.storage import Probs
 
 
 @dataclass

@@ -17,10 +17,10 @@ from seedlings.data.competition import _listed, parallel_imap
 from seedlings.errors import UserError
 from seedlings.predict.blend import NOT_PARTS, Calibration, full_fit_weights
 from seedlings.predict.infer import tta_probs
-from seedlings.predict.members import Member, Probs, run_members
+from seedlings.predict.members import Member, run_members
 from seedlings.predict.submission import species_of
 from seedlings.run import Run, saved_run
-from seedlings.storage import read_json
+from seedlings.storage import Probs, read_json
 from seedlings.train.fold import prepare_fold
 from seedlings.train.predictor import Predictor
 

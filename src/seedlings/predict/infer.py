@@ -9,11 +9,11 @@ import numpy as np
 
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
-from seedlings.predict.members import Member, Probs, run_members
+from seedlings.predict.members import Member, run_members
 from seedlings.predict.tta import mean_of_views, tta_views
 from seedlings.recipe.schema import PREDICTION_KEYS
 from seedlings.run import Run
-from seedlings.storage import exclusive, file_sha256, write_json
+from seedlings.storage import Probs, exclusive, file_sha256, write_json
 from seedlings.train.fold import prepare_fold
 from seedlings.train.predictor import Predictor
 

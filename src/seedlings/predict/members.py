@@ -6,42 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.run import Run, snapshot_name
-from seedlings.storage import file_sha256, read_json, write_csv
+from seedlings.storage import Probs, file_sha256, load_probs, read_json, save_probs
 from seedlings.train.checkpoint import recorded_weights
-
-
-@dataclass
-class Probs:
-    """Class probabilities of some images: `values[i]` belongs to `files[i]`, columns in `classes` order."""
-
-    values: np.ndarray  # (n_images, n_classes) float32
-    files: list[str]
-    classes: list[str]
-
-
-def save_probs(path: Path, probs: Probs) -> None:
-    """One format: a CSV `file,<class>...`; 9 significant digits give back every float32 exactly."""
-    df = pd.DataFrame(probs.values.astype(np.float32), columns=probs.classes)
-    df.insert(0, "file", probs.files)
-    write_csv(path, df, float_format="%.9g")
-
-
-def load_probs(path: Path) -> Probs:
-    if not path.exists():
-        raise UserError(f"{path}: no probabilities (make predict)")
-    try:
-        df = pd.read_csv(path, float_precision="round_trip")
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{path}: unreadable probabilities ({type(e).__name__}); delete it to redo it") from None
-    if df.columns[0] != "file" or len(df.columns) < 3:
-        raise UserError(f"{path}: expected columns file,<class>,..., got {','.join(map(str, df.columns))}")
-    return Probs(df.iloc[:, 1:].to_numpy(np.float32), df.file.tolist(), df.columns[1:].tolist())
 
 
 @dataclass(frozen=True)

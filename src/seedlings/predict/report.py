@@ -11,9 +11,8 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from seedlings.data.competition import Competition, read_image
 from seedlings.metrics import micro_f1
-from seedlings.predict.members import Probs
 from seedlings.run import Run
-from seedlings.storage import pyplot, save_figure, write_text
+from seedlings.storage import Probs, pyplot, save_figure, write_text
 
 
 def write_report(

@@ -10,9 +10,9 @@ import numpy as np
 from seedlings.errors import UserError
 from seedlings.predict.blend import ChainBlend, score
 from seedlings.predict.infer import predict_run
-from seedlings.predict.members import Probs
 from seedlings.recipe.load import load_recipe
 from seedlings.run import Run, open_run
+from seedlings.storage import Probs
 from seedlings.train.fit import train_fold
 
 

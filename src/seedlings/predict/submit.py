@@ -17,13 +17,12 @@ from seedlings.errors import Busy, UserError
 from seedlings.metrics import val_scores
 from seedlings.predict.blend import ChainBlend, blend_members, format_table
 from seedlings.predict.infer import predict_run
-from seedlings.predict.members import Probs, save_probs
 from seedlings.predict.report import write_report
 from seedlings.predict.specialist import specialist_run, with_specialist
 from seedlings.predict.submission import species_of, validate_submission, write_submission
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.run import Run, git_commit
-from seedlings.storage import write_csv, write_json
+from seedlings.storage import Probs, save_probs, write_csv, write_json
 from seedlings.track.mlflow import track_chain
 from seedlings.train.fit import train_fold
 

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from seedlings import paths
 from seedlings.data.augment import TTA_VIEWS
 from seedlings.errors import UserError
 from seedlings.run import saved_run
-from seedlings.storage import write_csv
+from seedlings.storage import Probs, load_probs, save_probs
 from seedlings.train.checkpoint import recorded_weights
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.predictor import Predictor
@@ -39,21 +38,23 @@ def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
         gpus = [torch.cuda.current_device()] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=gpus):  # preparing a teacher seeds torch: the student's draws stay its own
             parts = [teacher_probs(ctx, name) for name in recipe.teacher]
-        files = parts[0].index  # the same training images for every teacher of one fold
-        probs = pd.DataFrame(np.mean([p.loc[files].to_numpy() for p in parts], 0), index=files, columns=ctx.classes)
-        write_csv(path, probs.rename_axis("file").reset_index(), float_format="%.9g")
+        files = parts[0].files  # the same training images for every teacher of one fold
+        rows_of = [{f: i for i, f in enumerate(p.files)} for p in parts]
+        aligned = [p.values[[at[f] for f in files]] for p, at in zip(parts, rows_of, strict=True)]
+        probs = Probs(np.mean(aligned, 0), files, ctx.classes)
+        save_probs(path, probs)
     labels = ctx.labels
     targets = np.zeros((len(labels), len(ctx.classes)), dtype=np.float32)
     targets[labels >= 0, labels[labels >= 0]] = 1.0
     row = {f: i for i, f in enumerate(ctx.cache.files)}
-    rows = np.array([row[f] for f in probs.index], dtype=int)
-    targets[rows] = (1 - recipe.distill) * targets[rows] + recipe.distill * probs.to_numpy(np.float32)
+    rows = np.array([row[f] for f in probs.files], dtype=int)
+    targets[rows] = (1 - recipe.distill) * targets[rows] + recipe.distill * probs.values
     return targets
 
 
-def teacher_probs(ctx: FoldContext, name: str) -> pd.DataFrame:
-    """Teacher run `name`'s final model of the fold: its probabilities of the fold's training images (rows indexed by
-    file, columns the classes), each the mean of the 8 dihedral views."""
+def teacher_probs(ctx: FoldContext, name: str) -> Probs:
+    """Teacher run `name`'s final model of the fold: its probabilities of the fold's training images, each the mean
+    of the 8 dihedral views."""
     if name == ctx.run.name:
         raise UserError(f"teacher: run {name!r} cannot teach itself")
     if not (paths.run_dir(name) / "config.yaml").exists():
@@ -76,16 +77,13 @@ def teacher_probs(ctx: FoldContext, name: str) -> pd.DataFrame:
     start = time.perf_counter()
     views = Predictor(tctx).probs("train", np.array([row[f] for f in files], dtype=int), list(TTA_VIEWS["d4"]))
     print(f"fold {fold}: teacher {name!r} predicted {len(files)} training images in {time.perf_counter() - start:.1f}s")
-    return pd.DataFrame(views.mean(0).numpy(), index=files, columns=ctx.classes)
+    return Probs(views.mean(0).numpy(), files, ctx.classes)
 
 
-def read_teacher_probs(path: Path, classes: list[str]) -> pd.DataFrame | None:
-    """The teachers' probabilities a fold wrote before (indexed by file); None when absent or not readable as such
-    (predicted again)."""
+def read_teacher_probs(path: Path, classes: list[str]) -> Probs | None:
+    """The teachers' probabilities a fold wrote before; None when absent or not readable as such (predicted again)."""
     try:
-        df = pd.read_csv(path, float_precision="round_trip")
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError):
+        probs = load_probs(path)
+    except UserError:  # none yet, or damaged
         return None
-    if list(df.columns) != ["file", *classes] or df.iloc[:, 1:].isna().any().any():
-        return None
-    return df.set_index("file").astype(np.float32)
+    return probs if probs.classes == classes and np.isfinite(probs.values).all() else None
