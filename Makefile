@@ -14,6 +14,9 @@ RUNS     ?=# several runs to blend (submit): RUNS="a b"
 ARGS     ?=# extra key=value recipe overrides: ARGS="batch_size=64 stages.1.size=160"
 ABLATIONS ?=# compare: 1 adds fold 0 once per switch of configs/<recipe>-ablations.yaml (or ABLATIONS=<file>)
 BASELINE ?=# compare: another recipe whose fold 0 and chain join the table (BASELINE=configs/cpu-v1.yaml)
+BASE     ?= $(CONFIG)# try: the base recipe every variant is compared with
+SEEDS    ?= 0 1# try: the fold seeds (each a split of its own) a verdict is taken over
+LEVERS   ?=# try: a file of levers (label -> keys) tried one by one against BASE
 GPUS     ?=# GPU ids for parallel folds: make -j 4 train GPUS="0 1 2 3" pins fold k to GPU k mod 4
 SPACE    ?= configs/sweep-cpu.yaml# sweep: the search space (recipe key -> choices or a range)
 TRIALS   ?= 20# sweep: trials in the study in all, however many workers share it
@@ -45,7 +48,7 @@ JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9);
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit compare mle evaluate upload leaderboard demo \
+.PHONY: help setup data demo-data check-data folds lr-find train predict submit try compare mle evaluate upload leaderboard demo \
 	kaggle kaggle-push kaggle-output \
 	test test-all \
 	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard mlflow-ui
@@ -92,6 +95,15 @@ submit: $(STAMP) $(if $(filter $(DEFAULT_DATA),$(DATA)),data) ## folds, train, p
 
 compare: $(STAMP) ## accuracy benchmark on a held-out split of DATA: probes, one fold, the whole chain (ABLATIONS=1)
 	$(SEEDLINGS) compare $(COMMON) $(if $(ABLATIONS),--ablations $(if $(filter-out 1,$(ABLATIONS)),--ablations-file "$(ABLATIONS)")) $(if $(BASELINE),--baseline "$(BASELINE)") $(ARGS)
+
+# make -j N try: N workers share the study's folds through their locks (and machines sharing runs/ add more)
+try: $(STAMP) ## is a change better? BASE and ARGS (or each of LEVERS) over SEEDS, compared image by image: a verdict
+	@$(JOBS_SH); pids=; for i in $$(seq 1 $$jobs); do \
+	  gpu=$$(echo "$(GPUS)" | awk -v i=$$i 'NF {print $$((i - 1) % NF + 1)}'); \
+	  env $${gpu:+CUDA_VISIBLE_DEVICES=$$gpu} SEEDLINGS_JOBS=$$jobs $(SEEDLINGS) try --data "$(DATA)" --config "$(BASE)" \
+	    --n-folds $(N_FOLDS) --seeds "$(SEEDS)" $(if $(LEVERS),--levers "$(LEVERS)") $(ARGS) & \
+	  pids="$$pids $$!"; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=$$?; done; exit $$rc
 
 mle: $(STAMP) ## MLE-bench's split of DATA (14% held out, not stratified): the whole chain, graded, beside Kaggle's lines
 	$(SEEDLINGS) mle $(COMMON) $(ARGS)

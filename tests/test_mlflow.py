@@ -227,3 +227,27 @@ def test_mlflow_ui_serves_the_embedded_store_on_loopback(demo_master, home, monk
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_a_try_study_logs_each_levers_verdict(home, tmp_path, monkeypatch):
+    """make try with tracking on: the study is an MLflow run under the "try" parent, each lever's keys a parameter
+    and its differences with their intervals metrics named by the lever, try.md an artifact."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from seedlings.track.mlflow import track_try
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = tmp_path / "try.md"
+    report.write_text("# make try\n")
+    table = pd.DataFrame([{"lever": "16 views (d4+scales)", "delta_f1": -0.0023, "delta_f1_low": -0.009,
+                           "delta_f1_high": 0.0045, "delta_log_loss": 0.0012, "mcnemar_p": 0.75}])  # fmt: skip
+    track_try("try/comp/levers", "mlflow", {"16 views (d4+scales)": {"tta": "d4+scales"}}, table, [report])
+    client = MlflowClient(f"sqlite:///{home / 'runs' / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("seedlings").experiment_id])}
+    study = runs["try/comp/levers"]
+    assert study.data.tags["mlflow.parentRunId"] == runs["try"].info.run_id and study.info.status == "FINISHED"
+    assert study.data.params["lever.16 views _d4_scales_.tta"] == "d4+scales"
+    assert study.data.metrics["16 views _d4_scales_.delta_f1_low"] == pytest.approx(-0.009)
+    assert study.data.metrics["16 views _d4_scales_.delta_log_loss"] == pytest.approx(0.0012)
+    assert [a.path for a in client.list_artifacts(study.info.run_id)] == ["try.md"]

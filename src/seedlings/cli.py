@@ -191,6 +191,19 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--run", default=None, help="grade each fold, snapshot and fold blend of this run (default: none)")
     p.add_argument("--answers", required=True, help="CSV file,species with the true labels")
 
+    p = command(sub, "try", commands.try_, "is a change better? base and variant chains over fold seeds, compared "
+                "image by image: intervals, McNemar, a verdict")  # fmt: skip
+    p.add_argument("--data", default=defaults.DATA, help="competition folder")
+    p.add_argument("--config", default=defaults.CONFIG, help="the base recipe (make try's BASE)")
+    p.add_argument("--n-folds", type=int, default=defaults.N_FOLDS, help="folds of each split")
+    p.add_argument("--seeds", default="0 1", help="fold seeds, each a split of its own: '0 1 2' or 0,1,2")
+    p.add_argument("--levers", default=None, help="a file of levers (a label, then the keys it changes, as "
+                   "configs/cpu-ablations.yaml), each against the base; overrides then change the base "
+                   "(default: none)")  # fmt: skip
+    p.add_argument("--name", default=None, help="the study's name, runs/try/<data>/<name>/ (default: the keys, or "
+                   "the levers file's name)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the change to try (with --levers: the base's)")
+
     p = command(sub, "probe", commands.probe, "baseline: logistic regression on frozen pooled features, one fold")
     run_args(p)
     p.add_argument("--size", type=int, default=224, help="px, image size for the features")

@@ -128,12 +128,14 @@ def split_runs(args: Args) -> None:
 
 def submit(args: Args) -> None:
     from seedlings.predict.submit import submit as submit_chain
+    from seedlings.recipe.load import variant_overrides
     from seedlings.run import saved_run
 
     split_runs(args)
     run = opened_run(args)
     names = [name for name in dict.fromkeys(args.runs) if name != run.name]
-    others = [saved_run(name, args.data, args.n_folds, args.fold_seed) for name in names]
+    variant = variant_overrides(args.overrides)  # each other run predicted with the keys asked for, as this one
+    others = [saved_run(name, args.data, args.n_folds, args.fold_seed, variant) for name in names]
     submit_chain(run, others, weights=args.weights, command=sys.argv, train=not args.blend_only)
 
 
@@ -203,9 +205,9 @@ def predict_images(args: Args) -> None:
 
 def export(args: Args) -> None:
     from seedlings.predict.export import export as write_export
-    from seedlings.run import saved_run
+    from seedlings.predict.images import submitted_run
 
-    write_export(saved_run(args.run), args.out)
+    write_export(submitted_run(args.run)[0], args.out)
 
 
 # ------------------------------------------------------------------------------------------------------------- lab
@@ -228,6 +230,13 @@ def grade(args: Args) -> None:
             print(f"{name:<36} held-out micro-F1 {f1:.4f}")
     if args.submission:
         print(f"{args.submission}: held-out micro-F1 {grade_submission(args.submission, args.answers):.4f}")
+
+
+def try_(args: Args) -> None:
+    from seedlings.lab.tries import study_from_args, try_command
+
+    try_command(study_from_args(args.data, args.config, args.overrides, args.levers, args.seeds, args.n_folds,
+                                args.name))  # fmt: skip
 
 
 def probe(args: Args) -> None:

@@ -31,6 +31,17 @@ def fold_dir(run: str, fold: int) -> Path:
     return run_dir(run) / f"fold{fold}"
 
 
+def probs_dir(run: str, variant: str = "") -> Path:
+    """A run's probabilities: its own in probs/, those of a prediction variant (other prediction or blend keys than
+    the run recorded, named by them: `tta=d4+scales`) in probs/<variant>/."""
+    return run_dir(run) / "probs" / variant if variant else run_dir(run) / "probs"
+
+
+def variant_name(keys: dict) -> str:
+    """`predict_size=224,tta=d4+scales`: a variant's folder name, its keys sorted ("" for none)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(keys.items()))
+
+
 def full_dir(run: str) -> Path:
     """The model trained on every training image (full_fit), beside the folds."""
     return run_dir(run) / "full"

@@ -19,6 +19,7 @@ from seedlings.data.competition import Competition, parallel_map, scan_competiti
 from seedlings.data.folds import default_folds_path, load_folds
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
+from seedlings.recipe import schema
 from seedlings.recipe.load import read_yaml, recipe_from_dict, replaced_keys
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.storage import file_sha256, read_json, write_json, write_text
@@ -187,6 +188,23 @@ class Run:
         now = digests(self.comp, "test", recorded)
         return hashlib.sha256(json.dumps(sorted((f, d[2]) for f, d in now.items())).encode()).hexdigest()[:12]
 
+    def variant_keys(self, keys: tuple[str, ...] = schema.VARIANT_KEYS) -> dict:
+        """The prediction and blend keys (or `keys` of them) this run is opened with at other values than its
+        config.yaml recorded: {} for the run's own predictions, and for a run not recorded yet."""
+        saved = read_config(self.config_path) or {}
+        default, now = recipe_dict(Recipe()), recipe_dict(self.recipe)
+        return {k: now[k] for k in keys if saved and saved.get(k, default[k]) != now[k]}
+
+    @cached_property
+    def variant(self) -> str:
+        """The chain's variant, named by the keys that differ (`tta=d4+scales`); "": the run's own chain. Its
+        members' variant (member_variant) is named by the prediction keys alone: a blend key changes none."""
+        return paths.variant_name(self.variant_keys())
+
+    @cached_property
+    def member_variant(self) -> str:
+        return paths.variant_name(self.variant_keys(schema.PREDICTION_KEYS))
+
     @property
     def submission_path(self) -> Path:
         return paths.submission_path(self.name)
@@ -222,14 +240,24 @@ def open_run(
 
 
 def saved_run(
-    name: str, data: str | Path | None = None, n_folds: int | None = None, fold_seed: int | None = None
+    name: str,
+    data: str | Path | None = None,
+    n_folds: int | None = None,
+    fold_seed: int | None = None,
+    variant: dict | None = None,
 ) -> Run:
-    """A run opened with the recipe it recorded (blending another run into a submission, grading one); the data and
-    split it recorded unless given (given ones must match)."""
+    """A run opened with the recipe it recorded (blending another run into a submission, grading one), or with
+    `variant`'s prediction and blend keys in place of its own; the data and split it recorded unless given (given
+    ones must match)."""
     saved = read_config(paths.run_dir(name) / "config.yaml")
     if saved is None:
         raise UserError(f"{paths.run_dir(name) / 'config.yaml'}: run {name!r} not found (train it first)")
-    recipe = recipe_from_dict({k: v for k, v in saved.items() if k not in SPLIT_KEYS + PROVENANCE_KEYS})
+    other = set(variant or {}) - set(schema.VARIANT_KEYS)
+    if other:
+        raise UserError(f"{', '.join(sorted(other))}: not a prediction or blend key; run {name!r} keeps the recipe "
+                        "it was trained with")  # fmt: skip
+    recipe = recipe_from_dict({**{k: v for k, v in saved.items() if k not in SPLIT_KEYS + PROVENANCE_KEYS},
+                               **(variant or {})})  # fmt: skip
     data = data if data is not None else saved.get("data", ".")
     n_folds = n_folds if n_folds is not None else saved.get("n_folds", N_FOLDS)
     fold_seed = fold_seed if fold_seed is not None else saved.get("fold_seed", FOLD_SEED)

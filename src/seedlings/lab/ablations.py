@@ -19,13 +19,11 @@ from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import run_members
 from seedlings.predict.submit import evaluate_chain
 from seedlings.recipe.load import read_yaml, with_changes
-from seedlings.recipe.schema import PREDICTION_KEYS, recipe_dict
+from seedlings.recipe.schema import BLEND_KEYS, PREDICTION_KEYS, recipe_dict
 from seedlings.run import Run, open_run
 from seedlings.storage import read_json
 from seedlings.train.fold import prepare_fold
 from seedlings.train.predictor import Predictor
-
-BLEND_KEYS = {"calibrate"}  # change only how the chain blends its folds: graded on the recipe's own chain
 
 
 def ablations_path(config: str | Path) -> Path:
@@ -60,7 +58,7 @@ def ablation_row(held: Run, i: int, name: str, changes: dict[str, Any]) -> dict:
     if changed == held.recipe:
         return {"what": f"ablation: {name}", "how": "same as the recipe here: not run"}
     keys = {k for k, v in recipe_dict(changed).items() if recipe_dict(held.recipe)[k] != v}
-    if keys <= BLEND_KEYS:
+    if keys <= set(BLEND_KEYS):  # only how the chain blends its folds: graded on the recipe's own chain
         return reblend_row(dataclasses.replace(held, recipe=changed), f"ablation: {name}")
     if keys <= set(PREDICTION_KEYS):
         return predict_row(dataclasses.replace(held, recipe=changed), f"ablation: {name}")

@@ -19,6 +19,7 @@ from seedlings.predict.blend import NOT_PARTS, Calibration, full_fit_weights
 from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import Member, run_members
 from seedlings.predict.submission import species_of
+from seedlings.recipe.schema import VARIANT_KEYS
 from seedlings.run import Run, saved_run
 from seedlings.storage import Probs, read_json
 from seedlings.train.fold import prepare_fold
@@ -68,6 +69,15 @@ def chain_record(run: Run) -> dict:
     if record.get("recipe", {}).get("specialist"):
         raise UserError(f"{path}: run {run.name!r} blends a specialist; predict-images predicts chains without one")
     return record
+
+
+def submitted_run(name: str) -> tuple[Run, dict]:
+    """A run opened as its submission predicted it (the prediction and blend keys its provenance recorded: a variant's
+    where the submission was a variant's), and that provenance."""
+    record = chain_record(saved_run(name))
+    recipe = record.get("recipe")
+    variant = {k: v for k, v in recipe.items() if k in VARIANT_KEYS} if isinstance(recipe, dict) else {}
+    return saved_run(name, variant=variant), record
 
 
 def member_probs(run: Run, images: np.ndarray) -> dict[Member, np.ndarray]:
@@ -120,9 +130,9 @@ def recorded_calibration(record: dict, classes: list[str]) -> Calibration | None
 def predict_images(name: str, inputs: list[str]) -> pd.DataFrame:
     """file, species and the probability of every class for each readable photo; an input naming no file or a file
     that cannot be read is named on stderr and skipped; none readable exits 2."""
-    run = saved_run(name)
-    record = chain_record(run)
-    runs = [run, *(saved_run(other) for other in record["runs"] if other != run.name)]
+    run, record = submitted_run(name)
+    variant = run.variant_keys()
+    runs = [run, *(saved_run(other, variant=variant) for other in record["runs"] if other != run.name)]
     files, missing = photo_paths(inputs)
     files, images, bad = read_photos(files, run.recipe.cache_size, run.recipe.plant_mask)
     for line in missing + bad:

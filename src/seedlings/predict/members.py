@@ -23,6 +23,7 @@ class Member:
     name: str
     weights: Path
     full: bool = False  # the model on every training image (full_fit): test probabilities only
+    variant: str = ""  # the prediction keys its probabilities were made with, where not the run's own (Run.variant)
 
     @property
     def label(self) -> str:
@@ -33,12 +34,12 @@ class Member:
         return paths.full_dir(self.run) if self.full else paths.fold_dir(self.run, self.fold)
 
     def probs_path(self, split: str) -> Path:
-        return paths.run_dir(self.run) / "probs" / f"{self.label}.{split}.csv"
+        return paths.probs_dir(self.run, self.variant) / f"{self.label}.{split}.csv"
 
     @property
     def meta_path(self) -> Path:
         """What the probabilities were made from (weights, TTA, size), and how long it took."""
-        return paths.run_dir(self.run) / "probs" / f"{self.label}.json"
+        return paths.probs_dir(self.run, self.variant) / f"{self.label}.json"
 
     @property
     def retrain(self) -> str:
@@ -54,12 +55,17 @@ class Member:
     def load(self, split: str) -> Probs:
         """Saved probabilities, checked against the sha256 predict recorded: a damaged file is never blended."""
         path = self.probs_path(split)
-        fix = f"make predict RUN={self.run} predicts it again"
+        fix = f"make predict RUN={self.run}{f' ARGS={self.variant_args}' if self.variant else ''} predicts it again"
         if self.meta_path.exists() and path.exists():
             recorded = read_json(self.meta_path, "record of a prediction", fix, ("sha256",))["sha256"].get(split)
             if recorded is not None and file_sha256(path) != recorded:
                 raise UserError(f"{path}: not the probabilities predict wrote (cut short or edited); {fix}")
         return load_probs(path)
+
+    @property
+    def variant_args(self) -> str:
+        """The variant's keys as make's ARGS: 'tta=d4+scales predict_size=224'."""
+        return f'"{self.variant.replace(",", " ")}"'
 
     def save(self, split: str, probs: Probs) -> None:
         save_probs(self.probs_path(split), probs)
@@ -70,6 +76,7 @@ def run_members(run: Run, fold: int | None = None) -> list[Member]:
     last of which is the final model), or the final model alone when snapshots are off."""
     folds = run.models() if fold is None else [fold]
     last = len(run.recipe.stages) - 1
+    variant = run.member_variant
     out = []
     for k in folds:
         if not run.is_trained(k):
@@ -78,8 +85,8 @@ def run_members(run: Run, fold: int | None = None) -> list[Member]:
                                 f"(make train FOLD={k})")  # fmt: skip
             continue
         if run.recipe.snapshots:
-            out += [Member(run.name, k, snapshot_name(last, c), run.snapshot_path(k, last, c), k == run.full)
+            out += [Member(run.name, k, snapshot_name(last, c), run.snapshot_path(k, last, c), k == run.full, variant)
                     for c in range(run.recipe.stages[last].cycles)]  # fmt: skip
         else:
-            out.append(Member(run.name, k, "final", run.final_path(k), k == run.full))
+            out.append(Member(run.name, k, "final", run.final_path(k), k == run.full, variant))
     return out

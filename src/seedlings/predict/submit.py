@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
 from seedlings.errors import Busy, UserError
@@ -102,13 +103,18 @@ def submit(
         out = run.submission_path
         write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
         n_rows = validate_submission(run.data, out)
-    save_probs(run.dir / "probs" / "blend.oof.csv", oof)
-    save_probs(run.dir / "probs" / "blend.test.csv", test)
+    blend_dir = paths.probs_dir(run.name, run.variant)
+    save_probs(blend_dir / "blend.oof.csv", oof)
+    save_probs(blend_dir / "blend.test.csv", test)
+    if run.variant:
+        print(f"variant {run.variant}: its probabilities in {blend_dir}, beside the run's own")
     provenance = {
         "submission": str(out),
         "rows": n_rows,
         "run": run.name,
         "runs": [blended.name for blended in [run, *others]],
+        "variant": run.variant,  # "": the run's own predictions; else the keys that differ, as probs/<variant>/ names
+        "variants": {blended.name: blended.variant for blended in [run, *others]},
         "data": str(run.data.resolve()),
         "n_folds": run.n_folds,
         "fold_seed": run.fold_seed,

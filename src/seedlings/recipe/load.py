@@ -13,7 +13,16 @@ from typing import Any
 import yaml
 
 from seedlings.errors import UserError
-from seedlings.recipe.schema import LR, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, Stage, recipe_dict, validate
+from seedlings.recipe.schema import (
+    LR,
+    PROVENANCE_KEYS,
+    SPLIT_KEYS,
+    VARIANT_KEYS,
+    Recipe,
+    Stage,
+    recipe_dict,
+    validate,
+)
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -195,6 +204,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             ((key, value),) = replaced_keys({key: value}, item).items()
         apply_override(values, key, value)
     return recipe_from_dict(values)
+
+
+def variant_overrides(overrides: list[str]) -> dict:
+    """The prediction and blend keys among `key=value` overrides (tta=d4+scales), read as a recipe reads them: the
+    variant every run of a blend is predicted with."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides if "=" in item} & set(VARIANT_KEYS)
+    recipe = load_recipe(None, [item for item in overrides if item.split("=", 1)[0].strip() in keys])
+    return {k: getattr(recipe, k) for k in sorted(keys)}
 
 
 def bf16_as_precision(value: Any, where: str) -> tuple[str, str]:

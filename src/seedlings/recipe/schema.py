@@ -182,6 +182,10 @@ def keys_with_role(role: str) -> tuple[str, ...]:
 
 
 PREDICTION_KEYS = keys_with_role(PREDICTS)
+BLEND_KEYS = ("calibrate",)  # runs-role keys that change only how the chain blends its members' probabilities
+# a trained run predicted or blended with other values of these is a variant: its probabilities and blend go beside
+# the run's own (runs/<run>/probs/<variant>/), never over them
+VARIANT_KEYS = (*PREDICTION_KEYS, *BLEND_KEYS)
 FREE_KEYS = (*PREDICTION_KEYS, *keys_with_role(RUNS))  # a trained run may be opened with these changed
 # a run's config.yaml holds its recipe and these: the split (fold k of another split is another model) and provenance
 # (for the reader, never compared: a data folder may move)

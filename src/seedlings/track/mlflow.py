@@ -260,6 +260,27 @@ def track_sweep(name: str, tracking: str, best: float | None, trials: int, files
     tracker.finish(run_id)
 
 
+def track_try(name: str, tracking: str, levers: dict, table, files: list[Path]) -> None:
+    """A `make try` study as an MLflow run (runs/<name>/, nested under the runs it compared, which share its "try"
+    parent): each lever's keys as a parameter, and its micro-F1 and log loss differences with their intervals as
+    metrics named by the lever; try.md and try.csv as artifacts."""
+    tracker = Tracker(name, wanted(tracking))
+    if not tracker.enabled:
+        return
+    parent = Tracker(name.split("/", 1)[0], True).run_id(tags={"sweep": name.split("/", 1)[0]})
+    run_id = tracker.run_id({f"lever.{metric_name(k)}": v for k, v in levers.items()}, {"try": name}, parent)
+    values = {f"{metric_name(row.lever)}.{col}": getattr(row, col) for row in table.itertuples()
+              for col in ("delta_f1", "delta_f1_low", "delta_f1_high", "delta_log_loss", "mcnemar_p")}  # fmt: skip
+    tracker.metrics(run_id, values)
+    tracker.artifacts(run_id, files)
+    tracker.finish(run_id)
+
+
+def metric_name(label: str) -> str:
+    """A lever's label as MLflow takes a name (letters, digits, _ - . / and spaces)."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in label)[:200]
+
+
 def safe(uri: str) -> str:
     """The tracking URI without a password."""
     if "@" in uri and "://" in uri:

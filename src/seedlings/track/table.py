@@ -17,8 +17,8 @@ from seedlings.recipe.schema import PROVENANCE_KEYS, SPLIT_KEYS, recipe_dict
 from seedlings.run import differences, read_config
 from seedlings.storage import write_csv
 
-COLUMNS = ("run", "data", "differs", "folds", "fold_f1", "oof_f1", "oof_log_loss", "seconds", "submission", "public",
-           "private")  # fmt: skip
+COLUMNS = ("run", "data", "differs", "variant", "folds", "fold_f1", "oof_f1", "oof_log_loss", "seconds", "submission",
+           "public", "private")  # fmt: skip
 LEADERBOARD = "leaderboard.csv"  # under submissions/: what `make leaderboard` last saw, one row per submission
 
 
@@ -82,6 +82,7 @@ def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> di
         "run": name,
         "data": Path(str(config.get("data", ""))).name,
         "differs": " ".join(differs),
+        "variant": prov.get("variant", ""),  # the submission's prediction keys, where not the run's own
         "folds": f"{len(done)}/{planned}",
         "fold_f1": sum(d["val_f1"] for d in done) / len(done) if done else None,
         "oof_f1": blend.get("micro_f1"),
@@ -130,4 +131,6 @@ def show(table: pd.DataFrame, csv: bool = False) -> str:
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["seconds"] = shown["seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     shown["submission"] = shown["submission"].map(lambda s: Path(s).name if s else "")
+    if not shown["variant"].astype(bool).any():
+        shown = shown.drop(columns="variant")  # no submission of a variant: a column of blanks says nothing
     return shown.to_string(index=False)
