@@ -128,15 +128,18 @@ def test_a_trained_run_refuses_a_changed_recipe_in_every_stage(stage, demo_maste
 
 
 def test_prediction_keys_may_change_and_are_recorded_per_prediction(demo_master, trained_fold, home):
-    """tta, tta_mean and predict_size change predictions, not models: allowed, each prediction says what it used."""
+    """tta, tta_mean and predict_size change predictions, not models: allowed, each prediction says what it used, and
+    goes beside the run's own (a variant, named by the keys that differ)."""
     from conftest import DEFAULTS, TINY
 
     shutil.copytree(trained_fold["home"] / "runs", home / "runs")
     args = ["predict", "--data", str(demo_master), "--run", "tiny", "--config", DEFAULTS, "--n-folds", "3"]
     args += ["--fold", "0", *TINY]
     assert main([*args, "tta=none", "predict_size=48"]) == 0
-    meta = json.loads((home / "runs" / "tiny" / "probs" / "fold0-stage2-cycle1.json").read_text())
+    variant = home / "runs" / "tiny" / "probs" / "predict_size=48,tta=none"
+    meta = json.loads((variant / "fold0-stage2-cycle1.json").read_text())
     assert meta["inputs"]["tta"] == "none" and meta["inputs"]["size"] == 48 and meta["views"] == 1
+    assert not (variant.parent / "fold0-stage2-cycle1.json").exists()  # the run's own: not predicted by this call
 
 
 def test_precompute_head_equals_training_on_the_same_inputs(demo_master, monkeypatch):
