@@ -91,6 +91,7 @@ def cli(*argv: str) -> int:
     return main([str(a) for a in argv])
 
 
+@pytest.mark.slow  # three chains and a second run: about 40 s
 def test_a_prediction_variant_goes_beside_the_runs_own_probabilities(demo_master, home, capsys):
     common = ["--data", demo_master, "--n-folds", "3", *FAST, "train_folds=2"]
     assert cli("submit", "--run", "tiny", *common) == 0
