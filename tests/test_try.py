@@ -192,3 +192,25 @@ def test_a_lever_study_interrupted_mid_fold_ends_on_the_table_of_one_run_straigh
     (line,) = [line for line in out.splitlines() if line.startswith("tta=d4: ")]
     assert "within noise" in line or "better" in line or "worse" in line
     assert "points [" in line and "McNemar" in line
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        ([], "give the keys to try"),
+        (["--seeds", "0 x"], "--seeds: expected fold seeds"),
+        (["pseudo_label=0.9"], "pseudo_label trains a second round"),
+        (["no_such_key=1"], "no_such_key"),
+    ],
+)
+def test_a_try_that_cannot_be_judged_is_refused_before_any_training(demo_master, home, capsys, argv, said):
+    assert cli("try", "--data", demo_master, "--config", "tests/defaults.yaml", *argv) == 2
+    assert said in capsys.readouterr().err
+    assert not (home / "runs").exists()
+
+
+def test_a_levers_file_is_checked_lever_by_lever(demo_master, tmp_path, home, capsys):
+    levers = tmp_path / "levers.yaml"
+    levers.write_text("fine: {tta: d2}\nbroken: {stages.7.size: 64}\n")
+    assert cli("try", "--data", demo_master, "--config", "tests/defaults.yaml", "--levers", levers) == 2
+    assert "lever 'broken': stages.7" in capsys.readouterr().err
