@@ -130,7 +130,9 @@ def test_a_killed_workers_trial_is_retried_and_resumes_from_its_checkpoint(data,
     space = space_file(tmp_path, "drop_rate: [0.2]\n")  # one choice: the retry and the reference train the same
     epochs = 6
     storage = request.getfixturevalue("postgres") if store == "postgresql" else None
-    extra = ["--storage", storage, "--heartbeat", "1", "--grace", "8"] if storage else []
+    # a grace well above a worker's start: the second worker must see the trial still in its grace (it took 9.4 s
+    # from the kill to its first look on a 2-core AMD EPYC 7003, so 8 s of grace had run out before it looked)
+    extra = ["--storage", storage, "--heartbeat", "1", "--grace", "30"] if storage else []
     args = sweep_cmd(data, space, 1, *extra, "--pruner", "none", epochs=epochs)
     first = worker(args, home, tmp_path)
     metrics = home / "runs" / "s" / "trial-0000" / "fold0" / "metrics.csv"
