@@ -191,9 +191,11 @@ class Run:
     def variant_keys(self, keys: tuple[str, ...] = schema.VARIANT_KEYS) -> dict:
         """The prediction and blend keys (or `keys` of them) this run is opened with at other values than its
         config.yaml recorded: {} for the run's own predictions, and for a run not recorded yet."""
-        saved = read_config(self.config_path) or {}
+        saved = read_config(self.config_path)
+        if saved is None:
+            return {}
         default, now = recipe_dict(Recipe()), recipe_dict(self.recipe)
-        return {k: now[k] for k in keys if saved and saved.get(k, default[k]) != now[k]}
+        return {k: now[k] for k in keys if saved.get(k, default[k]) != now[k]}
 
     @cached_property
     def variant(self) -> str:

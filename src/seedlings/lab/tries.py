@@ -106,10 +106,8 @@ def chain_of(study: Study, seed: int, label: str) -> tuple[Arm, float, Run]:
         raise Busy("; ".join(held))
     run = replace(trained, recipe=recipe)  # the variant's prediction and blend keys: probs/<variant>/
     chain = evaluate_chain(run)
-    labels = np.array([chain.oof.classes.index(c) for c in
-                       run.fold_table.set_index("file").species.loc[chain.oof.files]])  # fmt: skip
     seconds = sum(fold_seconds(run, fold) for fold in run.folds())
-    return Arm(chain.oof.files, chain.oof.values, labels), seconds, run
+    return Arm(chain.oof.files, chain.oof.values, chain.labels), seconds, run
 
 
 def run_study(study: Study) -> pd.DataFrame:
@@ -225,7 +223,7 @@ def study_from_args(data: str, config: str, overrides: list[str], levers: str | 
                     n_folds: int, name: str | None) -> Study:  # fmt: skip
     """The study `seedlings try` describes: the overrides as one lever, or a levers file's levers (then overrides
     change the base)."""
-    from seedlings.recipe.load import load_recipe, parse_value
+    from seedlings.recipe.load import load_recipe, parse_overrides
 
     if levers:
         base = load_recipe(config, overrides)
@@ -233,11 +231,7 @@ def study_from_args(data: str, config: str, overrides: list[str], levers: str | 
         default = Path(levers).stem
     else:
         base = load_recipe(config, [])
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"{item}: an override is key=value")
-        changes = {k.strip(): parse_value(v, k.strip()) for k, v in (item.split("=", 1) for item in overrides)}
-        table = {" ".join(overrides): changes} if overrides else {}
+        table = {" ".join(overrides): dict(parse_overrides(overrides))} if overrides else {}
         default = " ".join(overrides).replace("/", "_").replace(" ", ",") or "nothing"
     return Study(name or default, Path(data), base, Path(config).stem, table, sorted(set(fold_seeds(seeds))), n_folds)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from seedlings.predict.blend import NOT_PARTS, Calibration, full_fit_weights
 from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import Member, run_members
 from seedlings.predict.submission import species_of
+from seedlings.recipe.load import with_changes
 from seedlings.recipe.schema import VARIANT_KEYS
 from seedlings.run import Run, saved_run
 from seedlings.storage import Probs, read_json
@@ -74,10 +76,11 @@ def chain_record(run: Run) -> dict:
 def submitted_run(name: str) -> tuple[Run, dict]:
     """A run opened as its submission predicted it (the prediction and blend keys its provenance recorded: a variant's
     where the submission was a variant's), and that provenance."""
-    record = chain_record(saved_run(name))
+    run = saved_run(name)
+    record = chain_record(run)
     recipe = record.get("recipe")
     variant = {k: v for k, v in recipe.items() if k in VARIANT_KEYS} if isinstance(recipe, dict) else {}
-    return saved_run(name, variant=variant), record
+    return replace(run, recipe=with_changes(run.recipe, variant)), record  # free keys: the run's checks still hold
 
 
 def member_probs(run: Run, images: np.ndarray) -> dict[Member, np.ndarray]:

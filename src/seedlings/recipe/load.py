@@ -195,6 +195,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not isinstance(values, dict):
             raise UserError(f"{p}: a recipe is a mapping of keys to values")
         values = replaced_keys(_fix_floats(drop_run_record(values, p)), str(p))
+    for key, value in parse_overrides(overrides):
+        apply_override(values, key, value)
+    return recipe_from_dict(values)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` words as (dotted key, value) in order, each value read as YAML, a replaced key read as the key that
+    replaced it (said on stderr)."""
+    out = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"{item}: an override is key=value")
@@ -202,8 +211,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         key, value = key.strip(), parse_value(text, key.strip())
         if key in REPLACED:
             ((key, value),) = replaced_keys({key: value}, item).items()
-        apply_override(values, key, value)
-    return recipe_from_dict(values)
+        out.append((key, value))
+    return out
 
 
 def variant_overrides(overrides: list[str]) -> dict:
