@@ -174,7 +174,7 @@ gpu-wheels: $(STAMP) ## download into .whl/ the wheels the GPU machine lacks (Py
 gpu-check: ## on a GPU machine: throughput of the GPU data path, peak memory, one fold (JSON in runs/gpu-check)
 	bash scripts/gpu-check.sh
 
-bench: $(STAMP) ## loader and training throughput side by side (ratios); DATA's real images too when it exists
+bench: $(STAMP) ## loader, training and prediction throughput side by side (ratios); DATA's real images too when it exists
 	$(SEEDLINGS) bench $(if $(wildcard $(DATA)/train),--data "$(DATA)")
 
 lint: $(STAMP) ## ruff check and format check

@@ -1,5 +1,5 @@
 """What a run computes in on its device, chosen once from the recipe's `precision` (auto | bf16 | fp16 | fp32), and
-the gradient scaler that fp16 training needs.
+the gradient scaler that fp16 training needs; and what runs the forwards through fixed weights (`engine`).
 
 auto: bf16 on a GPU that computes it natively (compute capability 8.0 and later: A100, H100, L4, RTX 30xx on);
 fp16 with a gradient scaler on older GPUs (T4, V100, P100), where bf16 is emulated and slower than float32; on a CPU
@@ -17,6 +17,10 @@ import torch
 from seedlings.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ENGINES = ("auto", "torch", "onnx")  # where the forwards through fixed weights run (train/engine.py runs onnx)
+# auto: onnxruntime only for at least this much work, counted in views of 192 px images (a view of 96 px: a quarter):
+# exporting a graph takes 10 to 20 s on a 2-core CPU, about what onnxruntime saves on 500 to 600 such views
+AUTO_MIN_WORK = 1000
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,37 @@ class StepScaler:
 
 def scaler_for(precision: Precision, device: torch.device) -> StepScaler | None:
     return StepScaler(device) if precision.scaled else None
+
+
+@functools.cache
+def onnxruntime_installed() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_engine(asked: str, device: torch.device, precision: Precision) -> str:
+    """The recipe's `engine` on `device`: "onnx", "torch", or "auto" where onnxruntime may run: a CPU whose forwards
+    compute float32 and has onnxruntime installed (a CPU with native bf16 keeps torch's bf16 forwards; a GPU keeps
+    torch); fixed_forward then picks by the work's size. onnx where it cannot run exits 2 naming the key."""
+    if asked == "torch":
+        return "torch"
+    cpu_float32 = device.type == "cpu" and precision.infer is None
+    if asked == "auto":
+        return "auto" if cpu_float32 and onnxruntime_installed() else "torch"
+    if device.type != "cpu":
+        raise UserError(f"engine: onnx runs on the CPU; this run's device is {device.type}: use auto or torch")
+    if precision.infer is not None:
+        raise UserError(f"engine: onnx computes float32, and precision asks for {precision.infer} forwards: use "
+                        "precision=fp32 with it, or engine=auto")  # fmt: skip
+    if not onnxruntime_installed():
+        raise UserError("engine: onnx needs onnxruntime (pip install -r requirements.txt); or use engine=torch")
+    return "onnx"
+
+
+def runs_onnx(engine: str, views: int, size: int) -> bool:
+    """`engine` (choose_engine's answer) runs `views` image views of `size` px in onnxruntime (auto: when the work pays
+    for the export)."""
+    return engine == "onnx" or (engine == "auto" and views * (size / 192) ** 2 >= AUTO_MIN_WORK)

@@ -14,6 +14,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seedlings import paths
@@ -27,7 +28,9 @@ from seedlings.precision import cpu_has_bf16
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run
+from seedlings.train.engine import OnnxForward
 from seedlings.train.fold import prepare_fold
+from seedlings.train.model import body_sequence, frozen_prefix, layer_groups
 from seedlings.train.step import autocast, train_step
 from seedlings.train.trainees import trainee_for
 
@@ -160,6 +163,34 @@ def inference_row(model: str, size: int, n_batches: int) -> dict:
     return out
 
 
+def engine_rows(n_batches: int, model: str = "tf_efficientnet_lite2") -> list[dict]:
+    """Forward-only images/s through fixed weights, torch float32 (channels_last, as the pipeline runs it) against
+    onnxruntime (recipe key `engine`), on one batch of 64, each timed twice in turn and its faster pass kept: the
+    frozen groups that configs/cpu.yaml precomputes (3 of 5) at 192 px, and the whole network at 224 px (a
+    `predict_size` variant). Export s: torch's export plus the session's start, paid once per graph."""
+    net = timm.create_model(model, num_classes=12).eval().to(memory_format=torch.channels_last)
+    trunk = nn.Sequential(
+        *[m for _, m in body_sequence(net, "bench")[: frozen_prefix(net, layer_groups(net, 5), 3, "bench")]]
+    )
+    rows = []
+    for name, module, size in (("frozen groups 1-3", trunk, 192), ("whole network", net, 224)):
+        x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
+        onnx = OnnxForward(module)
+        start = time.perf_counter()
+        onnx(x[:2])
+        export = time.perf_counter() - start
+        best = {"torch": 0.0, "onnx": 0.0}
+        with torch.no_grad():
+            for engine, forward in (("torch", module), ("onnx", onnx)) * 2:
+                forward(x)  # warm-up
+                start = time.perf_counter()
+                for _ in range(n_batches):
+                    forward(x)
+                best[engine] = max(best[engine], n_batches * len(x) / (time.perf_counter() - start))
+        rows.append({"what": f"{name}, {size} px", **best, "export s": export})
+    return rows
+
+
 def memory_format_row(size: int, n_batches: int) -> dict:
     """Bare tf_efficientnet_lite0 training steps, NCHW against channels_last, same batch."""
     out = {}
@@ -209,6 +240,13 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
     print(f"\nprediction images/s, tf_efficientnet_lite2 at 160 px, batch 64 (native bf16: {cpu_has_bf16()})")
     print(f"{'float32':>8} {'bf16':>8} {'ratio':>6}")
     print(f"{r['float32']:>8.1f} {r['bf16']:>8.1f} {r['bf16'] / r['float32']:>6.2f}")
+    print("\nforwards through fixed weights, images/s, tf_efficientnet_lite2, batch 64: torch float32 against "
+          "onnxruntime (engine)")  # fmt: skip
+    print(f"{'forward':<26} {'torch':>7} {'onnx':>7} {'ratio':>6} {'export s':>9}")
+    for e in engine_rows(1 if quick else 3):
+        print(
+            f"{e['what']:<26} {e['torch']:>7.1f} {e['onnx']:>7.1f} {e['onnx'] / e['torch']:>6.2f} {e['export s']:>9.1f}"
+        )
     m = memory_format_row(128, 2 if quick else 6)
     print("\nbare training images/s at 128 px, batch 32: memory format")
     print(f"{'NCHW':>10} {'channels_last':>14} {'ratio':>6}")

@@ -12,13 +12,12 @@ from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS
 from seedlings.optim import OPTIMIZERS
-from seedlings.precision import PRECISIONS
+from seedlings.precision import ENGINES, PRECISIONS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
 
-# What a recipe key does, declared once beside the key (a field's metadata); the run check, the free keys and what a
-# prediction is keyed by are derived from it.
+# A key's role, declared once beside it (field metadata): the run check, free keys and prediction keys derive from it
 TRAINS = "trains"  # shapes the trained models: a trained run refuses another value
 PREDICTS = "predicts"  # changes predictions only: recorded with each prediction, which is made again when it changes
 RUNS = "runs"  # changes how the pipeline runs (which folds, loader processes, the LR finder), never a model
@@ -51,8 +50,7 @@ class Stage:
     freeze: bool = False  # true: train only the head (last layer group)
     precompute: bool = False  # with freeze: compute pooled backbone features once, train the head on them; with
     #   frozen_groups (EfficientNet family): the frozen groups' maps of the 8 dihedral views of each image computed
-    #   once, the later layers trained on one view per image and epoch (no crop or colour jitter); an epoch of the
-    #   recipe (Lite2, 192 px, 3 of 5 groups frozen, 888 images) took 6.0 s against 11.6 s through the network here
+    #   once, the later layers trained on one view per image and epoch (no crop or colour jitter; docs/recipe.md)
     lr: LR = 1.0e-3  # peak learning rate of each cycle (see LR above)
     n_cycles: int = 1  # cosine cycles with warm restarts
     cycle_len: int = 1  # epochs in the first cycle
@@ -95,8 +93,7 @@ class Recipe:
     #   and soil set to black), as many competitors did; every stage, TTA and probe sees the masked image | dim: the
     #   gravel and soil kept at a quarter of their brightness (cache.BACKGROUND)
     batch_size: int = 32  # images per optimizer step
-    optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD at fast.ai-style rates collapsed the first
-    #   unfrozen epoch on the real images; docs/history.md)
+    optimizer: str = "adamw"  # sgd (momentum, nesterov) | adamw (SGD collapsed at fast.ai's rates: docs/history.md)
     momentum: float = 0.9  # SGD momentum (adamw: beta1)
     weight_decay: float = 1.0e-2  # decoupled (AdamW) or L2 (SGD) per step; not on biases and norm layers
     label_smoothing: float = 0.1  # cross-entropy target smoothing, 0 to 1
@@ -110,8 +107,7 @@ class Recipe:
     #   test images whose blended probability reaches this (their predicted species as label; the test pixels,
     #   never test labels), written as submissions/<run>-pseudo.csv, the chain's answer; 0: off
     full_fit: bool = runs(False)  # true: after the folds, one more model on every training image with the same
-    #   schedule (fast.ai's final fit once the folds chose it): its test probabilities join the blend as one more
-    #   fold's; it has no validation images, so no out-of-fold score
+    #   schedule (fast.ai's final fit): its test probabilities join the blend as one more fold's (no out-of-fold score)
     train_folds: int = runs(0)  # 0: train every fold; k: only the first k folds (fewer models, each trained longer)
     specialist: str = runs("")  # a recipe file whose `classes` are a few confused species (configs/grass.yaml): its
     #   folds train on those species' images only and, where the blend's top classes are exactly them, their share of
@@ -144,6 +140,8 @@ class Recipe:
     #   (features, validation, prediction, a stage's frozen groups) in bf16 where it computes bf16 natively
     #   (AVX512-BF16, AMX) | bf16 | fp16 (gradient scaler; skipped steps counted in metrics.csv) | fp32. Refused where
     #   the device cannot compute it. Replaces `bf16` (true: auto, false: fp32), still read with a note
+    engine: str = runs("auto")  # the forwards through fixed weights (frozen maps, features, prediction through the
+    #   network): onnx (onnxruntime, CPU, float32) | torch | auto: onnx on a CPU computing float32 (train/engine.py)
     train_bn: bool = True  # frozen stages: norm layers of frozen groups still train their affine parameters
     head_c: float = 0.0  # fit: logistic stages: inverse L2 strength on standardised features; 0: chosen by
     #   cross-validated log loss (a calibrated head, docs/history.md: the transition)
@@ -242,6 +240,7 @@ CHOICES = {  # each choice key's values, from the table that gives each value it
     "validate": ("epoch", "cycle"),
     "tracking": ("none", "mlflow"),
     "precision": PRECISIONS,
+    "engine": ENGINES,
 }
 
 

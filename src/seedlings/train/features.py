@@ -27,6 +27,7 @@ from seedlings.errors import UserError
 from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
 from seedlings.recipe.schema import HEAD_ON_FEATURES, SOLVED_HEAD
 from seedlings.storage import load_torch, save_torch
+from seedlings.train.engine import fixed_forward
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix
 from seedlings.train.step import autocast, to_device
@@ -39,12 +40,19 @@ def pooled_features(
     ctx: FoldContext, size: int, index: np.ndarray, views: tuple[int, ...] = (0,), images: np.ndarray | None = None
 ) -> torch.Tensor:
     """Frozen backbone's pooled features, (N, len(views), F): fast.ai's precompute; views are dihedral members."""
-    model = ctx.model
+    pooled = fixed_forward(ctx.engine, Pooled(ctx.model), len(index) * len(views), size)
+    return per_view(ctx, lambda x: pooled(x).float(), size, index, views, images, f"features {size}px")
 
-    def pooled(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(x), pre_logits=True).float()
 
-    return per_view(ctx, pooled, size, index, views, images, f"features {size}px")
+class Pooled(nn.Module):
+    """The backbone's pooled features (before the classifier) of a timm model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
 @torch.no_grad()
@@ -95,15 +103,10 @@ def frozen_maps(
 ) -> torch.Tensor:
     """The output of the first `n_modules` of body_sequence for every dihedral view, (N, 8, C, H, W): in the dtype
     of the forwards without gradients (bf16 or fp16: they come out of the frozen layers so), float32 otherwise."""
-    trunk = [m for _, m in body_sequence(ctx.model, "precompute")[:n_modules]]
+    modules = [m for _, m in body_sequence(ctx.model, "precompute")[:n_modules]]
+    trunk = fixed_forward(ctx.engine, nn.Sequential(*modules), len(index) * len(DIHEDRAL), size)
     dtype = ctx.precision.infer or torch.float32
-
-    def through_trunk(x: torch.Tensor) -> torch.Tensor:
-        for module in trunk:
-            x = module(x)
-        return x.to(dtype)
-
-    return per_view(ctx, through_trunk, size, index, tuple(DIHEDRAL), images, f"frozen maps {size}px")
+    return per_view(ctx, lambda x: trunk(x).to(dtype), size, index, tuple(DIHEDRAL), images, f"frozen maps {size}px")
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from seedlings.data.competition import Competition
 from seedlings.data.device_batches import DeviceBatches
 from seedlings.data.loaders import CachedImages, EpochSampler, eval_transform, make_loader, train_transform
 from seedlings.errors import UserError
-from seedlings.precision import Precision, choose_precision
+from seedlings.precision import Precision, choose_engine, choose_precision
 from seedlings.recipe.schema import BODY_ON_MAPS
 from seedlings.run import Run
 from seedlings.train.model import create_model, frozen_prefix, layer_groups, model_mean_std
@@ -41,6 +41,7 @@ class FoldContext:
     mean: tuple
     std: tuple
     precision: Precision  # what training and the forwards without gradients compute in on this device, chosen once
+    engine: str = "torch"  # where the forwards through fixed weights run: onnx or torch (engine.choose_engine)
     targets: np.ndarray | None = None  # (cache rows, classes) float32 training targets (teacher.py); None: the labels
 
     @property
@@ -72,6 +73,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     in_val = folds.fold.to_numpy() == fold
     device = device or pick_device()
     precision = choose_precision(recipe.precision, device)  # one the device cannot compute: refused before anything
+    engine = choose_engine(recipe.engine, device, precision)
     torch.manual_seed(recipe.seed * 1000 + fold)  # the new head's initial weights
     # channels_last: 1.4x to 1.6x faster training of tf_efficientnet_lite0 on this 2-core CPU (make bench, three runs
     # in docs/results.md), the fast path on GPUs
@@ -106,6 +108,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
         mean=mean,
         std=std,
         precision=precision,
+        engine=engine,
     )
 
 

@@ -12,7 +12,9 @@ import torch
 from tqdm import tqdm
 
 from seedlings.data.augment import view
+from seedlings.precision import runs_onnx
 from seedlings.recipe.schema import BODY_ON_MAPS
+from seedlings.train.engine import OnnxForward
 from seedlings.train.features import FrozenCut
 from seedlings.train.fold import FoldContext, eval_loader, view_probs
 
@@ -36,6 +38,7 @@ class Predictor:
         last = len(ctx.recipe.stages) - 1
         on_maps = ctx.recipe.stages[last].kind == BODY_ON_MAPS and not through_network
         self.cut = FrozenCut.of(ctx, last) if on_maps else None
+        self.onnx = OnnxForward(ctx.model)  # exported when first asked, and again when another member's weights load
 
     def reads_maps(self, views: Views, size: int) -> bool:
         return self.cut is not None and size == self.cut.size and all(scale == 1.0 for _, scale in views)
@@ -59,7 +62,8 @@ class Predictor:
             return view_probs(ctx, self.cut.top, map_batches(ctx, maps, rows), views, map_view)
         images = None if split == "train" else self.test_images
         batches = tqdm(eval_loader(ctx, size, rows, images), desc=f"predict {size}px", leave=False, disable=None)
-        return view_probs(ctx, ctx.model, batches, views, view, stack=ctx.device.type == "cuda")
+        network = self.onnx if runs_onnx(ctx.engine, len(rows) * len(views), size) else ctx.model
+        return view_probs(ctx, network, batches, views, view, stack=ctx.device.type == "cuda")
 
 
 def map_batches(ctx: FoldContext, maps: torch.Tensor, rows: np.ndarray) -> Iterator:
