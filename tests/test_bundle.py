@@ -70,6 +70,24 @@ def test_a_bundle_of_a_recipe_or_run_that_does_not_exist_exits_2(tmp_path, capsy
     assert not (tmp_path / "k").exists()
 
 
+def test_a_bundle_replaces_only_a_bundle_never_a_users_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(B, "download_wheels", fake_download)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    for out in (mine, mine / "notes.txt", ".", "/", Path.home()):
+        assert main(["kaggle-bundle", "--config", "configs/cpu.yaml", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {out}: ")
+    assert (mine / "notes.txt").read_text() == "a user's file" and sorted(p.name for p in mine.iterdir()) == [
+        "notes.txt"
+    ]
+    out = tmp_path / "kaggle"
+    first = B.build_bundle("configs/cpu.yaml", [], "cpu", 5, 0, out=out)
+    (out / "notebook" / "stale.txt").write_text("from the last build")
+    assert B.build_bundle("configs/cpu.yaml", [], "cpu", 5, 0, out=out) == first  # its own bundle: replaced whole
+    assert not (out / "notebook" / "stale.txt").exists() and (out / "dataset" / B.BUNDLE_FILE).is_file()
+
+
 class FakeKaggle:
     """The kaggle package's side of a push and a fetch, as the client sees it."""
 

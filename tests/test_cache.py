@@ -70,6 +70,33 @@ def test_bad_image_fails_or_is_skipped(demo):
     assert cache.bad == [comp.train_files[3]] and cache.images[3].max() == 0
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (its data is a few hundred bytes of zeros)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_header_claiming_a_huge_image_is_one_bad_image_not_a_lost_batch(demo):
+    comp = scan_competition(demo)
+    bomb = comp.train_path(comp.train_files[5])
+    bomb.write_bytes(png_claiming(60000, 60000))
+    with pytest.raises(UserError, match=f"{bomb}: its header claims 3,600,000,000 pixels, more than 100,000,000"):
+        read_image(bomb)
+    with pytest.raises(UserError, match=str(bomb)):
+        C.load_cache(comp, "train", 32)
+    cache = C.load_cache(scan_competition(demo), "train", 32, skip_bad_images=True)
+    assert cache.bad == [comp.train_files[5]] and cache.images[5].max() == 0
+    assert all(cache.images[i].max() > 0 for i in range(len(cache.files)) if i != 5)  # every other photo kept
+
+
 def test_loader_batches_are_reproducible_per_epoch(demo):
     comp = scan_competition(demo)
     cache = C.load_cache(comp, "train", 64)

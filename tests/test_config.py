@@ -108,6 +108,29 @@ def test_bad_files(tmp_path):
         load_recipe(tmp_path / "list.yaml")
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["? [a, b]\n: 1\n", "{[a]: 1}\n", "model: " + "[" * 5000 + "]" * 5000 + "\n",
+     "stages: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"],
+    ids=["a list as a key", "a flow list as a key", "5000-deep brackets", "3000-deep mappings"],
+)  # fmt: skip
+def test_odd_yaml_is_refused_in_a_file_and_in_an_override(tmp_path, text):
+    (tmp_path / "odd.yaml").write_text(text)
+    with pytest.raises(UserError, match=r"odd\.yaml: (not valid YAML|nested too deeply)"):
+        load_recipe(tmp_path / "odd.yaml")
+    value = text.split(": ", 1)[1] if text.startswith(("model", "stages")) else text.strip()
+    with pytest.raises(UserError, match="(not valid YAML|nested too deeply|expected)"):
+        load_recipe(None, [f"drop_rate={value}"])
+
+
+def test_quoted_words_stay_words_and_plain_exponents_are_numbers(tmp_path):
+    (tmp_path / "r.yaml").write_text('teacher: ["2024"]\ndistill: 0.5\nweight_decay: 1e-3\nmodel: "1e3"\n')
+    r = load_recipe(tmp_path / "r.yaml", ["drop_rate=2e-1"])
+    assert r.teacher == ["2024"] and r.model == "1e3" and r.weight_decay == 1e-3 and r.drop_rate == 0.2
+    with pytest.raises(UserError, match="model: expected a string, got 1000.0"):
+        load_recipe(None, ["model=1e3"])  # unquoted it is a number, as YAML reads 1.5
+
+
 def test_a_runs_recorded_recipe_reloads(demo_master, home, tmp_path, capsys):
     """runs/<run>/config.yaml is the resolved recipe plus the split and provenance; it loads back as a recipe file
     (`--config runs/<run>/config.yaml`, to reproduce a run) and as the run (to blend or grade it)."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -44,3 +45,24 @@ def test_mle_splits_as_mle_bench_does_and_grades_the_chain(demo_master, home, ca
     assert result["lines"] == {line: result["micro_f1"] >= score for line, score in KAGGLE_LINES.items()}
     out = capsys.readouterr().out
     assert "MLE-bench's split of" in out and "Kaggle's leaderboard: median 0.956" in out and "Black-grass vs" in out
+
+
+def test_a_split_that_holds_a_species_out_whole_is_refused_leaving_nothing(demo, home):
+    """MLE-bench's split is not stratified: a small species can fall wholly in the held-out share, and the chain would
+    train on the other species only (it then died on the held-out photos' labels): refused, naming the species."""
+    from seedlings.errors import UserError
+    from seedlings.lab.holdout import make_holdout
+
+    for extra in sorted((demo / "train" / "Maize").iterdir())[1:]:
+        extra.unlink()  # one photo of Maize left
+    refused = []
+    for seed in range(20):
+        out = home / f"split-s{seed}"
+        try:
+            make_holdout(demo, out, 0.5, seed, stratified=False)
+        except UserError as e:
+            refused.append(str(e))
+            assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert 0 < len(refused) < 20  # some seeds keep the photo on the training side
+    assert all(re.search(r"train/(.+): every image of \1 falls in the held-out share", e) for e in refused), refused
+    assert any("Maize: every image of Maize" in e for e in refused)

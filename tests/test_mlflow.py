@@ -204,6 +204,25 @@ def test_mlflow_ui_without_a_store_names_it(home, capsys):
     assert str(home / "runs" / "mlflow.db") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b""], ids=["random bytes", "empty"])
+def test_mlflow_ui_on_a_store_that_is_not_one_refuses_before_any_address(home, capsys, content):
+    import sqlite3
+
+    from seedlings.cli import main
+
+    store = home / "runs" / "mlflow.db"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(content)
+    assert main(["mlflow-ui", "--port", str(free_port())]) == 2
+    out, err = capsys.readouterr()
+    assert "http://" not in out and err.startswith(f"error: {store}: ") and len(err.strip().splitlines()) == 1
+    store.unlink()
+    with sqlite3.connect(store) as db:
+        db.execute("create table notes (text)")  # an SQLite database, not MLflow's
+    assert main(["mlflow-ui", "--port", str(free_port())]) == 2
+    assert "without MLflow's tables" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_mlflow_ui_serves_the_embedded_store_on_loopback(demo_master, home, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,5 +1,6 @@
 """What leaves a run: the runs table, its chain on photos it never saw, and its ONNX export with a model card."""
 
+import contextlib
 import io
 import json
 import os
@@ -72,6 +73,70 @@ def test_runs_table_shows_each_run_with_what_it_has(chain, tmp_path, monkeypatch
     assert bad.returncode == 2 and "--sort" in bad.stderr
 
 
+def test_runs_table_shows_a_damaged_file_as_damaged_and_every_other_run(chain, tmp_path, monkeypatch):
+    from seedlings.track.table import runs_table, show
+
+    home = tmp_path / "home-copy"
+    shutil.copytree(chain, home)
+    in_home(monkeypatch, home)
+    config = (home / "runs" / "tiny" / "config.yaml").read_text()
+    done = {"garbage": "xx{", "empty": "", "list": "[]", "map": "{}", "word": json.dumps({"val_f1": "high"})}
+    for case, text in done.items():
+        (home / "runs" / f"done-{case}" / "fold0").mkdir(parents=True)
+        (home / "runs" / f"done-{case}" / "config.yaml").write_text(config)
+        (home / "runs" / f"done-{case}" / "fold0" / "done.json").write_text(text)
+    (home / "runs" / "split-word").mkdir()
+    (home / "runs" / "split-word" / "config.yaml").write_text(re.sub(r"(?m)^n_folds: .*$", "n_folds: abc", config))
+    (home / "runs" / "config-bad").mkdir()
+    (home / "runs" / "config-bad" / "config.yaml").write_text("model: [unclosed\n")
+    for run, record in {"prov-list": [], "prov-words": {"members": {"blend": {"micro_f1": "x"}}, "seconds": {"a": "b"},
+                                                         "submission": ["x"]}}.items():  # fmt: skip
+        (home / "runs" / run).mkdir()
+        (home / "runs" / run / "config.yaml").write_text(config)
+        (home / "submissions" / f"{run}.json").write_text(json.dumps(record))
+    (home / "submissions" / "leaderboard.csv").write_bytes(bytes(range(256)) * 4)
+    out = cli(home, "runs", "--config", str(REPO / "tests" / "defaults.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "leaderboard.csv: damaged" in out.stderr
+    table = runs_table(str(REPO / "tests" / "defaults.yaml")).set_index("run")
+    assert table.index[0] == "tiny" and table.loc["tiny", "oof_f1"] > 0  # the sound run, first by its score
+    assert {"tiny", "split-word", "config-bad", "prov-list", "prov-words", *(f"done-{c}" for c in done)} <= set(
+        table.index
+    )
+    for case in done:
+        assert table.loc[f"done-{case}", "folds"] == "1/3 (1 done.json damaged)"
+        assert pd.isna(table.loc[f"done-{case}", "fold_f1"])
+    assert table.loc["split-word", "folds"] == "0/?" and "config.yaml damaged" in table.loc["config-bad", "differs"]
+    assert table.loc["prov-list", "submission"] == "prov-list.json damaged"
+    assert pd.isna(table.loc["prov-words", "oof_f1"]) and pd.isna(table.loc["prov-words", "seconds"])
+    for column in ("oof_f1", "seconds", "folds", "submission", "public", "differs"):
+        assert len(runs_table(str(REPO / "tests" / "defaults.yaml"), sort=column)) == len(table)  # no mixed types
+    assert "prov-list.json damaged" in show(runs_table(str(REPO / "tests" / "defaults.yaml")))
+
+
+def test_runs_table_fits_the_terminal_with_dotted_keys(home):
+    from conftest import tiny_recipe
+    from seedlings.recipe.load import dump_yaml
+    from seedlings.recipe.schema import recipe_dict
+    from seedlings.track.table import runs_table, show
+
+    for i in range(50):  # runs whose stages differ from the reference's, one of them in number
+        recipe = recipe_dict(tiny_recipe(f"stages.1.size={40 + i}", f"seed={i}"))
+        if i == 0:
+            recipe["stages"] = recipe["stages"][:1]  # one stage where the reference has two
+        (home / "runs" / f"run-{i:02d}").mkdir(parents=True)
+        (home / "runs" / f"run-{i:02d}" / "config.yaml").write_text(dump_yaml(recipe, sort_keys=False))
+    table = runs_table(str(REPO / "configs" / "cpu.yaml"), sort="run", ascending=True)
+    differs = table.set_index("run").differs
+    assert "stages.1.size=41" in differs["run-01"].split() and "{'" not in " ".join(differs)
+    assert "stages.1=-" in differs["run-00"].split() and "stages.2.size=40" in differs["run-01"].split()
+    assert (table.model == "test_efficientnet").all() and table.date.str.match(r"\d{4}-\d\d-\d\d \d\d:\d\d$").all()
+    for width in (80, 120, 200):
+        lines = show(table, width=width).splitlines()
+        assert len(lines) == 51 and max(map(len, lines)) <= width, (width, max(map(len, lines)))
+    assert all(w in show(table, wide=True) for w in differs["run-49"].split())  # --wide: all of it
+
+
 def test_runs_of_a_sweep_that_does_not_exist(home):
     out = cli(home, "runs", "--sweep", "nothing")
     assert out.returncode == 2 and "nothing" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -114,6 +179,25 @@ def test_predict_images_refuses_what_it_cannot_predict(chain, demo_master, tmp_p
     out = tmp_path / "x" / "probs.csv"
     assert main(["predict-images", "--run", "tiny", "--out", str(out), str(demo_master / "test")]) == 2
     assert str(tmp_path / "x") in capsys.readouterr().err
+
+
+def test_predict_images_takes_a_path_as_given_and_never_writes_over_a_photo(chain, demo_master, tmp_path, monkeypatch,
+                                                                            capsys):  # fmt: skip
+    from seedlings.cli import main
+
+    in_home(monkeypatch, chain)
+    photo = tmp_path / "plant[1].png"  # an existing file, though its name reads as a pattern
+    shutil.copy(sorted((demo_master / "test").iterdir())[0], photo)
+    before = photo.read_bytes()
+    assert main(["predict-images", "--run", "tiny", "--out", str(photo), str(photo)]) == 2
+    assert (
+        capsys.readouterr().err.startswith(f"error: --out {photo}: is one of the photos")
+        and photo.read_bytes() == before
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "probs.csv"
+    assert main(["predict-images", "--run", "tiny", "--out", str(out), str(photo), "plant[1].png"]) == 0
+    assert list(pd.read_csv(out).file) == [str(photo)]  # one row: the same file by two paths
 
 
 # ----------------------------------------------------------------------------------------------------------- export
@@ -185,6 +269,68 @@ def test_export_refusals_leave_nothing_behind(chain, tmp_path, monkeypatch, caps
     assert not list((card_dir / "model.json").iterdir())
     assert main(["export", "--run", "nope"]) == 2
     assert "'nope'" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def provenance_as(chain: Path, change):
+    """The tiny chain's submission provenance changed by `change(record)` (None: removed) for a block, then restored."""
+    path = chain / "submissions" / "tiny.json"
+    original = path.read_text()
+    try:
+        record = change(json.loads(original))
+        if record is None:
+            path.unlink()
+        else:
+            path.write_text(json.dumps(record))
+        yield
+    finally:
+        path.write_text(original)
+
+
+def test_predict_images_and_export_blend_only_the_folds_the_submission_blended(chain, demo_master, monkeypatch):
+    from seedlings.predict.export import chain_module
+    from seedlings.predict.images import predict_images
+    from seedlings.run import saved_run
+
+    in_home(monkeypatch, chain)
+    photos = [str(p) for p in sorted((demo_master / "test").iterdir())[:6]]
+    every = predict_images("tiny", photos)
+    assert len(chain_module(saved_run("tiny"))[0].members) == 6  # 3 folds x 2 snapshots
+    with provenance_as(chain, lambda r: {**r, "missing_folds": [1]}):  # fold 1 trained after the blend
+        assert len(chain_module(saved_run("tiny"))[0].members) == 4
+        two_folds = predict_images("tiny", photos).iloc[:, 2:].to_numpy()
+        assert np.abs(two_folds - every.iloc[:, 2:].to_numpy()).max() > 1e-7  # the tiny models differ only a little
+
+
+DAMAGED = {
+    "no member": lambda r: {**r, "members": {}},
+    "weights that are words": lambda r: {**r, "members": {k: {**v, "weight": "x"} for k, v in r["members"].items()}},
+    "a calibration without its temperature": lambda r: {**r, "calibration": {"used": True, "bias": {}}},
+    "runs that are not this run": lambda r: {**r, "runs": []},
+    "missing folds that are not folds": lambda r: {**r, "missing_folds": "1"},
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_provenance_is_refused_not_predicted_from(chain, demo_master, monkeypatch, capsys, case):
+    from seedlings.cli import main
+
+    in_home(monkeypatch, chain)
+    photo = str(sorted((demo_master / "test").iterdir())[0])
+    with provenance_as(chain, DAMAGED[case]):
+        for command in (["predict-images", "--run", "tiny", photo], ["export", "--run", "tiny"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert "tiny.json: damaged provenance of the run's submission" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_never_submitted_is_told_how_to_submit(chain, demo_master, monkeypatch, capsys):
+    from seedlings.cli import main
+
+    in_home(monkeypatch, chain)
+    with provenance_as(chain, lambda r: None):
+        assert main(["predict-images", "--run", "tiny", str(demo_master / "test")]) == 2
+        assert "make submit RUN=tiny writes it" in capsys.readouterr().err
 
 
 def test_the_graphs_calibration_and_weights_are_the_blends():

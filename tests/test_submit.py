@@ -138,3 +138,18 @@ def test_blend_only_trains_no_fold_and_blends_those_done(demo_master, home, caps
     assert validate_submission(demo_master, out) > 0 and not run.is_trained(1)
     assert "fold 1 is not in this blend: not trained" in capsys.readouterr().err
     assert json.loads(out.with_suffix(".json").read_text())["missing_folds"] == [1]
+
+
+def test_a_second_submit_of_a_run_refuses_naming_the_first(demo_master, home):
+    """Two submits of one run at once would each blend only the folds it trained, and the last writer's partial blend
+    would become the submission: the second exits 2 at once, naming the holder, and trains nothing."""
+    from seedlings.paths import submission_path
+    from seedlings.storage import exclusive
+
+    lock = submission_path("tiny").with_name(".tiny.lock")
+    with exclusive(lock, "the submission of run 'tiny'"):  # the first submit, still running
+        done = subprocess.run(submit_cmd(demo_master), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "SEEDLINGS_HOME": str(home)})  # fmt: skip
+    assert done.returncode == 2
+    assert f"the submission of run 'tiny' is in use by host {os.uname().nodename} process {os.getpid()}" in done.stderr
+    assert not (home / "runs" / "tiny" / "fold0").exists() and not submission_path("tiny").exists()

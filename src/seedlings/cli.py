@@ -152,16 +152,15 @@ def add_kaggle_commands(sub) -> None:
 
 def add_results_commands(sub) -> None:
     """What the runs left behind, side by side."""
-    what = (
-        "a table of every run under runs/ (or of a sweep's trials): what differs from a reference recipe, folds "
-        "trained, out-of-fold scores, time, submission, Kaggle's scores"
-    )
+    what = ("a table of every run under runs/ (or of a sweep's trials): what differs from a reference recipe, folds "
+            "trained, out-of-fold scores, time, submission, Kaggle's scores")  # fmt: skip
     p = command(sub, "runs", commands.runs, what)
     p.add_argument("--config", default=defaults.CONFIG, help="the reference recipe the differs column compares with")
     p.add_argument("--sweep", default=None, help="list this sweep's trials, runs/<sweep>/trial-<n> (default: none)")
     p.add_argument("--sort", default="oof_f1", help="the column to sort by (runs without a value last)")
     p.add_argument("--ascending", action="store_true", help="smallest first (default: largest first)")
     p.add_argument("--csv", action="store_true", help="CSV on standard output, for scripts")
+    p.add_argument("--wide", action="store_true", help="all columns, differs whole (default: cut to the terminal)")
     p = command(sub, "mlflow-ui", commands.mlflow_ui, "MLflow's UI on the runs' embedded store, on 127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one, printed)")
     p = command(sub, "predict-images", commands.predict_images, "a finished run's chain on any photos: file, species "

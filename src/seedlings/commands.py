@@ -182,7 +182,8 @@ def kaggle_output(args: Args) -> None:
 def runs(args: Args) -> None:
     from seedlings.track.table import runs_table, show
 
-    print(show(runs_table(args.config, args.sweep, args.sort, args.ascending), args.csv), end="" if args.csv else "\n")
+    table = runs_table(args.config, args.sweep, args.sort, args.ascending)
+    print(show(table, args.csv, args.wide), end="" if args.csv else "\n")
 
 
 def mlflow_ui(args: Args) -> int:
@@ -195,7 +196,7 @@ def predict_images(args: Args) -> None:
     from seedlings.predict.images import predict_images as predict
     from seedlings.storage import write_csv
 
-    table = predict(args.run, args.paths)
+    table = predict(args.run, args.paths, args.out)
     if args.out:
         write_csv(args.out, table, float_format="%.9g")  # whole or not at all: written beside it, then renamed
         print(f"{args.out}: {len(table)} photos")

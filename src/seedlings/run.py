@@ -12,7 +12,6 @@ from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from seedlings import paths
 from seedlings.data.competition import Competition, parallel_map, scan_competition
@@ -20,7 +19,7 @@ from seedlings.data.folds import default_folds_path, load_folds
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.recipe import schema
-from seedlings.recipe.load import read_yaml, recipe_from_dict, replaced_keys
+from seedlings.recipe.load import dump_yaml, read_yaml, recipe_from_dict, replaced_keys
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
@@ -149,7 +148,7 @@ class Run:
         record["folds"] = file_sha256(default_folds_path(comp, self.n_folds, self.fold_seed))
         if self.pseudo_path.exists():
             record["pseudo"] = file_sha256(self.pseudo_path)
-        config = yaml.safe_dump({**recipe_dict(self.recipe), **extra}, sort_keys=False)
+        config = dump_yaml({**recipe_dict(self.recipe), **extra}, sort_keys=False)
         record["config_sha256"] = hashlib.sha256(config.encode()).hexdigest()  # a config.yaml cut short is told
         write_json(self.data_record_path, record)
         write_text(self.config_path, config)

@@ -150,6 +150,8 @@ def read_json(path: str | Path, what: str, fix: str, keys: tuple[str, ...] = ())
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path}: damaged {what} (not readable JSON); {fix}") from None
+    except OSError as e:  # missing (a run never submitted), a folder, unreadable
+        raise UserError(f"{path}: no readable {what} ({e.strerror or e}); {fix}") from None
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if not isinstance(obj, dict) or missing:
         raise UserError(f"{path}: damaged {what} (no {', '.join(missing) or 'mapping'}); {fix}")

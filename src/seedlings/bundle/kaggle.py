@@ -133,6 +133,21 @@ def wheel_name(path: Path) -> str:
     return canonicalize_name(path.name.split("-")[0])
 
 
+def replaceable(out: Path) -> Path:
+    """`out`, absolute, where a new bundle may replace what is there: nothing, an empty folder, or a bundle this
+    project wrote (its dataset's seedlings-bundle.json). Anything else exits 2 naming it: a user's folder is never
+    emptied, nor the checkout, the home folder or a folder above either."""
+    where = out.expanduser().resolve()
+    above = {paths.REPO, *paths.REPO.parents, Path.home().resolve(), *Path.home().resolve().parents}
+    if where in above:
+        raise UserError(f"--out {out}: the checkout, the home folder or a folder above them; the bundle needs a folder "
+                        "of its own (default kaggle/)")  # fmt: skip
+    if where.is_file() or (where.is_dir() and any(where.iterdir()) and not (where / "dataset" / BUNDLE_FILE).is_file()):
+        raise UserError(f"--out {out}: holds files that are not a bundle of this project's, which it would replace; "
+                        "name a new or empty folder")  # fmt: skip
+    return where
+
+
 def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int, fold_seed: int,
                  out: Path | None = None, owner: str | None = None) -> Path:  # fmt: skip
     """kaggle/ for `recipe_path` with `overrides` (a run's config.yaml or a sweep's best.yaml are recipes too): built
@@ -141,7 +156,7 @@ def build_bundle(recipe_path: str, overrides: list[str], run: str, n_folds: int,
     if recipe.teacher:
         raise UserError("teacher: a Kaggle notebook has none of this machine's runs to learn from; train the student "
                         "here, or bundle the recipe without teacher and distill")  # fmt: skip
-    out = out or paths.REPO / "kaggle"
+    out = replaceable(Path(out) if out else paths.REPO / "kaggle")
     owner = owner or kaggle_username() or PLACEHOLDER_OWNER
     slug = notebook_slug(run)
     staging = out.with_name(out.name + ".partial")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from seedlings.errors import UserError
@@ -20,6 +23,9 @@ from seedlings.storage import file_sha256
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 STRAY_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+# Larger images are refused before decoding (a 1.8 kB PNG may claim 60,000 x 60,000): the competition's largest photo
+# is about 3,650 px a side (13 million pixels)
+MAX_PIXELS = 100_000_000
 
 # The real competition: training images per species (4,750 in all; the demo keeps these ratios) and test images.
 REAL_TRAIN_COUNTS = {
@@ -28,6 +34,23 @@ REAL_TRAIN_COUNTS = {
     "Small-flowered Cranesbill": 496, "Sugar beet": 385,
 }  # fmt: skip
 REAL_TEST_IMAGES = 794
+
+
+def check_header(path: Path) -> None:
+    """Refuse, without decoding it, an image whose header claims more than MAX_PIXELS (read by PIL; a format PIL
+    cannot read is left to OpenCV)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides, not PIL's bound
+            with Image.open(path) as im:
+                pixels = im.size[0] * im.size[1]
+    except Image.DecompressionBombError as e:  # over twice PIL's own bound: its message gives the claim
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else MAX_PIXELS + 1
+    except (OSError, ValueError, SyntaxError):  # not a format PIL reads, or damaged: OpenCV decides
+        return
+    if pixels > MAX_PIXELS:
+        raise UserError(f"{path}: its header claims {pixels:,} pixels, more than {MAX_PIXELS:,}; not decoded")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -42,7 +65,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if buf.size == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # keeps 16-bit depth so we can scale it ourselves
+    check_header(path)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # keeps 16-bit depth so we can scale it ourselves
+    except cv2.error as e:  # a header OpenCV refuses (a size past its own bound, a damaged chunk)
+        raise UserError(f"{path}: not a readable image (OpenCV: {str(e).strip().splitlines()[-1]})") from None
     if img is None:
         raise UserError(f"{path}: not a readable image")
     if img.dtype == np.uint16:

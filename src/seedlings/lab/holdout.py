@@ -47,6 +47,12 @@ def make_holdout(
         range(len(comp.train_files)), test_size=fraction, random_state=seed,
         stratify=comp.train_labels if stratified else None,
     )  # fmt: skip
+    trained = {comp.train_labels[i] for i in keep}
+    gone = [c for k, c in enumerate(comp.classes) if k not in trained]
+    if gone:  # an unstratified split can hold a small species out whole: the chain would never see it
+        raise UserError(f"{src / 'train' / gone[0]}: every image of {gone[0]} falls in the held-out share of this "
+                        f"split (fraction {fraction:g}, seed {seed}), so no model would learn it; add images of it, "
+                        "or split with another seed")  # fmt: skip
     names = [Path(comp.train_files[i]).name for i in held]
     if len(set(names)) != len(names):
         raise UserError(f"{src}: file names repeat across species; cannot flatten them into test/")

@@ -20,14 +20,13 @@ from seedlings.data.augment import view
 from seedlings.data.cache import BACKGROUND, GREEN_HIGH, GREEN_LOW, MIN_PLANT, _load
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS, PROB_FLOOR
-from seedlings.predict.images import chain_record, member_weights, recorded_calibration
+from seedlings.predict.images import blended_folds, chain_record, member_weights, recorded_calibration
 from seedlings.predict.members import run_members
 from seedlings.predict.tta import tta_views
 from seedlings.run import Run, git_commit
 from seedlings.storage import atomic_path, write_json
+from seedlings.train.engine import OPSET
 from seedlings.train.model import create_model, model_mean_std
-
-OPSET = 18
 
 
 class Chain(nn.Module):
@@ -68,7 +67,8 @@ def chain_module(run: Run) -> tuple[Chain, dict]:
     record = chain_record(run)
     if record["runs"] != [run.name]:
         raise UserError(f"run {run.name!r} blends other runs ({', '.join(record['runs'][1:])}): export each run alone")
-    members = run_members(run)
+    folds = blended_folds(run, record)
+    members = [m for m in run_members(run) if m.fold in folds]
     if not members:
         raise UserError(f"run {run.name!r}: no trained fold (make train RUN={run.name})")
     shares = member_weights(record, members)

@@ -5,6 +5,7 @@ calibration the submission recorded (submissions/<run>.json)."""
 from __future__ import annotations
 
 import glob
+import math
 import sys
 from dataclasses import replace
 from functools import partial
@@ -37,16 +38,19 @@ def photo_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if _listed(p))
             why = "a folder with no files"
-        elif any(c in given for c in "*?["):
-            files = sorted(Path(p) for p in glob.glob(given, recursive=True) if _listed(Path(p)))
-            why = "no file matches this pattern"
-        else:
+        elif path.is_file() or not any(c in given for c in "*?["):  # an existing file first, even plant[1].jpg
             files = [path] if path.is_file() else []
             why = "no such file"
+        else:
+            files = sorted(Path(p) for p in glob.glob(given, recursive=True) if _listed(Path(p)))
+            why = "no file matches this pattern"
         found += files
         if not files:
             missing.append(f"{given}: {why}")
-    return list(dict.fromkeys(found)), missing
+    by_file: dict[Path, Path] = {}  # one row a file, however often and by whichever path it was named (the first)
+    for f in found:
+        by_file.setdefault(f.resolve(), f)
+    return list(by_file.values()), missing
 
 
 def read_photos(files: list[Path], size: int, mask: str) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -68,9 +72,46 @@ def chain_record(run: Run) -> dict:
     path = run.submission_path.with_suffix(".json")
     fix = f"make submit RUN={run.name} writes it"
     record = read_json(path, "provenance of the run's submission", fix, ("members", "calibration", "runs"))
+    why = damage(record, run)
+    if why:
+        raise UserError(f"{path}: damaged provenance of the run's submission ({why}); {fix}")
     if record.get("recipe", {}).get("specialist"):
         raise UserError(f"{path}: run {run.name!r} blends a specialist; predict-images predicts chains without one")
     return record
+
+
+def damage(record: dict, run: Run) -> str:
+    """What is wrong with the shape of a submission's provenance where predict-images and export read it ("": none):
+    they must blend exactly what the submission blended, or refuse."""
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    members, runs, calibration = record["members"], record["runs"], record["calibration"]
+    rows = [row for name, row in members.items() if name not in NOT_PARTS] if isinstance(members, dict) else []
+    if not rows or not all(isinstance(r, dict) and number(r.get("weight")) and r["weight"] >= 0 for r in rows):
+        return "members: not a table of parts with their weights"
+    if not any(r["weight"] > 0 for r in rows):
+        return "members: no part with a weight above 0"
+    if not isinstance(runs, list) or not runs or runs[0] != run.name or not all(isinstance(r, str) for r in runs):
+        return f"runs: not a list of run names starting with {run.name!r}"
+    missing = record.get("missing_folds", [])
+    if not isinstance(missing, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in missing):
+        return "missing_folds: not a list of fold numbers"
+    if calibration is not None and not isinstance(calibration, dict):
+        return "calibration: neither null nor a mapping"
+    if calibration and calibration.get("used"):
+        bias = calibration.get("bias")
+        if not number(calibration.get("temperature")) or not isinstance(bias, dict):
+            return "calibration: used, without its temperature or biases"
+        if not all(number(bias.get(c)) for c in run.comp.classes):
+            return "calibration: a species without its bias"
+    return ""
+
+
+def blended_folds(run: Run, record: dict) -> list[int]:
+    """The run's folds its submission blended: a fold trained after it (missing_folds) is left out, as it was."""
+    return [fold for fold in run.models() if fold not in record.get("missing_folds", [])]
 
 
 def submitted_run(name: str) -> tuple[Run, dict]:
@@ -83,10 +124,11 @@ def submitted_run(name: str) -> tuple[Run, dict]:
     return replace(run, recipe=with_changes(run.recipe, variant)), record  # free keys: the run's checks still hold
 
 
-def member_probs(run: Run, images: np.ndarray) -> dict[Member, np.ndarray]:
-    """Every trained member's TTA probabilities of `images` (maps of their views computed here, never stored)."""
+def member_probs(run: Run, images: np.ndarray, folds: list[int] | None = None) -> dict[Member, np.ndarray]:
+    """Every trained member's (of `folds`: every fold) TTA probabilities of `images` (maps of their views computed
+    here, never stored)."""
     out = {}
-    for fold in run.models():
+    for fold in run.models() if folds is None else folds:
         members = run_members(run, fold) if run.is_trained(fold) else []
         if not members:
             continue
@@ -130,19 +172,24 @@ def recorded_calibration(record: dict, classes: list[str]) -> Calibration | None
     return Calibration(calibration["temperature"], np.array([calibration["bias"][c] for c in classes]))
 
 
-def predict_images(name: str, inputs: list[str]) -> pd.DataFrame:
+def predict_images(name: str, inputs: list[str], out: str | None = None) -> pd.DataFrame:
     """file, species and the probability of every class for each readable photo; an input naming no file or a file
-    that cannot be read is named on stderr and skipped; none readable exits 2."""
+    that cannot be read is named on stderr and skipped; none readable exits 2. out: where the table will be written,
+    refused (before anything is predicted) when it is one of the photos."""
+    files, missing = photo_paths(inputs)
+    if out is not None and Path(out).resolve() in {f.resolve() for f in files}:
+        raise UserError(f"--out {out}: is one of the photos to classify; name a new .csv file")
     run, record = submitted_run(name)
     variant = run.variant_keys()
     runs = [run, *(saved_run(other, variant=variant) for other in record["runs"] if other != run.name)]
-    files, missing = photo_paths(inputs)
     files, images, bad = read_photos(files, run.recipe.cache_size, run.recipe.plant_mask)
     for line in missing + bad:
         print(f"skipped: {line}", file=sys.stderr)
     if not files:
         raise UserError(f"{' '.join(inputs)}: no readable image to predict")
-    probs = {m: p for r in runs for m, p in member_probs(r, images).items()}
+    probs = {}
+    for r in runs:  # the run's own folds as the submission blended them; the others' as they are
+        probs.update(member_probs(r, images, blended_folds(r, record) if r is run else None))
     classes = run.comp.classes
     share = member_weights(record, list(probs))
     test = sum(share[m] * p for m, p in probs.items())

@@ -23,7 +23,7 @@ from seedlings.predict.specialist import specialist_run, with_specialist
 from seedlings.predict.submission import species_of, validate_submission, write_submission
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.run import Run, git_commit
-from seedlings.storage import Probs, save_probs, write_csv, write_json
+from seedlings.storage import Probs, exclusive, save_probs, write_csv, write_json
 from seedlings.track.mlflow import track_chain
 from seedlings.train.fit import train_fold
 
@@ -68,6 +68,16 @@ def skipped_images(comp: Competition, split: str, recipe: Recipe) -> list[str]:
 
 
 def submit(
+    run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None, train: bool = True
+) -> Path:
+    """One submission of a run at a time (a second `submit` of it exits 2 naming the holder: two at once would each
+    blend only the folds it trained, and the last writer's partial blend would be the submission); see blend_submit."""
+    out = run.submission_path
+    with exclusive(out.with_name(f".{out.stem}.lock"), f"the submission of run {run.name!r}"):
+        return blend_submit(run, others, weights, command, train)
+
+
+def blend_submit(
     run: Run, others: list[Run] = (), weights: str = "fit", command: list[str] | None = None, train: bool = True
 ) -> Path:
     """Every step skips what is up to date, so a second call with nothing changed takes seconds. `others`: finished

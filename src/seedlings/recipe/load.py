@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import typing
 from pathlib import Path
@@ -39,6 +40,9 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a name, not a list or a mapping",
+                                                        key_node.start_mark)  # fmt: skip
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
@@ -48,12 +52,30 @@ class StrictLoader(yaml.SafeLoader):
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, StrictLoader.construct_mapping)
 
 
+class Dumper(yaml.SafeDumper):
+    """YAML as StrictLoader reads it back: a string that reads as a number (1e3) is written quoted."""
+
+
+# YAML 1.1 reads 1e-3 and 1e3 (no dot) as strings; users mean numbers. Read so where written plain; a quoted "1e3" or
+# "2024" stays a string (a run or model named with digits)
+EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (StrictLoader, Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789."))
+
+
+def dump_yaml(obj: Any, **options) -> str:
+    """safe_dump's YAML, with the strings StrictLoader would read as numbers quoted."""
+    return yaml.dump(obj, Dumper=Dumper, **options)
+
+
 def read_yaml(text: str, where: str) -> Any:
     """YAML text (a recipe, a space, a run's config, an override's value); bad YAML exits 2 naming `where`."""
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise UserError(f"{where}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be a recipe") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -128,21 +150,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 def parse_value(text: str, key: str = "") -> Any:
     """A command-line value is YAML: 64, 1e-3, true, [1e-4, 1e-3], {max: 0.01, mult: 10}."""
-    return _fix_floats(read_yaml(text, f"{key}: the value {text!r}" if key else f"the value {text!r}"))
-
-
-def _fix_floats(obj: Any) -> Any:
-    """YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number."""
-    if isinstance(obj, dict):
-        return {k: _fix_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fix_floats(v) for v in obj]
-    if isinstance(obj, str):
-        try:
-            return float(obj) if any(c.isdigit() for c in obj) and obj.strip().lower() not in ("nan", "inf") else obj
-        except ValueError:
-            return obj
-    return obj
+    return read_yaml(text, f"{key}: the value {text!r}" if key else f"the value {text!r}")
 
 
 def apply_override(values: dict, key: str, value: Any) -> None:
@@ -194,7 +202,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise UserError(f"{p}: an empty recipe (it would silently train the defaults); give its keys")
         if not isinstance(values, dict):
             raise UserError(f"{p}: a recipe is a mapping of keys to values")
-        values = replaced_keys(_fix_floats(drop_run_record(values, p)), str(p))
+        values = replaced_keys(drop_run_record(values, p), str(p))
     for key, value in parse_overrides(overrides):
         apply_override(values, key, value)
     return recipe_from_dict(values)
@@ -269,12 +277,15 @@ def with_changes(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
     """The recipe with dotted keys set to (YAML) values, in order, validated like any recipe."""
     values = recipe_dict(recipe)
     for key, value in changes.items():
-        apply_override(values, str(key), _fix_floats(value))
+        apply_override(values, str(key), value)
     return recipe_from_dict(values)
 
 
 def recipe_from_dict(values: dict) -> Recipe:
     """Type-check and validate a recipe given as a mapping (a parsed YAML file, a run's saved config)."""
-    recipe = _build(Recipe, replaced_keys(values))
+    try:
+        recipe = _build(Recipe, replaced_keys(values))
+    except RecursionError:
+        raise UserError("a recipe nested too deeply (lists or mappings inside each other thousands of times)") from None
     validate(recipe)
     return recipe

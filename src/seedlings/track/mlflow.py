@@ -11,9 +11,11 @@ tracker goes quiet for the rest of the process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -289,12 +291,25 @@ def safe(uri: str) -> str:
     return uri
 
 
+def check_store(store: Path) -> None:
+    """The embedded store is an SQLite database with MLflow's tables, or exit 2 before any address is printed."""
+    fix = "move it away, and the next run with tracking: mlflow makes a new one"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as e:
+        raise UserError(f"{store}: not an SQLite database ({e}); {fix}") from None
+    if not {"experiments", "runs", "metrics"} <= tables:
+        raise UserError(f"{store}: an SQLite database without MLflow's tables; {fix}")
+
+
 def serve_ui(port: int) -> int:
     """`make mlflow-ui`: MLflow's UI on the embedded store (runs/mlflow.db), on 127.0.0.1 only."""
     port = loopback_port(port)
     store = paths.run_dir("") / STORE
     if not store.exists():
         raise UserError(f"{store}: no MLflow store here yet (a run with tracking: mlflow makes it)")
+    check_store(store)
     print(f"MLflow UI on {store}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     artifacts = paths.run_dir("") / ARTIFACTS

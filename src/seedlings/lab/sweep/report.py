@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
-import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -18,7 +17,7 @@ from seedlings.lab.compare import format_compare, recipe_rows
 from seedlings.lab.sweep.settings import OBJECTIVES
 from seedlings.lab.sweep.space import Sweep, recipe_with
 from seedlings.lab.sweep.study import SweepLock, open_study
-from seedlings.recipe.load import recipe_from_dict
+from seedlings.recipe.load import dump_yaml, recipe_from_dict
 from seedlings.recipe.schema import recipe_dict
 from seedlings.run import open_run
 from seedlings.storage import pyplot, save_figure, write_csv, write_text
@@ -129,7 +128,7 @@ def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:
     head = (f"# The best recipe of sweep {sweep.name!r}: trial {best.number}, {objective_text(sweep)}: "
             f"{best.value:.4f}" + (f", trained with {threads} CPU thread(s)" if threads else "")
             + f".\n# {command}\n")  # fmt: skip
-    return write_text(out, head + yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+    return write_text(out, head + dump_yaml(recipe_dict(recipe), sort_keys=False))
 
 
 def grade_on_holdout(sweep: Sweep, best: FrozenTrial) -> pd.DataFrame | None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import ExperimentalWarning
 
@@ -29,7 +28,7 @@ from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.lab.holdout import ensure_holdout
 from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS
-from seedlings.recipe.load import apply_override, load_recipe, parse_value, read_yaml, recipe_from_dict
+from seedlings.recipe.load import apply_override, dump_yaml, load_recipe, parse_value, read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, SOLVED_HEAD, Recipe, recipe_dict
 from seedlings.run import Run, check_name
 from seedlings.train.schedule import cycle_end_epochs
@@ -191,7 +190,7 @@ def encode_choice(value: Any) -> Any:
     """Optuna stores choices as plain scalars: a list or mapping (a stage list, an LR {max, mult}) as its YAML text."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return "yaml:" + yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return "yaml:" + dump_yaml(value, default_flow_style=True, width=10_000).strip()
 
 
 def decode_choice(value: Any) -> Any:
