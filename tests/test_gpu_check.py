@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_gpu_check_dry_run(home, tmp_path):
     env = {**os.environ, "SEEDLINGS_HOME": str(home), "OUT": str(tmp_path / "out")}
     done = subprocess.run(

@@ -159,6 +159,7 @@ def test_embedded_store_when_asked_by_the_recipe(demo_master, home, monkeypatch)
     assert (home / "runs" / "mlflow-artifacts").is_dir()
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(demo, home, tmp_path, monkeypatch):
     """Each trial's run is nested in the sweep's, with how it ended: its state, its value or the epoch it was pruned
     at; a pruned trial's fold run is marked killed."""

@@ -250,6 +250,7 @@ def test_max_expand_must_be_a_positive_number(tmp_path, capsys, value):
 
 
 # ------------------------------------------------------------------------------------------------ weak cases
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_a_resumed_fold_keeps_the_thread_count_it_was_trained_with(demo_master, home):
     """Killed while training with 1 thread (SEEDLINGS_JOBS=2 on 2 cores), resumed in a process with every thread:
     the fold ends where an uninterrupted 1-thread fold ends (CPU results depend on the thread count)."""

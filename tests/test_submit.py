@@ -81,6 +81,7 @@ def check_evaluate_numbers(stdout: str, home) -> None:
     assert rows["all folds x 2 snapshots, equal blend (TTA)"] == pytest.approx(scored(blend), abs=1e-4)
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_killed_submit_resumes(demo_master, home):
     env = {**os.environ, "SEEDLINGS_HOME": str(home)}
     proc = subprocess.Popen(

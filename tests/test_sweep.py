@@ -202,6 +202,7 @@ def test_a_refused_trial_recipe_fails_that_trial_and_the_sweep_goes_on(data, tmp
         assert (t.state.name == "FAIL") == bad and ("warmup" in t.user_attrs.get("error", "")) == bad
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_two_sweep_folds_average_both_and_prune_on_fold_0_only(data, tmp_path, home):
     """SWEEP_FOLDS=2: a complete trial's value is the mean of its two folds' final validation micro-F1; the pruner
     is told fold 0's epochs only, numbered 1..n, so trials of different lengths meet at each rung on the same epoch
@@ -256,6 +257,7 @@ def test_the_chain_objective_is_the_oof_score_of_what_make_submit_blends(data, t
 
 
 # ------------------------------------------------------------------------------------------------------ dashboard
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_dashboard_serves_the_study_on_loopback(data, tmp_path, home):
     run_workers(1, sweep_cmd(data, space_file(tmp_path), 2), home, [tmp_path])
     with socket.socket() as s:
@@ -293,6 +295,7 @@ def test_two_train_processes_over_one_shared_run_train_each_fold_once(demo_maste
     assert all((home / "runs" / "shared" / f"fold{k}" / "done.json").exists() for k in range(3))
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_the_report_grades_base_and_best_once_on_a_held_out_split(demo, tmp_path, home, capsys):
     """On a split with answers the report trains the base and the best recipe afresh and grades fold and chain once
     (kept in graded.csv) when asked (--grade, GRADE=1) or when the sweep searched a held-out split (HOLDOUT=1); it

@@ -139,6 +139,7 @@ def test_a_space_with_no_valid_combination_is_refused_before_any_study(data, tmp
     assert len(err.splitlines()) == 1 and not (home / "runs" / "s").exists()
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_an_error_every_trial_would_meet_stops_the_worker_and_keeps_the_trial(data, tmp_path, home):
     """Trial 1's folder holds a config that is not a run's: open_run refuses it, as it would every later trial. The
     worker stops with exit 2 and one line naming the file; trial 1 is queued again, and once the folder is fixed the
@@ -163,6 +164,7 @@ def test_an_error_every_trial_would_meet_stops_the_worker_and_keeps_the_trial(da
     assert trials[2].params == trials[1].params
 
 
+@pytest.mark.slow  # 20 to 40 s on a 2-core CPU: with the slow tests, which CI runs too
 def test_the_database_gone_mid_trial_ends_the_worker_in_one_line(data, tmp_path, home, postgres_server):
     """The PostgreSQL server stopped as by a crash while a trial trains: the worker used to exit 1 with 301 lines and
     7 tracebacks. Now one line naming the server (exit 2); once it is back, the next worker resumes the trial."""
