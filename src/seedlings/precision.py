@@ -153,7 +153,7 @@ def onnxruntime_installed() -> bool:
 def choose_engine(asked: str, device: torch.device, precision: Precision) -> str:
     """The recipe's `engine` on `device`: "onnx", "torch", or "auto" where onnxruntime may run: a CPU whose forwards
     compute float32 and has onnxruntime installed (a CPU with native bf16 keeps torch's bf16 forwards; a GPU keeps
-    torch); fixed_forward then picks by the work's size. onnx where it cannot run exits 2 naming the key."""
+    torch); runs_onnx then decides by the work's size. onnx where it cannot run exits 2 naming the key."""
     if asked == "torch":
         return "torch"
     cpu_float32 = device.type == "cpu" and precision.infer is None

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -140,6 +141,12 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=1))
+
+
+def finite_number(value: object) -> float | None:
+    """A finite number read from a file the pipeline wrote, or None (missing, or damaged: a word, a list, true, NaN)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def read_json(path: str | Path, what: str, fix: str, keys: tuple[str, ...] = ()) -> dict:

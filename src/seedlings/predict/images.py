@@ -5,7 +5,6 @@ calibration the submission recorded (submissions/<run>.json)."""
 from __future__ import annotations
 
 import glob
-import math
 import sys
 from dataclasses import replace
 from functools import partial
@@ -24,7 +23,7 @@ from seedlings.predict.submission import species_of
 from seedlings.recipe.load import with_changes
 from seedlings.recipe.schema import VARIANT_KEYS
 from seedlings.run import Run, saved_run
-from seedlings.storage import Probs, read_json
+from seedlings.storage import Probs, finite_number, read_json
 from seedlings.train.fold import prepare_fold
 from seedlings.train.predictor import Predictor
 
@@ -85,7 +84,7 @@ def damage(record: dict, run: Run) -> str:
     they must blend exactly what the submission blended, or refuse."""
 
     def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        return finite_number(x) is not None
 
     members, runs, calibration = record["members"], record["runs"], record["calibration"]
     rows = [row for name, row in members.items() if name not in NOT_PARTS] if isinstance(members, dict) else []

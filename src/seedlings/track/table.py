@@ -5,7 +5,6 @@ the scores `make leaderboard` last saw. A run from older code or a half-trained 
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import sys
@@ -19,7 +18,7 @@ from seedlings.errors import UserError
 from seedlings.recipe.load import dump_yaml, load_recipe
 from seedlings.recipe.schema import PROVENANCE_KEYS, SPLIT_KEYS, recipe_dict
 from seedlings.run import differences, read_config
-from seedlings.storage import write_csv
+from seedlings.storage import finite_number, write_csv
 
 COLUMNS = ("run", "date", "data", "model", "differs", "variant", "folds", "fold_f1", "oof_f1", "oof_log_loss",
            "seconds", "submission", "public", "private")  # fmt: skip
@@ -48,12 +47,6 @@ def run_folders(sweep: str | None = None) -> list[Path]:
     return sorted(p.parent for p in top.glob("*/config.yaml"))
 
 
-def number(value) -> float | None:
-    """A finite number read from a run's files, or None (missing, or damaged: a word, a list, true)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
 def read_json_quietly(path: Path) -> object:
     """A JSON file's contents, DAMAGED where it cannot be read as JSON, None where it is not there."""
     try:
@@ -66,7 +59,7 @@ def folds_of(folder: Path, config: dict) -> tuple[list[float], str]:
     """The validation micro-F1 of each finished fold (done.json) that says it, and "done/planned" (the folds the run's
     recipe trains; a damaged done.json or split is said, not fatal)."""
     records = [read_json_quietly(p) for p in sorted(folder.glob("fold*/done.json"))]
-    scores = [number(r.get("val_f1")) if isinstance(r, dict) else None for r in records]
+    scores = [finite_number(r.get("val_f1")) if isinstance(r, dict) else None for r in records]
     try:
         n_folds, train_folds = int(config.get("n_folds", 0)), int(config.get("train_folds", 0) or 0)
         planned = str(min(train_folds, n_folds) if train_folds else n_folds)
@@ -77,9 +70,9 @@ def folds_of(folder: Path, config: dict) -> tuple[list[float], str]:
     return [s for s in scores if s is not None], shown
 
 
-def provenance(name: str) -> dict | str:
-    """The submission's provenance ({}: none yet), or DAMAGED where it is not a mapping."""
-    record = read_json_quietly(paths.submission_path(name).with_suffix(".json"))
+def provenance(path: Path) -> dict | str:
+    """A submission's provenance ({}: none yet), or DAMAGED where it is not a mapping."""
+    record = read_json_quietly(path)
     return {} if record is None else record if isinstance(record, dict) else DAMAGED
 
 
@@ -117,17 +110,17 @@ def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> di
     split = {"n_folds": defaults.N_FOLDS, "fold_seed": defaults.FOLD_SEED}  # another split: other folds, other OOF
     differs += [f"{k}={config[k]}" for k, v in split.items() if config.get(k, v) != v]
     scores, folds = folds_of(folder, config)
-    prov = provenance(name)
-    submission = f"{paths.submission_path(name).with_suffix('.json').name} {DAMAGED}" if prov == DAMAGED else ""
+    prov_path = paths.submission_path(name).with_suffix(".json")
+    prov = provenance(prov_path)
+    submission = f"{prov_path.name} {DAMAGED}" if prov == DAMAGED else ""
     prov = prov if isinstance(prov, dict) else {}
     members = prov.get("members")
     blend = members.get("blend") if isinstance(members, dict) else None
     blend = blend if isinstance(blend, dict) else {}
     seconds = prov.get("seconds")
-    seconds = [number(v) for v in seconds.values()] if isinstance(seconds, dict) else []
+    seconds = [finite_number(v) for v in seconds.values()] if isinstance(seconds, dict) else []
     lb = scored(board, name)
-    written = [p.stat().st_mtime for p in (folder / "config.yaml", paths.submission_path(name).with_suffix(".json"))
-               if p.exists()]  # fmt: skip
+    written = [p.stat().st_mtime for p in (folder / "config.yaml", prov_path) if p.exists()]
     return {
         "run": name,
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(written))) if written else "",
@@ -137,8 +130,8 @@ def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> di
         "variant": str(prov.get("variant", "") or ""),  # the submission's prediction keys, where not the run's own
         "folds": folds,
         "fold_f1": sum(scores) / len(scores) if scores else None,
-        "oof_f1": number(blend.get("micro_f1")),
-        "oof_log_loss": number(blend.get("log_loss")),
+        "oof_f1": finite_number(blend.get("micro_f1")),
+        "oof_log_loss": finite_number(blend.get("log_loss")),
         "seconds": sum(seconds) if seconds and None not in seconds else None,
         "submission": submission or str(prov.get("submission", "") or ""),
         "public": lb.get("public_score", ""),

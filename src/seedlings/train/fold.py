@@ -41,7 +41,7 @@ class FoldContext:
     mean: tuple
     std: tuple
     precision: Precision  # what training and the forwards without gradients compute in on this device, chosen once
-    engine: str = "torch"  # where the forwards through fixed weights run: onnx or torch (engine.choose_engine)
+    engine: str = "torch"  # where the forwards through fixed weights run: onnx, torch or auto (precision.choose_engine)
     targets: np.ndarray | None = None  # (cache rows, classes) float32 training targets (teacher.py); None: the labels
 
     @property
