@@ -1,6 +1,6 @@
 """Where the forwards through fixed weights run: the precomputed features and maps of the frozen layers, and prediction
-through the whole network (TTA views at another size or scale). On a 2-core CPU, onnxruntime ran them about 4x as
-fast as torch's float32 (make bench: tf_efficientnet_lite2's frozen groups at 192 px; torch's exporter folds timm's
+through the whole network (TTA views at another size or scale). On a 2-core CPU, onnxruntime ran them 3.3x to 3.6x
+as fast as torch's float32 (make bench: tf_efficientnet_lite2's frozen groups at 192 px; torch's exporter folds timm's
 TF-style padding into the convolutions), with the same probabilities within rounding. The recipe's `engine` chooses
 (precision.choose_engine); training steps, and the forwards of weights still training (validation), stay in torch.
 
