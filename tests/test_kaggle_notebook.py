@@ -1,7 +1,7 @@
 """make kaggle's notebook executed (nbclient) on the demo competition laid out as Kaggle mounts it, in a fresh virtual
 environment that starts with only what Kaggle's image is assumed to have and installs the rest from the bundle with no
-index: its submission is make demo's, byte for byte. Slow: the chain runs twice, then a shorter one twice (about eight
-minutes)."""
+index: its submission is make demo's with torch's forwards (ARGS=engine=torch: the bundle carries no onnxruntime), byte
+for byte. Slow: the chain runs twice, then a shorter one twice (about eight minutes)."""
 
 import base64
 import hashlib
@@ -95,7 +95,7 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
                "--config", str(REPO / "configs" / "cpu.yaml"), *DEMO_ARGS, *overrides]  # fmt: skip
         subprocess.run(cmd, env=env, check=True, capture_output=True)
 
-    chain("demo", DEMO_OVERRIDES)
+    chain("demo", [*DEMO_OVERRIDES, "engine=torch"])  # the bundle has no onnxruntime: the notebook runs torch
     expected = (home / "submissions" / "demo.csv").read_bytes()
 
     monkeypatch.setattr(B, "download_wheels", lambda dists, dest: [wheel_from_environment(n, dest) for n in dists])
@@ -132,5 +132,5 @@ def test_the_kaggle_notebook_reproduces_make_demo_offline(home, tmp_path, monkey
     (root / "working").mkdir()
     run_notebook(hub, root, python, tmp_path / "jupyter")
     assert f"pretrained: {saved}" in (root / "working" / "runs" / "hub" / "config.yaml").read_text()
-    chain("hub", [*short, f"pretrained={saved}"])  # the same chain here, on the same weights file
+    chain("hub", [*short, f"pretrained={saved}", "engine=torch"])  # the same chain here, on the same weights file
     assert (root / "working" / "submission.csv").read_bytes() == (home / "submissions" / "hub.csv").read_bytes()
