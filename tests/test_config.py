@@ -203,3 +203,45 @@ def test_each_stage_has_one_kind_and_the_others_are_refused():
     ):
         with pytest.raises(UserError, match=named):
             load_recipe(None, [f"stages=[{stage}]"])
+
+
+def test_the_choices_the_schema_checks_are_the_ones_each_table_implements():
+    """recipe/choices.py names each choice key's values without importing their implementations: the same names."""
+    from seedlings import metrics, optim
+    from seedlings.data import augment, cache, loaders
+    from seedlings.recipe import choices
+
+    assert choices.TTA == tuple(augment.TTA_VIEWS) and choices.TTA_MEANS == tuple(metrics.MEANS)
+    assert choices.OPTIMIZERS == tuple(optim.OPTIMIZERS) and choices.PLANT_MASKS == tuple(cache.BACKGROUND)
+    assert loaders.train_transform.__defaults__ == (choices.CROP_SCALE,) == (Recipe().crop_scale,)
+
+
+def test_reading_recipes_and_listing_runs_imports_neither_torch_nor_scikit_learn_nor_opencv():
+    """`seedlings runs` lists hundreds of runs in about a second: none of the heavy libraries is imported for it."""
+    import subprocess
+    import sys
+
+    code = "import sys, seedlings.track.table; print(sorted({'torch', 'sklearn', 'cv2', 'timm'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_libyamls_reader_reads_what_the_strict_reader_reads_and_refuses_the_same():
+    """Small texts without aliases go through libyaml (the runs table reads hundreds of configs): the same values, the
+    same refusals; a text with an alias or deep flow nesting takes the strict reader."""
+    import yaml
+
+    from seedlings.recipe.load import FastStrictLoader, StrictLoader, fast, read_yaml
+
+    config = Path(__file__).parents[1] / "configs" / "cpu.yaml"
+    for text in [config.read_text(), "lr: 1e-3\nrun: '2024'\nsize: 1e3\nstages: [{size: 32}, {lr: [1, 2]}]\n"]:
+        assert fast(text)
+        assert yaml.load(text, FastStrictLoader) == yaml.load(text, StrictLoader)  # noqa: S506 - SafeLoaders
+    assert read_yaml("lr: 1e-3\nrun: '2024'\n", "x") == {"lr": 0.001, "run": "2024"}
+    for text, said in [("a: 1\na: 2\n", "given twice"), ("? [1, 2]\n: 3\n", "not a list or a mapping")]:
+        assert fast(text)
+        with pytest.raises(UserError, match=said):
+            read_yaml(text, "x")
+    assert not fast("a: &x [1]\nb: *x\n") and not fast("[" * 300 + "]" * 300) and not fast("a: 1\n" * 20000)
+    with pytest.raises(UserError, match="aliases"):
+        read_yaml("a: &x [1]\nb: *x\n", "x")

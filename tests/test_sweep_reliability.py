@@ -4,6 +4,7 @@ for an interrupt) and leaves the study resumable, never replaced."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -153,7 +154,7 @@ def test_an_error_every_trial_would_meet_stops_the_worker_and_keeps_the_trial(da
     out = first.communicate(timeout=600)[0]
     assert first.returncode == 2, out[-3000:]
     assert "trial-0001/config.yaml: not a run config" in out and "Traceback" not in out and "failed with" not in out
-    assert any(line.startswith("[trial 0] epoch 1 ") for line in out.splitlines())  # issue 34: lines say their trial
+    assert any(re.match(r"\[trial 0\] fold \d+/\d+ epoch 1/", line) for line in out.splitlines())  # said by trial
     trials = finished_trials(journal(home))
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     (folder / "config.yaml").unlink()

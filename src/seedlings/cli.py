@@ -291,17 +291,18 @@ def share_threads() -> None:
     """With SEEDLINGS_JOBS=N (make -j N train), this process takes 1/N of the cores for torch and OpenCV;
     SEEDLINGS_THREADS=T sets T threads outright (a sweep's best.yaml states the count its trial trained with: CPU
     results depend on it)."""
-    from seedlings.data.loaders import parallel_jobs
-
     given = os.environ.get("SEEDLINGS_THREADS", "")
     if given and (not given.isdigit() or int(given) < 1):
         raise UserError(f"SEEDLINGS_THREADS: a number of threads above 0, got {given!r}")
-    jobs = parallel_jobs()
-    if given or jobs > 1:
+    if not given and os.environ.get("SEEDLINGS_JOBS", "").strip() in ("", "1"):
+        return  # torch's own count: nothing to import (seedlings runs, recipe and --help stay quick)
+    from seedlings.data.loaders import parallel_jobs
+
+    if given or parallel_jobs() > 1:
         import cv2
         import torch
 
-        threads = int(given) if given else max(1, (os.cpu_count() or 1) // jobs)
+        threads = int(given) if given else max(1, (os.cpu_count() or 1) // parallel_jobs())
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
 

@@ -16,8 +16,6 @@ import torch
 
 from seedlings.errors import UserError
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ENGINES = ("auto", "torch", "onnx")  # where the forwards through fixed weights run (train/engine.py runs onnx)
 # auto: onnxruntime only for at least this much work, counted in views of 192 px images (a view of 96 px: a quarter):
 # exporting a graph takes 10 to 20 s on a 2-core CPU, about what onnxruntime saves on 500 to 600 such views
 AUTO_MIN_WORK = 1000

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from seedlings.errors import Busy, UserError
 
@@ -229,11 +228,15 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
 
 
 def save_torch(path: str | Path, obj) -> Path:
+    import torch  # here, not at the top: reading the pipeline's files (seedlings runs) needs no torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def cpu_copy(obj):
     """Tensors (in dicts, lists) copied to the host: what a background save writes can no longer change."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -272,6 +275,8 @@ def load_torch(path: str | Path, what: str, device="cpu"):
     if not path.exists():
         raise UserError(f"{path}: {what} missing")
     try:
+        import torch
+
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - the user has to know which file, not torch's traceback
         raise UserError(f"{path}: not readable {what} ({type(e).__name__}); delete it and run again") from None

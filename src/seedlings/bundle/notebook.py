@@ -64,15 +64,22 @@ subprocess.run([*seedlings, "submit", *common], env=env, check=True)
 """
 
 SHOW = """\
+import re
 import shutil
 
 import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
 shutil.copy(WORK / "submissions" / f"{RUN}.csv", WORK / "submission.csv")
 shutil.rmtree(WORK / "data" / "cache", ignore_errors=True)  # decoded images: made again on demand, not an output
 report = WORK / "runs" / RUN / "report" / "report.md"
-display(Markdown(report.read_text()) if report.exists() else f"{report}: no report")
+text = report.read_text() if report.exists() else f"{report}: no report"
+for part in re.split(r"(!\\[[^]]*\\]\\([^)]+\\))", text):  # the report's text, its pictures embedded in the notebook
+    picture = re.fullmatch(r"!\\[[^]]*\\]\\(([^)]+)\\)", part)
+    if picture is None:
+        display(Markdown(part))
+    elif (report.parent / picture[1]).is_file():  # the folds' curves, confusion, worst photos
+        display(Image(filename=str(report.parent / picture[1])))
 print(pd.read_csv(WORK / "submission.csv").species.value_counts().to_string())
 """
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CROP_SCALE = 0.8  # RandomResizedCrop's smallest area fraction: 0.35 cost 6 points at unfreezing (docs/history.md)
 RATIO = (0.75, 1.333)  # the crop's aspect range, width / height (1.333: the CPU path's figures were measured so)
 JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.1, "hue": 0.02, "p": 0.8}  # mild colour jitter
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing as mp
 import os
@@ -10,17 +11,24 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from seedlings.errors import UserError
 from seedlings.storage import file_sha256
+from seedlings.track.progress import bar
 
-# Unreadable files are reported once, by us, naming the file; OpenCV's own warnings would only repeat it.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+@functools.cache
+def opencv():
+    """OpenCV, imported on the first image decoded (listing runs and reading folds need none), its own warnings off:
+    unreadable files are reported once, by us, naming the file."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    return cv2
+
 
 STRAY_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 # Larger images are refused before decoding (a 1.8 kB PNG may claim 60,000 x 60,000): the competition's largest photo
@@ -66,6 +74,7 @@ def read_image(path: str | Path) -> np.ndarray:
     if buf.size == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
     check_header(path)
+    cv2 = opencv()
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # keeps 16-bit depth so we can scale it ourselves
     except cv2.error as e:  # a header OpenCV refuses (a size past its own bound, a damaged chunk)
@@ -209,11 +218,11 @@ def parallel_imap(fn, items: list, desc: str, workers: int | None = None):
     """Yield fn(item) in order, computed on every core, with a progress bar; fn must be a module-level function."""
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(items) < 64:  # a pool costs more than it saves on a handful of files
-        yield from (fn(x) for x in tqdm(items, desc=desc, leave=False, disable=True if len(items) < 64 else None))
+        yield from (fn(x) for x in bar(items, desc=desc, unit="image", disable=len(items) < 64))
         return
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     with ctx.Pool(workers) as pool:
-        yield from tqdm(pool.imap(fn, items, chunksize=8), total=len(items), desc=desc, leave=False, disable=None)
+        yield from bar(pool.imap(fn, items, chunksize=8), total=len(items), desc=desc, unit="image")
 
 
 def parallel_map(fn, items: list, desc: str, workers: int | None = None) -> list:

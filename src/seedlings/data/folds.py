@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from seedlings import paths
 from seedlings.data.competition import Competition, listing_hash, parallel_map, scan_competition
@@ -32,6 +31,8 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
         smallest = int(counts.min())
         raise UserError(f"--n-folds: {n_folds} folds need at least {n_folds} images per species (smallest: {smallest})")
     fold = np.full(len(labels), -1)
+    from sklearn.model_selection import StratifiedGroupKFold  # here: opening a run reads its folds, never splits
+
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         fold[val] = k

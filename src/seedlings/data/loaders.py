@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from seedlings.data.augment import CROP_SCALE, JITTER, RATIO
+from seedlings.data.augment import JITTER, RATIO
+from seedlings.recipe.choices import CROP_SCALE
 
 
 def item_seed(*key: int) -> int:

@@ -18,13 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seedlings import paths
-from seedlings.data.augment import CROP_SCALE
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import scan_competition
 from seedlings.data.demo import make_demo
 from seedlings.data.loaders import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.optim import make_optimizer
 from seedlings.precision import cpu_has_bf16
+from seedlings.recipe.choices import CROP_SCALE
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run

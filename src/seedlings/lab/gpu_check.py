@@ -20,11 +20,11 @@ import timm
 import torch
 
 from seedlings import paths
-from seedlings.data.augment import CROP_SCALE
 from seedlings.data.demo import make_demo
 from seedlings.data.device_batches import DeviceBatches
 from seedlings.precision import choose_precision, scaler_for
 from seedlings.predict.tta import tta_predict
+from seedlings.recipe.choices import CROP_SCALE
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import CACHE_MARGIN
 from seedlings.run import Run

@@ -93,16 +93,17 @@ def worst_section(comp: Competition, oof: Probs, labels: np.ndarray, out: Path, 
     p_true = oof.values[np.arange(len(labels)), labels]
     pred = oof.values.argmax(1)
     worst = np.argsort(p_true, kind="stable")[:n_worst]
-    cols = 6
+    cols = 4  # wide enough for the longest species' name in full ("Small-flowered Cranesbill")
     rows = -(-len(worst) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2, rows * 2.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
         ax.imshow(read_image(comp.train_path(oof.files[i])))
-        ax.set_title(f"{classes[labels[i]][:14]}\nas {classes[pred[i]][:14]} p={p_true[i]:.2f}", fontsize=7)
+        ax.set_title(f"{classes[labels[i]]}\nas {classes[pred[i]]}\np(true) {p_true[i]:.2f}", fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "worst.png", dpi=80)
     plt.close(fig)
     lines = ["## Worst out-of-fold images", "", "true species, predicted species, probability of the true one", ""]
-    return [*lines, "![worst](worst.png)", "", *[f"- `{oof.files[i]}`: p={p_true[i]:.3f}" for i in worst], ""]
+    listed = [f"- `{oof.files[i]}`: {classes[labels[i]]} as {classes[pred[i]]}, p={p_true[i]:.3f}" for i in worst]
+    return [*lines, "![worst](worst.png)", "", *listed, ""]

@@ -7,12 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from seedlings.data.augment import CROP_SCALE, TTA_VIEWS
-from seedlings.data.cache import BACKGROUND
 from seedlings.errors import UserError
-from seedlings.metrics import MEANS
-from seedlings.optim import OPTIMIZERS
-from seedlings.precision import ENGINES, PRECISIONS
+from seedlings.recipe.choices import CROP_SCALE, ENGINES, OPTIMIZERS, PLANT_MASKS, PRECISIONS, TTA, TTA_MEANS
 
 LR = float | list | dict  # one number | one per group (earliest first) | {max, mult}, like fast.ai's slice
 CACHE_MARGIN = 1.15  # cached side / largest size used: random crops of a 1.15x image keep their detail
@@ -229,13 +225,13 @@ STAGE_RANGES: dict[str, tuple[float | None, float | None]] = {
 STAGE_CHOICES = {
     "fit": ("sgdr", "logistic"),
 }
-CHOICES = {  # each choice key's values, from the table that gives each value its behaviour
-    "optimizer": tuple(OPTIMIZERS),
-    "tta": tuple(TTA_VIEWS),
-    "tta_mean": tuple(MEANS),
+CHOICES = {  # each choice key's values (recipe/choices.py: those a table elsewhere gives their behaviour)
+    "optimizer": OPTIMIZERS,
+    "tta": TTA,
+    "tta_mean": TTA_MEANS,
     "bn_stats": ("frozen", "batch"),
     "augment": ("auto", "albumentations", "tensor"),
-    "plant_mask": tuple(BACKGROUND),
+    "plant_mask": PLANT_MASKS,
     "calibrate": ("none", "bias"),
     "validate": ("epoch", "cycle"),
     "tracking": ("none", "mlflow"),

@@ -112,7 +112,6 @@ class FoldLog:
         weight average (a snapshot holds it; at the stage's end the model already does). Snapshots and the
         checkpoint are host copies written off the training thread (resume stays exact: they are the state now)."""
         self.metrics.append(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         out, state = self.ctx.dir, cpu_copy(self.ctx.model.state_dict())
         at_stage_end = epoch + 1 == ends[-1]
         if self.ctx.recipe.snapshots and epoch + 1 in ends:

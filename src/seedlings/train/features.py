@@ -20,13 +20,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from tqdm import tqdm
 
 from seedlings.data.augment import DIHEDRAL, dihedral
 from seedlings.errors import UserError
 from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
 from seedlings.recipe.schema import HEAD_ON_FEATURES, SOLVED_HEAD
 from seedlings.storage import load_torch, save_torch
+from seedlings.track.progress import bar
 from seedlings.train.engine import fixed_forward
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix
@@ -69,7 +69,7 @@ def per_view(
     inference autocast: (N, len(views), ...) on the host."""
     ctx.model.eval()
     out = []
-    for x, _ in tqdm(eval_loader(ctx, size, index, images), desc=desc, leave=False, disable=None):
+    for x, _ in bar(eval_loader(ctx, size, index, images), desc=desc, unit="batch"):
         x, got = to_device(x, ctx.device), []
         for k in views:
             with autocast(ctx.device, ctx.precision.infer):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
@@ -25,6 +24,7 @@ from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
 from seedlings.track.mlflow import FoldTracking, track_fold
+from seedlings.track.progress import FoldProgress, bar, due
 from seedlings.train.average import WeightAverage, average_for, averaged
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.train.curves import plot_fold
@@ -84,6 +84,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
     every_epoch = recipe.validate == "epoch" or on_epoch is not None  # a pruner reads every epoch's score
     ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
     log = FoldLog(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
+    progress = fold_progress(ctx, until_stage, log.metrics)
     try:
         for stage_i, stage in enumerate(recipe.stages[:until_stage]):
             resuming = ckpt is not None and stage_i == ckpt["stage"]
@@ -91,6 +92,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                 continue  # finished before the interruption
             if stage.kind == SOLVED_HEAD:  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
+                progress.epoch(log.metrics[-1])
                 if tracking is not None:
                     tracking.epoch(log.metrics[-1])
                 continue
@@ -115,7 +117,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
                 train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, average,
-                                    scaler)  # fmt: skip
+                                    scaler, progress.epoch_desc())  # fmt: skip
                 if average is not None and epoch + 1 == ends[-1]:
                     average.copy_to_model()  # the stage ends on its average: the next stage starts from it
                 scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
@@ -128,6 +130,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                     row["skipped_steps"] = scaler.take_skipped()
                 # snapshots, checkpoint, CSVs
                 log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average, scaler)
+                progress.epoch(row)
                 if tracking is not None:
                     tracking.epoch(row)
                 if on_epoch is not None:
@@ -135,10 +138,11 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
         log.saver.wait()  # a failed checkpoint write raises here
     finally:
         log.saver.close()
+        progress.close()
     if until_stage is not None:
         return {}
     record_weights(ctx.dir, save_torch(ctx.run.final_path(ctx.fold), ctx.model.state_dict()))
-    plot_fold(ctx.dir)
+    plot_fold(ctx.dir, recipe)
     final = {k: log.metrics[-1][k] for k in VAL_KEYS}
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
@@ -149,18 +153,18 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
 
 
 def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict],
-                average: WeightAverage | None = None, scaler: StepScaler | None = None) -> dict:  # fmt: skip
+                average: WeightAverage | None = None, scaler: StepScaler | None = None,
+                desc: str = "") -> dict:  # fmt: skip
     """One pass over the training batches, every step's learning rates appended to lr_rows (and the weight average,
-    if any, updated after every step; fp16 steps scaled by `scaler`): train loss, the head's last learning rate,
-    images/s."""
+    if any, updated after every step; fp16 steps scaled by `scaler`), shown as a bar described `desc`: train loss,
+    the head's last learning rate, images/s."""
     recipe = ctx.recipe
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     trainee.train_mode()
     start, seen = time.perf_counter(), 0
     total_loss = torch.zeros((), device=ctx.device)  # summed on the device: reading it is a host sync
-    bar = tqdm(trainee.batches(epoch), total=trainee.steps_per_epoch, desc=f"fold {ctx.fold} epoch {epoch + 1}",
-               leave=False, disable=None)  # fmt: skip
-    for x, y in bar:
+    steps = bar(trainee.batches(epoch), total=trainee.steps_per_epoch, desc=desc, unit="step")
+    for x, y in steps:
         lrs = {g["layer_group"]: g["lr"] for g in reversed(optimizer.param_groups) if g["params"]}
         lr_rows.append({"step": len(lr_rows), "epoch": epoch, "stage": stage_i,
                         **{f"lr_g{g}": lrs.get(g, 0.0) for g in range(recipe.layer_groups)}})  # fmt: skip
@@ -175,14 +179,35 @@ def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, e
             average.update()
         seen += len(y)
         total_loss += loss * len(y)
-        if len(lr_rows) % 50 == 0:  # the bar's loss: one host read every 50 steps, not one per step
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", lr=f"{lrs.get(recipe.layer_groups - 1, 0):.2e}",
+        if due(steps):  # the bar's loss read from the device only when the bar draws, not on every step
+            steps.set_postfix(loss=f"{total_loss.item() / seen:.3f}", lr=f"{lrs.get(recipe.layer_groups - 1, 0):.2e}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
     return {
         "train_loss": total_loss.item() / max(seen, 1),
         "lr": lr_rows[-1][f"lr_g{recipe.layer_groups - 1}"] if lr_rows else 0.0,
         "images_per_s": seen / (time.perf_counter() - start),
     }
+
+
+def epoch_plan(stages) -> list[tuple[int, int, bool]]:
+    """Each epoch of `stages` in order: (stage, size, whether it is a solved head's single row)."""
+    plan = []
+    for i, stage in enumerate(stages):
+        if stage.kind == SOLVED_HEAD:
+            plan.append((i, stage.size, True))
+        else:
+            plan += [(i, stage.size, False)] * cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)[-1]
+    return plan
+
+
+def fold_progress(ctx: FoldContext, until_stage: int | None, done: list[dict]) -> FoldProgress:
+    """The fold's progress lines: "fold 1/2" among the models the chain trains, the ETA counting those not trained."""
+    run, models = ctx.run, ctx.run.models()
+    what = "full fit" if ctx.fold == run.full else "fold"
+    label = f"{what} {models.index(ctx.fold) + 1}/{len(models)}" if ctx.fold in models else f"{what} {ctx.fold}"
+    after = sum(1 for k in models if k != ctx.fold and not run.is_trained(k))
+    plan = epoch_plan(ctx.recipe.stages[:until_stage])
+    return FoldProgress(label, plan, done, after, f"fold {ctx.fold} of run {run.name!r}")
 
 
 def remove_if_empty(folder: Path) -> None:

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from seedlings.data.augment import view
 from seedlings.precision import runs_onnx
 from seedlings.recipe.schema import BODY_ON_MAPS
+from seedlings.track.progress import bar
 from seedlings.train.engine import OnnxForward
 from seedlings.train.features import FrozenCut
 from seedlings.train.fold import FoldContext, eval_loader, view_probs
@@ -61,7 +61,7 @@ class Predictor:
             maps = self.train_maps if split == "train" else self.test_maps
             return view_probs(ctx, self.cut.top, map_batches(ctx, maps, rows), views, map_view)
         images = None if split == "train" else self.test_images
-        batches = tqdm(eval_loader(ctx, size, rows, images), desc=f"predict {size}px", leave=False, disable=None)
+        batches = bar(eval_loader(ctx, size, rows, images), desc=f"predict {split} {size}px", unit="batch")
         network = self.onnx if runs_onnx(ctx.engine, len(rows) * len(views), size) else ctx.model
         return view_probs(ctx, network, batches, views, view, stack=ctx.device.type == "cuda")
 
