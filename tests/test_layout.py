@@ -100,6 +100,7 @@ def test_each_step_is_a_subpackage():
         "seedlings.metrics",
         "seedlings.optim",
         "seedlings.precision",
+        "seedlings.progress",
         "seedlings.run",
     }
     assert loose <= allowed, loose

@@ -165,6 +165,24 @@ def test_predict_images_gives_the_chains_probabilities(chain, demo_master, tmp_p
     assert json.loads((chain / "submissions" / "tiny.json").read_text())["calibration"] is not None
 
 
+def test_predict_images_never_reads_nor_builds_the_training_cache(chain, demo_master, tmp_path):
+    """16 photos predicted with the training images' cache gone: the same probabilities, and no cache made again."""
+    home = tmp_path / "no-cache"
+    shutil.copytree(chain, home, ignore=shutil.ignore_patterns("cache"))
+    assert not (home / "data" / "cache").exists()
+    photos = sorted((demo_master / "test").iterdir())[:16]
+    out = tmp_path / "probs.csv"
+    done = cli(home, "predict-images", "--run", "tiny", "--out", str(out), *map(str, photos))
+    assert done.returncode == 0, done.stderr
+    train_caches = list((home / "data" / "cache").rglob("*train*")) if (home / "data" / "cache").exists() else []
+    assert train_caches == []
+    got = pd.read_csv(out).set_index("file")
+    got.index = [Path(f).name for f in got.index]
+    blend = pd.read_csv(chain / "runs" / "tiny" / "probs" / "blend.test.csv").set_index("file")
+    assert len(got) == 16
+    np.testing.assert_allclose(got[blend.columns].to_numpy(), blend.loc[got.index].to_numpy(), atol=1e-6, rtol=0)
+
+
 def test_predict_images_refuses_what_it_cannot_predict(chain, demo_master, tmp_path, monkeypatch, capsys):
     from seedlings.cli import main
 

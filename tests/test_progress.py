@@ -13,9 +13,9 @@ import termios
 import pytest
 
 from conftest import DEFAULTS, TINY
+from seedlings import progress
 from seedlings.errors import UserError
-from seedlings.track import progress
-from seedlings.track.progress import FoldProgress, Lines
+from seedlings.progress import FoldProgress, Lines
 
 
 def train_cmd(data, run):

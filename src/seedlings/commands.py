@@ -187,7 +187,7 @@ def runs(args: Args) -> None:
 
 
 def mlflow_ui(args: Args) -> int:
-    from seedlings.track.mlflow import serve_ui
+    from seedlings.track.ui import serve_ui
 
     return serve_ui(args.port)
 

@@ -16,8 +16,8 @@ import pandas as pd
 from PIL import Image
 
 from seedlings.errors import UserError
+from seedlings.progress import bar
 from seedlings.storage import file_sha256
-from seedlings.track.progress import bar
 
 
 @functools.cache

@@ -131,7 +131,7 @@ def member_probs(run: Run, images: np.ndarray, folds: list[int] | None = None) -
         members = run_members(run, fold) if run.is_trained(fold) else []
         if not members:
             continue
-        ctx = prepare_fold(run, fold)
+        ctx = prepare_fold(run, fold, training_images=False)  # the photos given, never the training images
         predictor = Predictor(ctx, images)
         for m in members:
             ctx.model.load_state_dict(m.state_dict(ctx.device))

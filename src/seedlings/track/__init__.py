@@ -1,1 +1,1 @@
-"""Runs side by side: the runs table (`seedlings runs`)."""
+"""Runs side by side and over time: the runs table (`seedlings runs`), MLflow tracking and its UI."""

@@ -1,37 +1,41 @@
 """Tracking on MLflow, off unless asked (recipe key `tracking: mlflow`, or MLFLOW_TRACKING_URI in the environment):
 one MLflow run per project run, a nested run per fold (and per sweep trial under its sweep's run). The resolved
-recipe goes in as parameters, the data and code as tags, every epoch's metrics with their step, the fold's and the
-chain's figures, and the report, plots and submission as artifacts.
+recipe goes in as parameters, the data and code as tags, every epoch's scores at their step (training and validation
+in chart sections of their own), the fold's and the chain's figures, and the report, plots and submission as artifacts.
 
-Without MLFLOW_TRACKING_URI the store is SQLite in runs/mlflow.db (no server; `make mlflow-ui` serves it). The MLflow
-run ids of a project run are kept in runs/<run>/mlflow.json, so a resumed fold logs on into its own MLflow run.
+Without MLFLOW_TRACKING_URI the store is SQLite in runs/mlflow.db (no server; `make mlflow-ui` serves it: ui.py). The
+MLflow run ids of a project run are kept in runs/<run>/mlflow.json, so a resumed fold logs on into its own MLflow run.
 
 A tracking server that is down or refuses never costs a training: the first failure prints one warning line and the
 tracker goes quiet for the rest of the process."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import sqlite3
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedlings import paths
-from seedlings.errors import UserError
 from seedlings.recipe.schema import recipe_dict
 from seedlings.run import Run, git_commit
-from seedlings.storage import file_sha256, loopback_port, write_json
+from seedlings.storage import file_sha256, write_json
 
 ENV = "MLFLOW_TRACKING_URI"
 STORE = "mlflow.db"  # under runs/: the embedded store
 ARTIFACTS = "mlflow-artifacts"  # under runs/: the embedded store's artifacts
 EXPERIMENT = "seedlings"
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # a model-training experiment, not a GenAI one
+# MLflow 3's UI shows an experiment as its GenAI overview (traces, latency, a "Detect Issues" popup) unless the page's
+# address asks for the model-training view (runs, their charts): `make mlflow-ui` prints such an address
+TRAINING_VIEW = "?workflowType=machine_learning"
+CONSTANT_KEYS = ("epoch", "stage", "size")  # of an epoch's row: its step, and what the recipe says; never charts
+# an epoch's scores as MLflow's run page shows them: a chart section per prefix, before the ungrouped speed and finals
+CHARTS = {"train_loss": "training/loss", "lr": "training/lr", "val_f1": "validation/micro_f1",
+          "val_macro_f1": "validation/macro_f1", "val_loss": "validation/loss"}  # fmt: skip
 # one short try per call: a server that is down must not hold a training for MLflow's default minutes of retries
 QUIET_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MAX_PARAM = 6000  # characters MLflow keeps of a parameter's value
@@ -96,10 +100,13 @@ class Tracker:
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(EXPERIMENT)
         if found:
+            for key, value in KIND.items():
+                if found.tags.get(key) != value:  # an experiment made by older code
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         embedded = not os.environ.get(ENV)  # artifacts beside the SQLite store, not in ./mlruns of the cwd
         where = (paths.run_dir("") / ARTIFACTS).resolve().as_uri() if embedded else None
-        return self.client.create_experiment(EXPERIMENT, artifact_location=where)
+        return self.client.create_experiment(EXPERIMENT, artifact_location=where, tags=KIND)
 
     # ---------------------------------------------------------------------------------------------- the runs
     def run_id(self, params: dict | None = None, tags: dict | None = None, parent: str | None = None) -> str | None:
@@ -212,10 +219,12 @@ class FoldTracking:
     run_id: str | None
 
     def epoch(self, row: dict) -> None:
-        self.tracker.metrics(self.run_id, row, step=int(row["epoch"]))
+        values = {CHARTS.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS}
+        self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
 
     def done(self, final: dict, fold_dir: Path) -> None:
-        self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items()})
+        self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items() if k != "threads"})
+        self.tracker.tags(self.run_id, {"threads": final["threads"]} if "threads" in final else {})
         files = ["metrics.csv", "lrs.csv", "loss.png", "lr.png", "done.json"]
         self.tracker.artifacts(self.run_id, [fold_dir / f for f in files])
         self.tracker.finish(self.run_id)
@@ -289,33 +298,3 @@ def safe(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://{rest.split('@', 1)[1]}"
     return uri
-
-
-def check_store(store: Path) -> None:
-    """The embedded store is an SQLite database with MLflow's tables, or exit 2 before any address is printed."""
-    fix = "move it away, and the next run with tracking: mlflow makes a new one"
-    try:
-        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
-    except sqlite3.Error as e:
-        raise UserError(f"{store}: not an SQLite database ({e}); {fix}") from None
-    if not {"experiments", "runs", "metrics"} <= tables:
-        raise UserError(f"{store}: an SQLite database without MLflow's tables; {fix}")
-
-
-def serve_ui(port: int) -> int:
-    """`make mlflow-ui`: MLflow's UI on the embedded store (runs/mlflow.db), on 127.0.0.1 only."""
-    port = loopback_port(port)
-    store = paths.run_dir("") / STORE
-    if not store.exists():
-        raise UserError(f"{store}: no MLflow store here yet (a run with tracking: mlflow makes it)")
-    check_store(store)
-    print(f"MLflow UI on {store}: http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
-    mlflow = Path(sys.executable).with_name("mlflow")
-    artifacts = paths.run_dir("") / ARTIFACTS
-    cmd = [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store}", "--default-artifact-root",
-           artifacts.resolve().as_uri(), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0

@@ -24,9 +24,9 @@ from torch import nn
 from seedlings.data.augment import DIHEDRAL, dihedral
 from seedlings.errors import UserError
 from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
+from seedlings.progress import bar
 from seedlings.recipe.schema import HEAD_ON_FEATURES, SOLVED_HEAD
 from seedlings.storage import load_torch, save_torch
-from seedlings.track.progress import bar
 from seedlings.train.engine import fixed_forward
 from seedlings.train.fold import FoldContext, eval_loader
 from seedlings.train.model import body_sequence, frozen_prefix

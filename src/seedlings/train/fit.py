@@ -20,11 +20,11 @@ from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
 from seedlings.optim import make_optimizer
 from seedlings.precision import StepScaler, scaler_for
+from seedlings.progress import FoldProgress, bar, due
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
 from seedlings.track.mlflow import FoldTracking, track_fold
-from seedlings.track.progress import FoldProgress, bar, due
 from seedlings.train.average import WeightAverage, average_for, averaged
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.train.curves import plot_fold

@@ -29,7 +29,7 @@ class FoldContext:
     run: Run
     fold: int
     comp: Competition
-    cache: ImageCache  # the training images, decoded once
+    cache: ImageCache | None  # the training images, decoded once; None: a context that predicts other images only
     classes: list[str]  # what the model tells apart: the competition's species, or the recipe's `classes`
     labels: np.ndarray  # label of every training image (index into classes; -1: a species the run does not learn)
     train_idx: np.ndarray  # cache rows of this fold's training images
@@ -61,15 +61,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> FoldContext:
-    """Scan the data, load the folds and the cache, build the model (its new head seeded by (seed, fold))."""
+def prepare_fold(run: Run, fold: int, device: torch.device | None = None, training_images: bool = True) -> FoldContext:
+    """Scan the data, load the folds and the cache, build the model (its new head seeded by (seed, fold)).
+    training_images=False: no training cache read or built (predict-images predicts photos of its own)."""
     recipe = run.recipe
     if fold != run.full:
         run.check_fold(fold)
     comp = run.comp
     folds = run.fold_table
-    cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
-    good = ~np.isin(np.array(comp.train_files), cache.bad)
+    cache = None
+    if training_images:
+        cache = load_cache(comp, "train", recipe.cache_size, recipe.skip_bad_images, recipe.plant_mask)
+    good = ~np.isin(np.array(comp.train_files), cache.bad if cache else [])
     in_val = folds.fold.to_numpy() == fold
     device = device or pick_device()
     precision = choose_precision(recipe.precision, device)  # one the device cannot compute: refused before anything
@@ -90,7 +93,7 @@ def prepare_fold(run: Run, fold: int, device: torch.device | None = None) -> Fol
     labels = remap[np.array(comp.train_labels, dtype=int)]
     learnt = labels >= 0
     train_idx = np.flatnonzero(good & ~in_val & learnt)
-    if run.pseudo_path.exists():  # a pseudo-label round: confident test images join every fold's training images
+    if cache is not None and run.pseudo_path.exists():  # pseudo-labels: confident test images join the training
         cache, labels, train_idx = with_pseudo_labels(run, cache, labels, train_idx)
     return FoldContext(
         run=run,

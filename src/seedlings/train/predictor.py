@@ -12,8 +12,8 @@ import torch
 
 from seedlings.data.augment import view
 from seedlings.precision import runs_onnx
+from seedlings.progress import bar
 from seedlings.recipe.schema import BODY_ON_MAPS
-from seedlings.track.progress import bar
 from seedlings.train.engine import OnnxForward
 from seedlings.train.features import FrozenCut
 from seedlings.train.fold import FoldContext, eval_loader, view_probs

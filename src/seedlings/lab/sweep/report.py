@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from seedlings import paths
 from seedlings.lab.compare import format_compare, recipe_rows
-from seedlings.lab.sweep.settings import OBJECTIVES
+from seedlings.lab.sweep.settings import METRICS, OBJECTIVES, shown
 from seedlings.lab.sweep.space import Sweep, recipe_with
 from seedlings.lab.sweep.study import SweepLock, open_study
 from seedlings.recipe.load import dump_yaml, recipe_from_dict
@@ -87,9 +87,10 @@ def choice_lines(table: pd.DataFrame, space: dict[str, BaseDistribution]) -> lis
             "|---|---|---|---|---|", *lines, ""]  # fmt: skip
 
 
-def write_plots(study: optuna.Study, out: Path) -> list[str]:
-    """The study's plots, drawn once two trials have scores (a plot of none or one says nothing); Optuna's and
-    matplotlib's warnings about experimental functions and flat axes are not the user's concern."""
+def write_plots(study: optuna.Study, out: Path, metric: str) -> list[str]:
+    """The study's plots, drawn once two trials have scores (a plot of none or one says nothing), the value named
+    `metric` on every axis (not "Objective Value"); Optuna's and matplotlib's warnings about experimental functions
+    and flat axes are not the user's concern."""
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.value is not None]
     if len(finished) < 2:
         return [f"- plots: not drawn ({len(finished)} trial(s) with a score)"]
@@ -98,7 +99,7 @@ def write_plots(study: optuna.Study, out: Path) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = plot(study)
+                ax = plot(study, target_name=metric)
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
             lines.append(f"- {title}: not drawn ({e})")
             continue
@@ -174,7 +175,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool | None = N
                   f"{1 - run / planned:.0%}.", ""]  # fmt: skip
     if best is not None:
         best_yaml = write_best_yaml(sweep, best, out / "best.yaml")
-        params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
+        params = ", ".join(f"`{k}` = {shown(v)}" for k, v in best.params.items())
         lines += ["## Best trial", "", f"Trial {best.number}: {best.value:.4f} with {params}; its whole recipe: "
                   f"`{best_yaml}` (its second line: the command that trains it as the trial was).", ""]  # fmt: skip
     weights = importances(study)
@@ -184,7 +185,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool | None = N
                   f"{complete} complete trials (pruned ones left out: see the choices below):", ""]  # fmt: skip
         lines += ["| key | importance |", "|---|---|", *[f"| `{k}` | {v:.2f} |" for k, v in weights.items()], ""]
     lines += choice_lines(table, sweep.space)
-    lines += ["## Plots", "", *write_plots(study, out), ""]
+    lines += ["## Plots", "", *write_plots(study, out, METRICS[sweep.objective]), ""]
     if grade and best is not None:
         graded = grade_on_holdout(sweep, best)
         if graded is not None:

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from seedlings.errors import UserError
 from seedlings.lab.sweep.heartbeat import end_at_last_heartbeat, heartbeat_ages, silent_trials
+from seedlings.lab.sweep.settings import DIGITS, shown
 from seedlings.lab.sweep.space import MAX_RETRY, Sweep, TrialRefused, fold_epochs, recipe_with
 from seedlings.lab.sweep.study import SweepLock, lost_storage, open_study
 from seedlings.predict.submit import evaluate_chain
@@ -194,7 +195,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[
             if fold > 0:
                 return
             step = int(row["epoch"])
-            trial.report(float(row["val_f1"]), step)
+            trial.report(round(float(row["val_f1"]), DIGITS), step)
             if trial.should_prune():
                 print(f"trial {trial.number}: pruned at epoch {step} (val micro-F1 {row['val_f1']:.4f})")
                 raise optuna.TrialPruned(f"epoch {step}: val micro-F1 {row['val_f1']:.4f}")
@@ -213,15 +214,15 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[
             raise TrialRefused(str(e)) from None
         scores.append(final["val_f1"])
     trial.set_user_attr("epochs", epochs)
-    value = float(np.mean(scores))
+    value = round(float(np.mean(scores)), DIGITS)
     trial.set_user_attr("fold_value", value)
     what = f"val micro-F1 {value:.4f}"
     if sweep.objective == "chain":
         value, log_loss, calibrated = chain_value(run, sweep.sweep_folds)
-        trial.set_user_attr("log_loss", log_loss)
+        trial.set_user_attr("log_loss", round(log_loss, DIGITS))
         trial.set_user_attr("calibrated", calibrated)
         what = f"chain OOF micro-F1 {value:.4f}, log loss {log_loss:.4f} (the folds' last epochs: {what})"
-    print(f"trial {trial.number}: {what} ({', '.join(f'{k}={v}' for k, v in params.items())})")
+    print(f"trial {trial.number}: {what} ({', '.join(f'{k}={shown(v)}' for k, v in params.items())})")
     track_trial(run, "COMPLETE", value)
     return value
 
@@ -231,7 +232,7 @@ def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
     submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
     finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
     chain = evaluate_chain(run, folds=list(range(n_folds)))
-    return float(chain.score["micro_f1"]), float(chain.score["log_loss"]), chain.calibrated
+    return round(float(chain.score["micro_f1"]), DIGITS), float(chain.score["log_loss"]), chain.calibrated
 
 
 def suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
