@@ -258,6 +258,59 @@ def test_mlflow_ui_serves_the_embedded_store_on_loopback(demo_master, home, monk
         proc.wait(timeout=30)
 
 
+def page_text(url: str) -> str:
+    """What headless Chromium shows of `url` once its scripts ran: the page's words, one per line."""
+    import html
+    import re
+
+    browser = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    flags = ["--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--window-size=1400,1200", "--dump-dom"]
+    done = subprocess.run([browser, *flags, url], capture_output=True, text=True, timeout=120)
+    body = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", done.stdout, flags=re.S)
+    return "\n".join(w.strip() for w in html.unescape(re.sub(r"<[^>]+>", "\n", body)).split("\n") if w.strip())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("chromium-headless-shell") or shutil.which("chromium")), reason="no Chromium")
+def test_make_mlflow_ui_opens_on_the_runs_and_their_charts(demo_master, home, monkeypatch):
+    """The address make mlflow-ui prints opens the experiment's runs (MLflow 3's model-training view, not its GenAI
+    overview); a fold's page charts training and validation first; the UI is 3 processes, not 17."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_fold(tiny_run(demo_master, "shown", STAGES, "tracking=mlflow"), 0)
+    cmd = [sys.executable, "-m", "seedlings.cli", "mlflow-ui", "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, env={**os.environ, "SEEDLINGS_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    try:
+        url = "http://" + proc.stdout.readline().split("http://", 1)[1].split()[0]
+        assert url.endswith("?workflowType=machine_learning")
+        base = url.split("/#/", 1)[0]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        runs = page_text(url)
+        assert "shown" in runs.splitlines() and "Model registry" in runs  # the run (its folds nested under it)
+        assert "Token Usage" not in runs and "Detect Issues" not in runs  # the GenAI overview's
+        query = {"experiment_ids": [url.split("/")[-1].split("?")[0]], "filter": "tags.fold = '0'"}
+        ask = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps(query).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(ask, timeout=30) as r:
+            run_id = json.loads(r.read())["runs"][0]["info"]["run_id"]
+        charts = page_text(url.replace("?", f"/runs/{run_id}/model-metrics?")).splitlines()
+        ungrouped = len(charts) - 1 - charts[::-1].index("Model metrics")  # the section of speed and finals
+        assert "training" in charts and "validation" in charts, charts
+        assert charts.index("training") < ungrouped and charts.index("validation") < ungrouped, charts
+        sessions = [line.split() for line in subprocess.run(["ps", "-eo", "sid="], capture_output=True,
+                                                            text=True).stdout.splitlines()]  # fmt: skip
+        assert sum(1 for f in sessions if f and int(f[0]) == proc.pid) <= 3
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
 def test_a_try_study_logs_each_levers_verdict(home, tmp_path, monkeypatch):
     """make try with tracking on: the study is an MLflow run under the "try" parent, each lever's keys a parameter
     and its differences with their intervals metrics named by the lever, try.md an artifact."""
