@@ -239,6 +239,9 @@ def test_onnx_export_gives_the_chains_probabilities(chain, exported, demo_master
     assert card["classes"] == sorted(p.name for p in (demo_master / "train").iterdir())
     assert card["inside_the_graph"]["members"] == 6 and card["data_sha256"] and card["oof"]["micro_f1"] > 0
     files = sorted((demo_master / "test").iterdir())
+    agree = card["agreement"]  # measured by the export itself: every test photo of the demo, float32 throughout
+    assert agree["test_photos"] == agree["of"] == agree["same_species"] == len(files)
+    assert 0 <= agree["median_difference"] <= agree["largest_difference"] < 1e-4
     x = np.stack([prepare(f, card) for f in files])
     assert x.shape == (len(files), *card["input"]["shape"][1:]) and x.dtype == np.uint8
     onnx = ort.InferenceSession(str(exported / "model.onnx")).run(None, {"image": x})[0]

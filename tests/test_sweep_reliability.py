@@ -177,7 +177,7 @@ def test_the_database_gone_mid_trial_ends_the_worker_in_one_line(data, tmp_path,
     postgres_server.stop()
     out = first.communicate(timeout=120)[0]
     assert first.returncode == 2
-    errors = [line for line in out.splitlines() if not line.startswith(("[trial 0] epoch ", "/"))]
+    errors = [line for line in out.splitlines() if not line.startswith(("[trial 0] ", "/"))]  # the trial's own lines
     assert "Traceback" not in out and len(errors) == 1, out[-3000:]
     assert errors[0].startswith("error: STORAGE: lost the study's database at postgresql://postgres@/optuna")
     postgres_server.start()
@@ -274,7 +274,7 @@ def test_best_yaml_states_the_command_that_gives_its_trials_score(data, tmp_path
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     trial = finished_trials(journal(home))[0]
     again = json.loads((home / "runs" / "s-best" / "fold0" / "done.json").read_text())["val_f1"]
-    assert again == trial.value
+    assert round(again, 4) == trial.value  # the study stores a score to 4 digits
 
 
 def test_the_study_names_its_metric_for_the_dashboard(study):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seedlings import paths
 from seedlings.data.augment import view
 from seedlings.data.cache import BACKGROUND, GREEN_HIGH, GREEN_LOW, MIN_PLANT, _load
 from seedlings.errors import UserError
@@ -24,9 +25,11 @@ from seedlings.predict.images import blended_folds, chain_record, member_weights
 from seedlings.predict.members import run_members
 from seedlings.predict.tta import tta_views
 from seedlings.run import Run, git_commit
-from seedlings.storage import atomic_path, write_json
+from seedlings.storage import atomic_path, load_probs, write_json
 from seedlings.train.engine import OPSET
 from seedlings.train.model import create_model, model_mean_std
+
+CHECKED = 256  # test photos (evenly spaced) the export is checked on against the chain's own probabilities
 
 
 class Chain(nn.Module):
@@ -119,9 +122,8 @@ def model_card(run: Run, record: dict, chain: Chain, onnx_file: str) -> dict:
             "calibrated": chain.calibrated,
         },  # fmt: skip
         "precision": f"float32; the chain itself predicted with the recipe's precision ({recipe.precision}): in bf16 "
-        "or fp16 where it chose one (auto: bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs), the "
-        "probabilities then differ by up to a few hundredths, and a photo whose top two classes nearly tie may "
-        "change its species",
+        "or fp16 where it chose one (auto: bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs), and "
+        "a photo whose top two classes nearly tie may then change its species: `agreement` gives what was measured",
         "recipe": record.get("recipe", {}),
         "oof": record["members"].get("blend", {}),
         "data_sha256": hashlib.sha256(run.data_record_path.read_bytes()).hexdigest(),  # data.json: every image's sha
@@ -137,6 +139,23 @@ def prepare(path: str | Path, card: dict) -> np.ndarray:
     if err:
         raise UserError(err)
     return cv2.resize(img, (step["size"], step["size"]), interpolation=cv2.INTER_AREA)
+
+
+def agreement(run: Run, onnx_path: Path, card: dict) -> dict:
+    """The exported graph in onnxruntime against the chain's blended test probabilities, on up to CHECKED of the
+    run's test photos prepared as the card says: how many, how many get the submission's species, and the largest
+    and median differences of a probability."""
+    import onnxruntime as ort
+
+    blend = load_probs(paths.probs_dir(run.name, run.variant) / "blend.test.csv")
+    rows = np.unique(np.linspace(0, len(blend.files) - 1, min(len(blend.files), CHECKED)).round().astype(int))
+    x = np.stack([prepare(run.comp.test_path(blend.files[i]), card) for i in rows])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+    want = blend.values[rows][:, [blend.classes.index(c) for c in card["classes"]]]
+    diff, same = np.abs(got - want), int((got.argmax(1) == want.argmax(1)).sum())
+    return {"test_photos": len(rows), "of": len(blend.files), "same_species": same,
+            "largest_difference": float(diff.max()), "median_difference": float(np.median(diff))}  # fmt: skip
 
 
 def export(run: Run, out: Path | None = None) -> Path:
@@ -157,6 +176,10 @@ def export(run: Run, out: Path | None = None) -> Path:
                                         external_data=False, verbose=False)  # fmt: skip
             program.save(str(tmp))
         written = True
+        try:
+            card["agreement"] = agreement(run, onnx_path, card)
+        except UserError as e:  # the test photos or the chain's probabilities gone since: the export stands alone
+            card["agreement"] = {"not_measured": str(e)}
         write_json(card_path, card)
     except (OSError, UserError) as e:
         if written:  # a model without its card is not left behind
@@ -164,5 +187,9 @@ def export(run: Run, out: Path | None = None) -> Path:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{e.filename or out}: cannot write the export ({e.strerror or e})") from None
-    print(f"{onnx_path}: {len(chain.members)} members, TTA {run.recipe.tta} inside; model card {card_path}")
+    agree = card["agreement"]
+    checked = agree.get("not_measured") or (f"the submission's species on {agree['same_species']} of "
+                                            f"{agree['test_photos']} test photos, probabilities within "
+                                            f"{agree['largest_difference']:.1e}")  # fmt: skip
+    print(f"{onnx_path}: {len(chain.members)} members, TTA {run.recipe.tta} inside; model card {card_path}; {checked}")
     return onnx_path
