@@ -294,15 +294,12 @@ def share_threads() -> None:
     given = os.environ.get("SEEDLINGS_THREADS", "")
     if given and (not given.isdigit() or int(given) < 1):
         raise UserError(f"SEEDLINGS_THREADS: a number of threads above 0, got {given!r}")
-    if not given and os.environ.get("SEEDLINGS_JOBS", "").strip() in ("", "1"):
-        return  # torch's own count: nothing to import (seedlings runs, recipe and --help stay quick)
-    from seedlings.data.loaders import parallel_jobs
-
-    if given or parallel_jobs() > 1:
+    jobs = defaults.parallel_jobs()
+    if given or jobs > 1:  # else torch's own count: nothing imported (seedlings runs, recipe, --help stay quick)
         import cv2
         import torch
 
-        threads = int(given) if given else max(1, (os.cpu_count() or 1) // parallel_jobs())
+        threads = int(given) if given else max(1, (os.cpu_count() or 1) // jobs)
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
 

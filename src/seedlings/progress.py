@@ -66,12 +66,6 @@ class Lines:
             self.update()
         self.close()
 
-    def __enter__(self) -> Lines:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def due(self) -> bool:
         return time.perf_counter() - self.last >= self.interval
 
@@ -94,13 +88,13 @@ class Lines:
 
 
 def bar(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
-        leave: bool = False, disable: bool = False):  # fmt: skip
-    """Progress over `iterable` (or `total` updates): tqdm's bar on a terminal (`leave`: it stays once done), plain
-    lines elsewhere; `disable`: neither (a step too short to show)."""
+        disable: bool = False):  # fmt: skip
+    """Progress over `iterable` (or `total` updates): tqdm's bar on a terminal (gone once done), plain lines
+    elsewhere; `disable`: neither (a step too short to show)."""
     if disable:
         return tqdm(iterable, total=total, disable=True)
     if on_terminal():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
     return Lines(iterable, total, desc, unit)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from seedlings.data.augment import JITTER, RATIO
+from seedlings.defaults import parallel_jobs
 from seedlings.recipe.choices import CROP_SCALE
 
 
@@ -99,14 +100,6 @@ class EpochBatches(Sampler):
     def __iter__(self):
         items = list(self.sampler)
         return iter([items[s] for s in batch_slices(len(items), self.batch_size, self.drop_last)])
-
-
-def parallel_jobs() -> int:
-    """Folds trained at once on this machine (`make -j N train` sets SEEDLINGS_JOBS): each takes 1/N of the cores."""
-    try:
-        return max(1, int(os.environ.get("SEEDLINGS_JOBS", "1") or 1))
-    except ValueError:
-        return 1
 
 
 def default_workers(device: torch.device) -> int:

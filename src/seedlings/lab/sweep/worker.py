@@ -219,7 +219,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[
     what = f"val micro-F1 {value:.4f}"
     if sweep.objective == "chain":
         value, log_loss, calibrated = chain_value(run, sweep.sweep_folds)
-        trial.set_user_attr("log_loss", round(log_loss, DIGITS))
+        trial.set_user_attr("log_loss", log_loss)
         trial.set_user_attr("calibrated", calibrated)
         what = f"chain OOF micro-F1 {value:.4f}, log loss {log_loss:.4f} (the folds' last epochs: {what})"
     print(f"trial {trial.number}: {what} ({', '.join(f'{k}={shown(v)}' for k, v in params.items())})")
@@ -232,7 +232,8 @@ def chain_value(run: Run, n_folds: int) -> tuple[float, float, bool]:
     submit` blends them: (OOF micro-F1, OOF log loss, whether calibration was used). The trial's run is then a
     finished chain of those folds: `make submit RUN=<sweep>/trial-<n>` blends it without training."""
     chain = evaluate_chain(run, folds=list(range(n_folds)))
-    return round(float(chain.score["micro_f1"]), DIGITS), float(chain.score["log_loss"]), chain.calibrated
+    score = chain.score
+    return round(float(score["micro_f1"]), DIGITS), round(float(score["log_loss"]), DIGITS), chain.calibrated
 
 
 def suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
