@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 CHAIN = [*TINY, "precompute_d4=false", "precision=fp32", "calibrate=bias"]
 
 
-def cli(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SEEDLINGS_HOME": str(home)}
+def cli(home: Path, *args: str, timeout: int = 600, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SEEDLINGS_HOME": str(home), **(env or {})}
     return subprocess.run([sys.executable, "-m", "seedlings.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout, cwd=cwd)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -221,7 +221,9 @@ def test_predict_images_takes_a_path_as_given_and_never_writes_over_a_photo(chai
 # ----------------------------------------------------------------------------------------------------------- export
 @pytest.fixture(scope="session")
 def exported(chain) -> Path:
-    done = cli(chain, "export", "--run", "tiny")
+    """The tiny chain exported with tracking on: an MLflow store of its own in the chain's home (no server)."""
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{chain / 'export-mlflow.db'}"}
+    done = cli(chain, "export", "--run", "tiny", env=store, cwd=chain)  # MLflow's artifacts under its cwd
     assert done.returncode == 0, done.stderr[-2000:]
     return chain / "runs" / "tiny" / "export"
 
@@ -254,6 +256,22 @@ def test_onnx_export_gives_the_chains_probabilities(chain, exported, demo_master
     np.testing.assert_allclose(onnx, blend.loc[names].to_numpy(), atol=1e-4, rtol=0)
     sub = pd.read_csv(chain / "submissions" / "tiny.csv").set_index("file")
     assert [card["classes"][i] for i in onnx.argmax(1)] == sub.species.loc[names].tolist()
+
+
+def test_the_export_is_attached_to_its_runs_mlflow_run(chain, exported):
+    """With tracking on, model.onnx and model.json are artifacts of the run's MLflow run (its export/ folder), the
+    same bytes, and the export's measured agreement is among the run's metrics."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{chain / 'export-mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("seedlings").experiment_id])
+    assert found.info.run_name == "tiny"
+    listed = {Path(f.path).name: f.file_size for f in client.list_artifacts(found.info.run_id, "export")}
+    assert listed == {name: (exported / name).stat().st_size for name in ("model.onnx", "model.json")}
+    agree = json.loads((exported / "model.json").read_text())["agreement"]
+    assert found.data.metrics["export_same_species"] == agree["same_species"] > 0
+    assert found.data.metrics["export_largest_difference"] == pytest.approx(agree["largest_difference"])
 
 
 def test_the_readme_classifies_a_photo_with_onnxruntime_alone(chain, exported, demo_master, tmp_path):

@@ -26,6 +26,7 @@ from seedlings.predict.members import run_members
 from seedlings.predict.tta import tta_views
 from seedlings.run import Run, git_commit
 from seedlings.storage import atomic_path, load_probs, write_json
+from seedlings.track.mlflow import track_export
 from seedlings.train.engine import OPSET
 from seedlings.train.model import create_model, model_mean_std
 
@@ -188,6 +189,7 @@ def export(run: Run, out: Path | None = None) -> Path:
             raise
         raise UserError(f"{e.filename or out}: cannot write the export ({e.strerror or e})") from None
     agree = card["agreement"]
+    track_export(run, [onnx_path, card_path], agree)
     checked = agree.get("not_measured") or (f"the submission's species on {agree['same_species']} of "
                                             f"{agree['test_photos']} test photos, probabilities within "
                                             f"{agree['largest_difference']:.1e}")  # fmt: skip

@@ -1,7 +1,8 @@
 """Tracking on MLflow, off unless asked (recipe key `tracking: mlflow`, or MLFLOW_TRACKING_URI in the environment):
 one MLflow run per project run, a nested run per fold (and per sweep trial under its sweep's run). The resolved
 recipe goes in as parameters, the data and code as tags, every epoch's scores at their step (training and validation
-in chart sections of their own), the fold's and the chain's figures, and the report, plots and submission as artifacts.
+in chart sections of their own), the fold's and the chain's figures, and the report, plots and submission as artifacts
+(the export too, with its measured agreement).
 
 Without MLFLOW_TRACKING_URI the store is SQLite in runs/mlflow.db (no server; `make mlflow-ui` serves it: ui.py). The
 MLflow run ids of a project run are kept in runs/<run>/mlflow.json, so a resumed fold logs on into its own MLflow run.
@@ -248,6 +249,14 @@ def track_chain(run: Run, scores: dict, seconds: dict, files: list[Path]) -> Non
                              **{f"seconds_{k}": v for k, v in seconds.items()}})  # fmt: skip
     tracker.artifacts(run_id, files)
     tracker.finish(run_id)
+
+
+def track_export(run: Run, files: list[Path], agreement: dict) -> None:
+    """`seedlings export`'s files (model.onnx, model.json) under the run's MLflow run, in its `export/` folder, with
+    what the export's check on the test photos measured (export_same_species, export_largest_difference, ...)."""
+    tracker, run_id = project_run(run)
+    tracker.metrics(run_id, {f"export_{k}": v for k, v in agreement.items()})
+    tracker.artifacts(run_id, files, "export")
 
 
 def track_trial(run: Run, state: str, value: float | None = None, pruned_epoch: int | None = None) -> None:
