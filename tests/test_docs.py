@@ -41,6 +41,16 @@ def test_results_live_in_docs_with_their_commands():
     for section in re.split(r"^## ", results, flags=re.M)[1:]:  # every table names its command and commit
         assert "`make " in section or "`seedlings " in section, section[:80]
         assert re.search(r"\b[0-9a-f]{7}\b", section), section[:80]
+        assert re.search(r"Intel Xeon|AMD EPYC|H100|H200", section), section[:80]  # its machine, by CPU or GPU model
+
+
+def test_no_words_that_go_stale():
+    """Figures name their machine, never when they were measured; no issue numbers in what ships."""
+    shipped = [README, *DOCS, *(REPO / "src").rglob("*.py"), *(REPO / "tests").glob("*.py"), REPO / "Makefile"]
+    for path in shipped:
+        text = path.read_text()
+        assert not re.search(r"\bissue #?[0-9]+", text, flags=re.I), path
+        assert not re.search(r"(this|earlier|last) sess[i]on", text, flags=re.I), path
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.name)
@@ -59,3 +69,10 @@ def test_readme_lists_every_make_target_and_no_other():
     table = README.read_text().split("## Make targets", 1)[1].split("\n## ", 1)[0]
     listed = {t for row in re.findall(r"^\| (.+?) \|", table, flags=re.M) for t in re.findall(r"`([a-z-]+)`", row)}
     assert listed == make_targets()
+
+
+def test_the_readmes_code_table_names_every_module():
+    table = README.read_text().split("## Where the code is", 1)[1].split("\n## ", 1)[0]
+    for path in sorted((REPO / "src" / "seedlings").rglob("*.py")):
+        if path.name != "__init__.py":
+            assert re.search(rf"`({path.stem}|{path.name})[` ]", table), path

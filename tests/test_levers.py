@@ -193,7 +193,7 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
 
 
 def test_no_confident_test_image_makes_no_second_round(demo_master, home, capsys):
-    """Issue 33: a blend that gives no test image the pseudo_label confidence used to retrain a whole second round on
+    """A blend that gives no test image the pseudo_label confidence used to retrain a whole second round on
     the first round's data."""
     from seedlings.predict.members import Probs
     from seedlings.predict.submit import pseudo_round

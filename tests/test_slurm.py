@@ -1,4 +1,4 @@
-"""Issue 34: the Slurm templates through a real one-node cluster (conftest.slurm_cluster: munge, slurmctld, slurmd of
+"""The Slurm templates through a real one-node cluster (conftest.slurm_cluster: munge, slurmctld, slurmd of
 the test's own): a fold array then the blend after it."""
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 33's sweep cases: Ctrl-C under `make sweep`, a damaged or lost journal, a space none of whose combinations is
+"""The sweep's hard cases: Ctrl-C under `make sweep`, a damaged or lost journal, a space none of whose combinations is
 a recipe, an error every trial would meet, the database server gone mid-trial. Each ends as one line (exit 2, 130
 for an interrupt) and leaves the study resumable, never replaced."""
 
@@ -255,7 +255,7 @@ def test_trials_other_than_the_studys_are_refused_unless_added(study, capsys):
 
 @pytest.mark.slow  # 25 s: a sweep, then a chain of three folds through make
 def test_best_yaml_states_the_command_that_gives_its_trials_score(data, tmp_path, home):
-    """Issue 34: best.yaml's command trains the best trial's recipe as the trial was trained (its data, split and CPU
+    """best.yaml's command trains the best trial's recipe as the trial was trained (its data, split and CPU
     thread count, which a CPU's results depend on) into a run of its own, and its fold 0 scores what the trial did,
     to the last digit. It used to say `make submit CONFIG=...` alone: other threads, another score, runs/best."""
     import shlex
@@ -278,7 +278,7 @@ def test_best_yaml_states_the_command_that_gives_its_trials_score(data, tmp_path
 
 
 def test_the_study_names_its_metric_for_the_dashboard(study):
-    """Issue 34: the dashboard's axis read "Objective 0"."""
+    """The dashboard's axis names the metric (it read "Objective 0")."""
     args, path = study
     loaded = optuna.load_study(study_name="s", storage=journal(path.parents[2]))
     assert loaded.metric_names == ["val micro-F1"]

@@ -121,7 +121,8 @@ class Recipe:
     #   runs/mlflow.db, or the server MLFLOW_TRACKING_URI names, which turns tracking on by itself)
     validate: str = runs("epoch")  # epoch: the validation images scored after every epoch (the loss plots; a sweep's
     #   pruner always gets every epoch's score) | cycle: only after each SGDR cycle's last epoch, where the snapshots
-    #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training here)
+    #   the chain blends are taken (per-epoch validation was 66 s of the default chain's 372 s of training on a
+    #   2-core CPU)
     stages: list[Stage] = field(default_factory=lambda: [Stage()])  # run in order
     classes: list[str] = field(default_factory=list)  # the species this run learns (a specialist's); empty: every
     #   species. Its folds train and validate on those species' images, and predict every image over them

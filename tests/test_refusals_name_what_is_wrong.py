@@ -1,4 +1,4 @@
-"""Issue 33's refusals (reliability, third pass): each case ends as one line naming the flag, key or file at fault,
+"""Refusals: each case ends as one line naming the flag, key or file at fault,
 exit 2, nothing written."""
 
 from pathlib import Path
