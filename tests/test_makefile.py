@@ -32,6 +32,25 @@ def test_the_makefile_is_read():
     assert "$(SEEDLINGS) submit" in TARGETS["submit"]
 
 
+def test_the_makefiles_defaults_are_the_packages():
+    """Each default said once: the Makefile's variables hold the values the CLI falls back on (seedlings.defaults)."""
+    from seedlings import defaults
+
+    text = (REPO / "Makefile").read_text()
+    made = dict(re.findall(r"^([A-Z_]+) *\?= *([^#\n]*?) *(?:#|$)", text, flags=re.M))
+    expected = {"COMPETITION": defaults.COMPETITION, "CONFIG": defaults.CONFIG, "RECIPE": defaults.KAGGLE_RECIPE,
+                "N_FOLDS": defaults.N_FOLDS, "FOLD_SEED": defaults.FOLD_SEED, "SEEDS": defaults.SEEDS,
+                "TRIALS": defaults.TRIALS, "PRUNER": defaults.PRUNER, "SWEEP_FOLDS": defaults.SWEEP_FOLDS,
+                "OBJECTIVE": defaults.OBJECTIVE}  # fmt: skip
+    assert {k: made.get(k) for k in expected} == {k: str(v) for k, v in expected.items()}
+    assert "DEFAULT_DATA := data/$(COMPETITION)" in text and defaults.DATA == f"data/{defaults.COMPETITION}"
+    parser = build_parser()
+    sweep = parser.parse_args(["sweep", "--space", "x.yaml"])
+    assert (sweep.trials, sweep.pruner, sweep.sweep_folds, sweep.objective) == (
+        defaults.TRIALS, defaults.PRUNER, defaults.SWEEP_FOLDS, defaults.OBJECTIVE)  # fmt: skip
+    assert parser.parse_args(["try", "a=b"]).seeds == defaults.SEEDS
+
+
 def test_help_lists_every_target():
     out = make("help").stdout
     listed = {line.split()[0] for line in out.splitlines() if line.strip()}

@@ -195,7 +195,7 @@ def add_lab_commands(sub) -> None:
     p.add_argument("--data", default=defaults.DATA, help="competition folder")
     p.add_argument("--config", default=defaults.CONFIG, help="the base recipe (make try's BASE)")
     p.add_argument("--n-folds", type=int, default=defaults.N_FOLDS, help="folds of each split")
-    p.add_argument("--seeds", default="0 1", help="fold seeds, each a split of its own: '0 1 2' or 0,1,2")
+    p.add_argument("--seeds", default=defaults.SEEDS, help="fold seeds, each a split of its own: '0 1 2' or 0,1,2")
     p.add_argument("--levers", default=None, help="a file of levers (a label, then the keys it changes, as "
                    "configs/cpu-ablations.yaml), each against the base; overrides then change the base "
                    "(default: none)")  # fmt: skip
@@ -243,10 +243,7 @@ def add_sweep_commands(sub) -> None:
         help="the sweep's name, runs/<sweep>/; its settings are read from its study (default: none: required)",
     )
     p.add_argument("--storage", default="", help="the study's storage URL (default: the sweep's journal file)")
-    p.add_argument("--no-grade", dest="grade", action="store_false", default=None, help="leave the report's "
-                   "held-out grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
-    p.add_argument("--grade", dest="grade", action="store_true", default=None, help="grade on the answers beside "
-                   "the data (default: only when the sweep searched a held-out split, --holdout)")  # fmt: skip
+    grade_args(p)
     for flag in WORKER_FLAGS:  # what a worker is given; the report reads it from the study (kept for old scripts)
         p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -254,6 +251,13 @@ def add_sweep_commands(sub) -> None:
     p.add_argument("--sweep", required=True, help="the sweep's name (runs/<sweep>/)")
     p.add_argument("--storage", default="", help="the study's storage URL (default: the sweep's journal file)")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one, printed)")
+
+
+def grade_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-grade", dest="grade", action="store_false", default=None, help="leave the report's "
+                   "held-out grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
+    p.add_argument("--grade", dest="grade", action="store_true", default=None, help="grade on the answers beside "
+                   "the data (default: only when the sweep searched a held-out split, --holdout)")  # fmt: skip
 
 
 WORKER_FLAGS = ("--data", "--config", "--run", "--n-folds", "--fold-seed", "--space", "--trials", "--pruner",
@@ -265,24 +269,21 @@ def worker_args(p: argparse.ArgumentParser) -> None:
     """The Makefile's SPACE, TRIALS, SWEEP, STORAGE, PRUNER, SWEEP_FOLDS, OBJECTIVE, HOLDOUT, GRADE."""
     s = sweep_settings
     p.add_argument("--space", required=True, help="search space (YAML): recipe key -> choices or a range")
-    p.add_argument("--trials", type=int, default=20, help="trials in the study in all, however many workers share it")
+    p.add_argument("--trials", type=int, default=defaults.TRIALS, help="the study's trials in all, over every worker")
     p.add_argument("--sweep", default=None, help="study name and folder runs/<sweep>/ (default: the space's file name)")
     p.add_argument("--storage", default="", help="postgresql://... or mysql://... across machines (default: a journal "
                    "file in runs/<sweep>/, one machine)")  # fmt: skip
-    p.add_argument("--pruner", choices=s.PRUNERS, default="sha", help="how trailing trials are stopped: "
+    p.add_argument("--pruner", choices=s.PRUNERS, default=defaults.PRUNER, help="how trailing trials are stopped: "
                    + "; ".join(f"{k}: {f.__doc__}" for k, f in s.PRUNERS.items()))  # fmt: skip
     p.add_argument("--min-resource", type=int, default=4, help="epochs (metrics rows) before a trial may be pruned")
     p.add_argument("--reduction-factor", type=int, default=2, help="the pruner keeps 1/this at each rung")
-    p.add_argument("--sweep-folds", type=int, default=1, help="a trial's value comes from this many folds")
-    p.add_argument("--objective", choices=s.OBJECTIVES, default="fold", help="a trial's value: "
+    p.add_argument("--sweep-folds", type=int, default=defaults.SWEEP_FOLDS, help="folds a trial's value comes from")
+    p.add_argument("--objective", choices=s.OBJECTIVES, default=defaults.OBJECTIVE, help="a trial's value: "
                    + "; ".join(f"{k}: {v}" for k, v in s.OBJECTIVES.items()))  # fmt: skip
     p.add_argument("--holdout", action="store_true", help="search on make compare's held-out split of --data")
     p.add_argument("--heartbeat", type=int, default=s.HEARTBEAT_S, help="seconds between a trial's heartbeats (RDB)")
     p.add_argument("--grace", type=int, default=s.GRACE_S, help="seconds without one before a trial is retried (RDB)")
-    p.add_argument("--no-grade", dest="grade", action="store_false", default=None, help="leave the report's "
-                   "held-out grade out (it trains the base and the best recipe's chains afresh)")  # fmt: skip
-    p.add_argument("--grade", dest="grade", action="store_true", default=None, help="grade on the answers beside "
-                   "the data (default: only when the sweep searched a held-out split, --holdout)")  # fmt: skip
+    grade_args(p)
     p.add_argument("--create-only", action="store_true", help="create the study (once, before any worker) and stop")
     p.add_argument("--add-trials", action="store_true", help="a --trials above the study's raises its total")
 

@@ -10,6 +10,11 @@ CONFIG = "configs/cpu.yaml"  # the recipe
 KAGGLE_RECIPE = "configs/gpu.yaml"  # the recipe a Kaggle notebook runs (make kaggle, make kaggle-output)
 N_FOLDS = 5  # folds of the split: runs with the same (data, n_folds, fold_seed) share folds and blend
 FOLD_SEED = 0  # seed of the fold split, apart from the recipe's training seed
+SEEDS = "0 1"  # make try: the fold seeds a verdict is taken over
+TRIALS = 20  # make sweep: trials in the study in all
+PRUNER = "sha"  # make sweep: successive halving
+SWEEP_FOLDS = 1  # make sweep: folds a trial's value comes from
+OBJECTIVE = "fold"  # make sweep: a trial's value is its folds' mean last-epoch validation micro-F1
 
 
 def parallel_jobs() -> int:

@@ -116,7 +116,7 @@ class Run:
         if saved is None:
             return
         recorded = self.data_record().get("config_sha256")
-        if recorded and hashlib.sha256(self.config_path.read_bytes()).hexdigest() != recorded:
+        if recorded and file_sha256(self.config_path) != recorded:
             raise UserError(f"{self.config_path}: not the config this run recorded (cut short or edited); restore it, "
                             f"or delete runs/{self.name} to train the run again")  # fmt: skip
         self.check_config(saved)

@@ -8,7 +8,6 @@ and the calibration, inside the graph."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import cv2
@@ -25,7 +24,7 @@ from seedlings.predict.images import blended_folds, chain_record, member_weights
 from seedlings.predict.members import run_members
 from seedlings.predict.tta import tta_views
 from seedlings.run import Run, git_commit
-from seedlings.storage import atomic_path, load_probs, write_json
+from seedlings.storage import atomic_path, file_sha256, load_probs, write_json
 from seedlings.track.mlflow import track_export
 from seedlings.train.engine import OPSET
 from seedlings.train.model import create_model, model_mean_std
@@ -127,7 +126,7 @@ def model_card(run: Run, record: dict, chain: Chain, onnx_file: str) -> dict:
         "a photo whose top two classes nearly tie may then change its species: `agreement` gives what was measured",
         "recipe": record.get("recipe", {}),
         "oof": record["members"].get("blend", {}),
-        "data_sha256": hashlib.sha256(run.data_record_path.read_bytes()).hexdigest(),  # data.json: every image's sha
+        "data_sha256": file_sha256(run.data_record_path),  # data.json: every image's sha
         "git_commit": git_commit(),
         "trained_at_commit": record.get("git_commit", ""),
     }

@@ -23,8 +23,7 @@ def heartbeat_ages(sweep: Sweep) -> dict[int, tuple[int, float]]:
         "SELECT t.trial_id, t.number, h.heartbeat FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
         "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :name AND t.state = 'RUNNING'"
     )
-    engine = sqlalchemy.create_engine(sweep.storage, poolclass=sqlalchemy.pool.NullPool)
-    with engine.connect() as conn:
+    with sweep.database().connect() as conn:
         now = conn.execute(sqlalchemy.text("SELECT CURRENT_TIMESTAMP")).scalar().replace(tzinfo=None)
         rows = conn.execute(query, {"name": sweep.name}).all()
     return {tid: (number, (now - beat).total_seconds()) for tid, number, beat in rows}
@@ -52,5 +51,5 @@ def end_at_last_heartbeat(study: optuna.Study, sweep: Sweep, ages: dict[int, tup
         if age > sweep.grace and trial.state == TrialState.FAIL and trial.datetime_complete is not None:
             late.append({"id": tid, "end": trial.datetime_complete - timedelta(seconds=age)})
     if late:
-        with sqlalchemy.create_engine(sweep.storage, poolclass=sqlalchemy.pool.NullPool).begin() as conn:
+        with sweep.database().begin() as conn:
             conn.execute(update, late)

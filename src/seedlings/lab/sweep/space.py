@@ -92,6 +92,13 @@ class Sweep:
     def is_file_storage(self) -> bool:
         return not self.storage or self.storage.startswith("sqlite")
 
+    def database(self):
+        """The study's database (a server's URL) as an SQLAlchemy engine without a pool: each use opens a connection
+        of its own and closes it, so no check or heartbeat holds one open."""
+        import sqlalchemy
+
+        return sqlalchemy.create_engine(self.storage, poolclass=sqlalchemy.pool.NullPool)
+
     def settings(self) -> dict:
         """What the study was created with: a worker with other settings is refused instead of mixing two searches."""
         space = {k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()}

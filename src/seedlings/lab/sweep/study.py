@@ -122,7 +122,7 @@ def lost_storage(sweep: Sweep) -> UserError | None:
     if sweep.is_file_storage:
         return None
     try:
-        sqlalchemy.create_engine(sweep.storage, poolclass=sqlalchemy.pool.NullPool).connect().close()
+        sweep.database().connect().close()
     except Exception as e:  # noqa: BLE001 - unreachable: that is what went wrong
         return UserError(f"STORAGE: lost the study's database at {safe_url(sweep.storage)} mid-trial "
                          f"({type(e).__name__}: {first_line(e)}); once it is back, `make sweep` resumes the trial "
@@ -155,7 +155,7 @@ class SweepLock:
         if url.startswith(("postgresql", "mysql")):
             key = int(hashlib.sha256(self.sweep.name.encode()).hexdigest()[:15], 16)  # a bigint from the name
             try:
-                self.conn = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()
+                self.conn = self.sweep.database().connect()
                 lock = "SELECT pg_advisory_lock(:k)" if url.startswith("postgresql") else "SELECT GET_LOCK(:k, -1)"
                 self.conn.execute(sqlalchemy.text(lock), {"k": key if url.startswith("postgresql") else str(key)})
             except Exception as e:  # noqa: BLE001
