@@ -104,3 +104,28 @@ def test_each_step_is_a_subpackage():
         "seedlings.run",
     }
     assert loose <= allowed, loose
+
+
+def spelled_names(path: Path) -> set[str]:
+    """The string literals of a module (f-strings' literal parts too) and every `fold{...}` it builds by hand."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and first.value == "fold" and len(node.values) == 2:
+                found.add("fold{k}")
+    return found
+
+
+def test_a_runs_files_are_named_by_paths_alone():
+    """One owner of a run's layout: seedlings.paths names each file and folder of a run; no other module (pipeline,
+    lab, tracking, bundle, the Kaggle notebook's cells) spells one."""
+    from seedlings import paths
+
+    names = {v for k, v in vars(paths).items() if k.isupper() and isinstance(v, str) and k != "REPO"}
+    names = {n for n in names if "." in n or n == paths.SNAPSHOTS} | {"fold{k}"}  # bare words ("report") are common
+    assert {"done.json", "checkpoint.pt", "metrics.csv", "config.yaml", "weights.json", ".lock"} <= names
+    spelled = {name: sorted(spelled_names(path) & names) for name, path in MODULES.items() if name != "seedlings.paths"}
+    assert {name: found for name, found in spelled.items() if found} == {}

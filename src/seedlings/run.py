@@ -63,7 +63,7 @@ class Run:
 
     @property
     def config_path(self) -> Path:
-        return self.dir / "config.yaml"
+        return self.dir / paths.CONFIG
 
     def fold_dir(self, fold: int) -> Path:
         return paths.full_dir(self.name) if fold == self.full else paths.fold_dir(self.name, fold)
@@ -91,12 +91,12 @@ class Run:
             raise UserError(f"--fold: {fold} is not in 0..{self.n_folds - 1}")
 
     def is_trained(self, fold: int) -> bool:
-        return (self.fold_dir(fold) / "done.json").exists()
+        return (self.fold_dir(fold) / paths.DONE).exists()
 
     @property
     def data_record_path(self) -> Path:
         """What the run was trained on: size, mtime and sha256 of every image, and the folds file's sha256."""
-        return self.dir / "data.json"
+        return self.dir / paths.DATA_RECORD
 
     def training_key(self) -> str:
         """A short hash of what shapes the run's models: the recipe less the free keys, and the split."""
@@ -213,11 +213,11 @@ class Run:
     def snapshot_path(self, fold: int, stage: int, cycle: int) -> Path:
         """The weights at the end of SGDR cycle `cycle` of stage `stage` (one file per cycle: the snapshot ensemble's
         members, and where a later stage or the LR finder starts from)."""
-        return self.fold_dir(fold) / "snapshots" / f"{snapshot_name(stage, cycle)}.pt"
+        return self.fold_dir(fold) / paths.SNAPSHOTS / f"{snapshot_name(stage, cycle)}.pt"
 
     def final_path(self, fold: int) -> Path:
         """The fold's weights when training ended."""
-        return self.fold_dir(fold) / "final.pt"
+        return self.fold_dir(fold) / paths.FINAL
 
 
 def snapshot_name(stage: int, cycle: int) -> str:
@@ -250,9 +250,9 @@ def saved_run(
     """A run opened with the recipe it recorded (blending another run into a submission, grading one), or with
     `variant`'s prediction and blend keys in place of its own; the data and split it recorded unless given (given
     ones must match)."""
-    saved = read_config(paths.run_dir(name) / "config.yaml")
+    saved = read_config(paths.run_dir(name) / paths.CONFIG)
     if saved is None:
-        raise UserError(f"{paths.run_dir(name) / 'config.yaml'}: run {name!r} not found (train it first)")
+        raise UserError(f"{paths.run_dir(name) / paths.CONFIG}: run {name!r} not found (train it first)")
     other = set(variant or {}) - set(schema.VARIANT_KEYS)
     if other:
         raise UserError(f"{', '.join(sorted(other))}: not a prediction or blend key; run {name!r} keeps the recipe "

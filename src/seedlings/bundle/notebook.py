@@ -70,9 +70,12 @@ import shutil
 import pandas as pd
 from IPython.display import Image, Markdown, display
 
-shutil.copy(WORK / "submissions" / f"{RUN}.csv", WORK / "submission.csv")
-shutil.rmtree(WORK / "data" / "cache", ignore_errors=True)  # decoded images: made again on demand, not an output
-report = WORK / "runs" / RUN / "report" / "report.md"
+os.environ["SEEDLINGS_HOME"] = str(WORK)  # where the chain wrote; seedlings.paths names its files
+from seedlings import paths
+
+shutil.copy(paths.submission_path(RUN), WORK / "submission.csv")
+shutil.rmtree(paths.cache_dir(), ignore_errors=True)  # decoded images: made again on demand, not an output
+report = paths.run_dir(RUN) / paths.REPORT / paths.REPORT_MD
 text = report.read_text() if report.exists() else f"{report}: no report"
 for part in re.split(r"(!\\[[^]]*\\]\\([^)]+\\))", text):  # the report's text, its pictures embedded in the notebook
     picture = re.fullmatch(r"!\\[[^]]*\\]\\(([^)]+)\\)", part)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
 from seedlings.lab.holdout import answers_of, fold_row, graded_row, json_seconds
@@ -90,6 +91,6 @@ def predict_row(run: Run, label: str) -> dict:
     predictor = Predictor(ctx, test.images, through_network=True)  # as the network predicts, maps or not
     probs = tta_probs(predictor, "test", np.arange(len(test.files)), recipe.tta)
     y = answers_of(run.data, test.files, ctx.comp.classes)
-    seconds = time.perf_counter() - start + json_seconds(run.fold_dir(0) / "done.json")
+    seconds = time.perf_counter() - start + json_seconds(run.fold_dir(0) / paths.DONE)
     how = f"{last.name}, {recipe.tta}, fold 0 of the recipe"
     return graded_row(f"{label}: fold 0 alone", y, probs.argmax(1), seconds, how)

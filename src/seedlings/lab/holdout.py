@@ -217,4 +217,4 @@ def json_seconds(path: Path) -> float:
 def fold_seconds(run: Run, fold: int) -> float:
     """Training (done.json) plus prediction seconds of one fold of a run."""
     predict = sum(json_seconds(m.meta_path) for m in run_members(run, fold))
-    return json_seconds(run.fold_dir(fold) / "done.json") + predict
+    return json_seconds(run.fold_dir(fold) / paths.DONE) + predict

@@ -147,7 +147,7 @@ def agreement(run: Run, onnx_path: Path, card: dict) -> dict:
     and median differences of a probability."""
     import onnxruntime as ort
 
-    blend = load_probs(paths.probs_dir(run.name, run.variant) / "blend.test.csv")
+    blend = load_probs(paths.probs_file(paths.probs_dir(run.name, run.variant), paths.BLEND, "test"))
     rows = np.unique(np.linspace(0, len(blend.files) - 1, min(len(blend.files), CHECKED)).round().astype(int))
     x = np.stack([prepare(run.comp.test_path(blend.files[i]), card) for i in rows])
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -160,9 +160,9 @@ def agreement(run: Run, onnx_path: Path, card: dict) -> dict:
 
 def export(run: Run, out: Path | None = None) -> Path:
     """runs/<run>/export/ (or `out`): model.onnx and model.json, both written or neither (an older pair stays)."""
-    out = Path(out) if out else run.dir / "export"
+    out = Path(out) if out else run.dir / paths.EXPORT
     chain, record = chain_module(run)
-    onnx_path, card_path = out / "model.onnx", out / "model.json"
+    onnx_path, card_path = out / paths.MODEL, out / paths.MODEL_CARD
     card = model_card(run, record, chain, onnx_path.name)
     size = run.recipe.eval_size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)

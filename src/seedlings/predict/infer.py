@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from seedlings import paths
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
 from seedlings.predict.members import Member, run_members
@@ -57,7 +58,7 @@ def predict_fold(run: Run, fold: int, test_key: str | None = None) -> list[Membe
     todo = [m for m in members if not is_predicted(m, prediction_inputs(m, run, test_key))]
     if not todo:
         return members
-    with exclusive(run.fold_dir(fold) / ".lock", f"fold {fold} of run {run.name!r}"):
+    with exclusive(run.fold_dir(fold) / paths.LOCK, f"fold {fold} of run {run.name!r}"):
         predict_members(run, fold, todo, test_key)
     return members
 

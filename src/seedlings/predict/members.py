@@ -34,7 +34,7 @@ class Member:
         return paths.full_dir(self.run) if self.full else paths.fold_dir(self.run, self.fold)
 
     def probs_path(self, split: str) -> Path:
-        return paths.probs_dir(self.run, self.variant) / f"{self.label}.{split}.csv"
+        return paths.probs_file(paths.probs_dir(self.run, self.variant), self.label, split)
 
     @property
     def meta_path(self) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score
 
+from seedlings import paths
 from seedlings.data.competition import Competition, read_image
 from seedlings.metrics import micro_f1
 from seedlings.run import Run
@@ -20,7 +21,7 @@ def write_report(
 ) -> Path:
     """report.md from the blend's out-of-fold probabilities (`labels`: the true class of each of `oof.files`), its
     member table, the folds' metrics and the images skipped as unreadable; returns its path."""
-    out = run.dir / "report"
+    out = run.dir / paths.REPORT
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run `{run.name}`", ""]
     lines += data_section(comp, out)
@@ -38,7 +39,7 @@ def write_report(
             lines += [f"## Unreadable {split} images (skip_bad_images)", "", *[f"- `{f}`" for f in files], ""]
     if comp.ignored:
         lines += ["## Subfolders not read", "", *[f"- `{s}`" for s in comp.ignored], ""]
-    return write_text(out / "report.md", "\n".join(lines))
+    return write_text(out / paths.REPORT_MD, "\n".join(lines))
 
 
 def data_section(comp: Competition, out: Path) -> list[str]:
@@ -55,9 +56,9 @@ def data_section(comp: Competition, out: Path) -> list[str]:
 
 def training_section(run: Run) -> list[str]:
     lines = ["## Training", "", "| fold | epochs | val micro-F1 | val loss | train seconds |", "|---|---|---|---|---|"]
-    trained = [k for k in range(run.n_folds + 1) if (run.fold_dir(k) / "metrics.csv").exists()]  # + the full fit
+    trained = [k for k in range(run.n_folds + 1) if (run.fold_dir(k) / paths.METRICS).exists()]  # + the full fit
     for k in trained:
-        m = pd.read_csv(run.fold_dir(k) / "metrics.csv")
+        m = pd.read_csv(run.fold_dir(k) / paths.METRICS)
         last = m.iloc[-1]
         which = "all images" if k == run.full else k
         lines.append(f"| {which} | {len(m)} | {last.val_f1:.4f} | {last.val_loss:.4f} | {m.seconds.sum():.0f} |")

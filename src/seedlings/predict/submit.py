@@ -73,7 +73,7 @@ def submit(
     """One submission of a run at a time (a second `submit` of it exits 2 naming the holder: two at once would each
     blend only the folds it trained, and the last writer's partial blend would be the submission); see blend_submit."""
     out = run.submission_path
-    with exclusive(out.with_name(f".{out.stem}.lock"), f"the submission of run {run.name!r}"):
+    with exclusive(out.with_name(f".{out.stem}{paths.LOCK}"), f"the submission of run {run.name!r}"):
         return blend_submit(run, others, weights, command, train)
 
 
@@ -114,8 +114,8 @@ def blend_submit(
         write_submission(out, test.files, species_of(test.values, comp.classes), run.data / "sample_submission.csv")
         n_rows = validate_submission(run.data, out)
     blend_dir = paths.probs_dir(run.name, run.variant)
-    save_probs(blend_dir / "blend.oof.csv", oof)
-    save_probs(blend_dir / "blend.test.csv", test)
+    save_probs(paths.probs_file(blend_dir, paths.BLEND, "oof"), oof)
+    save_probs(paths.probs_file(blend_dir, paths.BLEND, "test"), test)
     if run.variant:
         print(f"variant {run.variant}: its probabilities in {blend_dir}, beside the run's own")
     provenance = {

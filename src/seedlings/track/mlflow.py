@@ -67,7 +67,7 @@ class Tracker:
 
     def __init__(self, name: str, enabled: bool):
         self.name, self.enabled = name, enabled and not Tracker.failed
-        self.ids_path = paths.run_dir(name) / "mlflow.json"
+        self.ids_path = paths.run_dir(name) / paths.MLFLOW_IDS
         self.client = None
 
     # ----------------------------------------------------------------------------------------------- plumbing
@@ -226,8 +226,7 @@ class FoldTracking:
     def done(self, final: dict, fold_dir: Path) -> None:
         self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items() if k != "threads"})
         self.tracker.tags(self.run_id, {"threads": final["threads"]} if "threads" in final else {})
-        files = ["metrics.csv", "lrs.csv", "loss.png", "lr.png", "done.json"]
-        self.tracker.artifacts(self.run_id, [fold_dir / f for f in files])
+        self.tracker.artifacts(self.run_id, [fold_dir / f for f in paths.FOLD_RECORDS])
         self.tracker.finish(self.run_id)
 
     def stopped(self) -> None:
@@ -256,7 +255,7 @@ def track_export(run: Run, files: list[Path], agreement: dict) -> None:
     what the export's check on the test photos measured (export_same_species, export_largest_difference, ...)."""
     tracker, run_id = project_run(run)
     tracker.metrics(run_id, {f"export_{k}": v for k, v in agreement.items()})
-    tracker.artifacts(run_id, files, "export")
+    tracker.artifacts(run_id, files, paths.EXPORT)
 
 
 def track_trial(run: Run, state: str, value: float | None = None, pruned_epoch: int | None = None) -> None:

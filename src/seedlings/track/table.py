@@ -102,7 +102,7 @@ def scored(board: pd.DataFrame, name: str) -> dict:
 def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> dict:
     """One run's row; a damaged file shows as damaged in its columns and leaves the others (and other runs) shown."""
     try:
-        config, differs = read_config(folder / "config.yaml") or {}, []
+        config, differs = read_config(folder / paths.CONFIG) or {}, []
     except UserError:
         config, differs = {}, [f"config.yaml {DAMAGED}"]
     recipe = {k: v for k, v in config.items() if k not in (*SPLIT_KEYS, *PROVENANCE_KEYS)}
@@ -120,7 +120,7 @@ def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> di
     seconds = prov.get("seconds")
     seconds = [finite_number(v) for v in seconds.values()] if isinstance(seconds, dict) else []
     lb = scored(board, name)
-    written = [p.stat().st_mtime for p in (folder / "config.yaml", prov_path) if p.exists()]
+    written = [p.stat().st_mtime for p in (folder / paths.CONFIG, prov_path) if p.exists()]
     return {
         "run": name,
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(written))) if written else "",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.precision import StepScaler
 from seedlings.storage import (
@@ -61,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 def resume_from_checkpoint(ctx: FoldContext) -> dict | None:
     """The fold's checkpoint, its weights and RNG state already restored; None when the fold starts afresh."""
-    path = ctx.dir / "checkpoint.pt"
+    path = ctx.dir / paths.CHECKPOINT
     if not path.exists():
         return None
     ckpt = load_checkpoint(path, checkpoint_owner(ctx))
@@ -78,7 +79,7 @@ def resume_from_checkpoint(ctx: FoldContext) -> dict | None:
 def record_weights(fold_dir: Path, weights: Path) -> None:
     """weights.json: the sha256 of each weights file the fold saved (snapshots, final.pt), which predict checks: a
     file copied from another run or damaged since is refused, not predicted with."""
-    record = fold_dir / "weights.json"
+    record = fold_dir / paths.WEIGHTS
     saved = json.loads(record.read_text()) if record.exists() else {}
     write_json(record, {**saved, weights.name: file_sha256(weights)})
 
@@ -89,7 +90,7 @@ def recorded_weights(fold_dir: Path, weights: Path, owner: str, redo: str, devic
     repairs it."""
     if not weights.exists():
         raise UserError(f"{weights}: weights of {owner} missing; {redo}")
-    record = fold_dir / "weights.json"
+    record = fold_dir / paths.WEIGHTS
     if record.exists():
         saved = read_json(record, "record of the fold's weights", redo).get(weights.name)
         if saved != file_sha256(weights):
@@ -123,7 +124,7 @@ class FoldLog:
             record_weights(out, save_torch(snapshot, weights))
         # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
         self.saver.save(
-            out / "checkpoint.pt",
+            out / paths.CHECKPOINT,
             {
                 "format": CHECKPOINT_FORMAT,
                 "owner": checkpoint_owner(self.ctx),
@@ -140,6 +141,6 @@ class FoldLog:
                 "lrs": list(self.lrs),
             },
         )
-        write_csv(out / "metrics.csv", pd.DataFrame(self.metrics))
+        write_csv(out / paths.METRICS, pd.DataFrame(self.metrics))
         if self.lrs:
-            write_csv(out / "lrs.csv", pd.DataFrame(self.lrs))
+            write_csv(out / paths.LRS, pd.DataFrame(self.lrs))

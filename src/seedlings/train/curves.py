@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from seedlings import paths
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.storage import pyplot, save_figure
 
@@ -29,7 +30,7 @@ def plot_fold(out: Path, recipe) -> None:
     except ImportError:
         return
 
-    m = pd.read_csv(out / "metrics.csv")
+    m = pd.read_csv(out / paths.METRICS)
     head = m.stage.map(lambda k: recipe.stages[k].kind == SOLVED_HEAD)
     trained = m[~head]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -48,16 +49,16 @@ def plot_fold(out: Path, recipe) -> None:
     for a in ax:
         a.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, out / "loss.png", dpi=90)
+    save_figure(fig, out / paths.LOSS_PLOT, dpi=90)
     plt.close(fig)
-    if not (out / "lrs.csv").exists():  # only solved stages: no learning rates to show
+    if not (out / paths.LRS).exists():  # only solved stages: no learning rates to show
         return
-    lr = pd.read_csv(out / "lrs.csv")
+    lr = pd.read_csv(out / paths.LRS)
     fig, ax = plt.subplots(figsize=(7, 3))
     for c in [c for c in lr.columns if c.startswith("lr_g")]:
         ax.plot(lr.step, lr[c], label=c[3:])
     ax.set(xlabel="step", ylabel="learning rate", yscale="log")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, out / "lr.png", dpi=90)
+    save_figure(fig, out / paths.LR_PLOT, dpi=90)
     plt.close(fig)

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from seedlings import paths
 from seedlings.data.augment import DIHEDRAL, dihedral
 from seedlings.errors import UserError
 from seedlings.metrics import NO_VALIDATION, log_loss, val_scores
@@ -82,7 +83,7 @@ def features_dir(ctx: FoldContext, stage_i: int) -> Path:
     """Where stage `stage_i`'s precomputed inputs live: the run's folder, shared by its folds, while every stage before
     it trained the head alone on precomputed features (the rest is still the pretrained backbone); else the fold's."""
     shared = all(s.kind in (SOLVED_HEAD, HEAD_ON_FEATURES) for s in ctx.recipe.stages[:stage_i])
-    return ctx.run.dir / "features" if shared else ctx.dir / "features"
+    return ctx.run.dir / paths.FEATURES if shared else ctx.dir / paths.FEATURES
 
 
 def features_for(ctx: FoldContext, stage_i: int) -> torch.Tensor:

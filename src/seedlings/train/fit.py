@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seedlings import paths
 from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
 from seedlings.optim import make_optimizer
@@ -46,12 +47,12 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
     on_epoch: called after every epoch (a sweep reports the score to its pruner there, which may stop the fold).
     """
     out = run.fold_dir(fold)
-    done = out / "done.json"
+    done = out / paths.DONE
     if done.exists():
         print(f"{out}: finished, nothing to do")
         return read_done(done, fold)
     try:
-        with exclusive(out / ".lock", f"fold {fold} of run {run.name!r}"):
+        with exclusive(out / paths.LOCK, f"fold {fold} of run {run.name!r}"):
             if done.exists():  # finished by the process that held the lock before
                 return read_done(done, fold)
             ctx = prepare_fold(run, fold)
@@ -146,7 +147,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
     final = {k: log.metrics[-1][k] for k in VAL_KEYS}
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
-    write_json(ctx.dir / "done.json", final)
+    write_json(ctx.dir / paths.DONE, final)
     if tracking is not None:
         tracking.done(final, ctx.dir)
     return final
@@ -212,6 +213,6 @@ def fold_progress(ctx: FoldContext, until_stage: int | None, done: list[dict]) -
 
 def remove_if_empty(folder: Path) -> None:
     """Remove a folder that holds nothing but a lock file."""
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
-        (folder / ".lock").unlink(missing_ok=True)
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {paths.LOCK}:
+        (folder / paths.LOCK).unlink(missing_ok=True)
         folder.rmdir()

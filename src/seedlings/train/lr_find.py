@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from seedlings import paths
 from seedlings.errors import UserError
 from seedlings.optim import make_optimizer
 from seedlings.precision import scaler_for
@@ -49,7 +50,7 @@ def weights_before_stage(run: Run, fold: int, stage: int) -> dict | None:
         train_fold(run, fold, until_stage=stage)
     if snap.exists():
         return load_torch(snap, "snapshot")
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / paths.CHECKPOINT)
     if ckpt["stage"] != stage or ckpt["epoch"] != 0:
         raise UserError(f"{out}: trained past stage {stage} without snapshots; set snapshots: true or a new RUN")
     return ckpt["model"]

@@ -22,7 +22,7 @@ from seedlings.train.checkpoint import recorded_weights
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.predictor import Predictor
 
-TEACHER_FILE = "teacher.csv"  # in a fold's folder: file,<class>... the teachers' probabilities of its training images
+TEACHER_FILE = paths.TEACHER  # in a fold's folder: file,<class>... the teachers' probabilities of its training images
 
 
 def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
@@ -57,7 +57,7 @@ def teacher_probs(ctx: FoldContext, name: str) -> Probs:
     of the 8 dihedral views."""
     if name == ctx.run.name:
         raise UserError(f"teacher: run {name!r} cannot teach itself")
-    if not (paths.run_dir(name) / "config.yaml").exists():
+    if not (paths.run_dir(name) / paths.CONFIG).exists():
         raise UserError(f"teacher: run {name!r} not found (train its folds first)")
     try:
         teacher = saved_run(name, ctx.run.data, ctx.run.n_folds, ctx.run.fold_seed)

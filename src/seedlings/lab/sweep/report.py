@@ -120,7 +120,7 @@ def write_best_yaml(sweep: Sweep, best: FrozenTrial, out: Path) -> Path:
     """The best trial's whole recipe, headed by the command that trains it again as the trial was trained: its data,
     split and CPU thread count (results on a CPU depend on it), into a run of its own (<sweep>-best)."""
     recipe = recipe_with(sweep.base, best.params)
-    done = paths.run_dir(str(best.user_attrs.get("run", ""))) / "fold0" / "done.json"
+    done = paths.fold_dir(str(best.user_attrs.get("run", "")), 0) / paths.DONE
     threads = read_done(done, 0).get("threads") if done.is_file() else None
     command = (f"make submit CONFIG={out} DATA={sweep.data} N_FOLDS={sweep.n_folds} FOLD_SEED={sweep.fold_seed} "
                f"RUN={sweep.name}-best")  # fmt: skip
@@ -194,7 +194,7 @@ def write_sweep_report(sweep: Sweep, study: optuna.Study, grade: bool | None = N
     elif best is not None and (Path(sweep.data) / "answers.csv").exists():
         lines += ["Held-out grade left out; `make sweep-report GRADE=1` trains the base and the best recipe's fold "
                   "and chain and grades them once on the answers beside the data.", ""]  # fmt: skip
-    report = write_text(out / "report.md", "\n".join(lines))
+    report = write_text(out / paths.REPORT_MD, "\n".join(lines))
     files = [report, out / "trials.csv", out / "best.yaml", *sorted(out.glob("*.png"))]
     track_sweep(sweep.name, sweep.base.get("tracking", "none"), best.value if best else None, len(table), files)
     print(f"{report}: {len(table)} trials" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))
