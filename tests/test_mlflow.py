@@ -123,6 +123,13 @@ def test_a_run_logs_its_folds_epochs_and_files(server, demo_master, home, monkey
                          "GET")  # fmt: skip
     steps = sorted(m["step"] for m in history["metrics"])
     assert steps == [1, 2, 3]  # the solved head's row and two SGDR epochs
+
+    def steps_of(key: str) -> list[int]:
+        found = server.api("metrics/get-history", {"run_id": fold["info"]["run_id"], "metric_key": key}, "GET")
+        return sorted(m["step"] for m in found.get("metrics", []))
+
+    assert steps_of("training/loss") == steps_of("training/lr") == [2, 3]  # the SGDR epochs' steps
+    assert steps_of("training/solved_head_loss") == [1]  # the head fitted on features: a point of its own
     metrics_csv = (home / "runs" / "tracked" / "fold0" / "metrics.csv").read_text().splitlines()
     assert len(metrics_csv) == 1 + len(steps)
     listed = server.api("artifacts/list", {"run_id": fold["info"]["run_id"]}, "GET")

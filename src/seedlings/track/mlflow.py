@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seedlings import paths
-from seedlings.recipe.schema import recipe_dict
+from seedlings.recipe.schema import SOLVED_HEAD, recipe_dict
 from seedlings.run import Run, git_commit
 from seedlings.storage import file_sha256, write_json
 
@@ -34,6 +34,7 @@ KIND = {"mlflow.experimentKind": "custom_model_development"}  # a model-training
 # address asks for the model-training view (runs, their charts): `make mlflow-ui` prints such an address
 TRAINING_VIEW = "?workflowType=machine_learning"
 CONSTANT_KEYS = ("epoch", "stage", "size")  # of an epoch's row: its step, and what the recipe says; never charts
+SOLVED = {"train_loss": "training/solved_head_loss"}  # the solved head's row: a fit on features, not a step's loss
 # an epoch's scores as MLflow's run page shows them: a chart section per prefix, before the ungrouped speed and finals
 CHARTS = {"train_loss": "training/loss", "lr": "training/lr", "val_f1": "validation/micro_f1",
           "val_macro_f1": "validation/macro_f1", "val_loss": "validation/loss"}  # fmt: skip
@@ -218,9 +219,11 @@ class FoldTracking:
 
     tracker: Tracker
     run_id: str | None
+    solved: frozenset = frozenset()  # the stages that fit the head on features: their row is no epoch of steps
 
     def epoch(self, row: dict) -> None:
-        values = {CHARTS.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS}
+        names = {**CHARTS, **SOLVED, "lr": None} if int(row["stage"]) in self.solved else CHARTS
+        values = {names.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS and names.get(k, k)}
         self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
 
     def done(self, final: dict, fold_dir: Path) -> None:
@@ -235,7 +238,8 @@ class FoldTracking:
 
 def track_fold(run: Run, fold: int) -> FoldTracking:
     tracker, parent = project_run(run)
-    return FoldTracking(tracker, tracker.fold_run(fold, parent) if parent else None)
+    solved = frozenset(k for k, stage in enumerate(run.recipe.stages) if stage.kind == SOLVED_HEAD)
+    return FoldTracking(tracker, tracker.fold_run(fold, parent) if parent else None, solved)
 
 
 def track_chain(run: Run, scores: dict, seconds: dict, files: list[Path]) -> None:
