@@ -112,8 +112,8 @@ def test_blend_ablation_grades_the_recipes_chain_blended_again(demo_master, home
     import json
 
     import seedlings.lab.compare as C
+    from seedlings.chain.submit import submit
     from seedlings.lab.holdout import grade
-    from seedlings.predict.submit import submit
 
     recipe = tiny_recipe(HEAD_THEN_BODY, "train_folds=2", "calibrate=bias")
     table = C.compare(

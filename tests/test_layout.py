@@ -45,7 +45,7 @@ def is_lab(name: str) -> bool:
 
 def test_the_walk_finds_the_edges_it_must():
     """The walk itself can fail: imports at the top, inside functions and of submodules are all seen."""
-    assert "seedlings.train.fit" in GRAPH["seedlings.predict.submit"]
+    assert "seedlings.train.fit" in GRAPH["seedlings.chain.submit"]
     assert "seedlings.lab.compare" in GRAPH["seedlings.cli"] or any(is_lab(m) for m in GRAPH["seedlings.cli"])
     assert "seedlings.run" in GRAPH["seedlings.train.fold"]
 
@@ -54,6 +54,14 @@ def test_the_pipeline_never_imports_the_lab():
     pipeline = [m for m in GRAPH if not is_lab(m) and m not in TOP]
     offending = {m: sorted(filter(is_lab, GRAPH[m])) for m in pipeline if any(map(is_lab, GRAPH[m]))}
     assert not offending, f"pipeline modules importing the lab: {offending}"
+
+
+def test_predict_only_predicts():
+    """The chain that trains and predicts is seedlings.chain, above both: nothing in predict/ imports the training
+    loop or the chain."""
+    for name, imported in GRAPH.items():
+        if name.startswith("seedlings.predict"):
+            assert not {m for m in imported if m == "seedlings.train.fit" or m.startswith("seedlings.chain")}, name
 
 
 def test_no_import_circle():
@@ -88,7 +96,8 @@ def test_modules_and_functions_stay_short(name):
 def test_each_step_is_a_subpackage():
     """The tree reads as the pipeline: a folder per step, the lab apart, and few modules loose beside them."""
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
-    assert {"seedlings.data", "seedlings.recipe", "seedlings.train", "seedlings.predict", "seedlings.lab"} <= packages
+    assert {"seedlings.data", "seedlings.recipe", "seedlings.train", "seedlings.predict", "seedlings.chain",
+            "seedlings.lab"} <= packages
     loose = {m for m, p in MODULES.items() if p.parent == PACKAGE and p.name != "__init__.py"}
     allowed = {
         "seedlings.cli",

@@ -128,8 +128,8 @@ def test_drop_path_reaches_the_model(demo_master, home):
 def test_full_fit_trains_on_every_image_and_joins_the_blend_as_one_more_fold(demo_master, home):
     """full_fit: after the folds, one model on every training image (no validation, no out-of-fold score); its test
     probabilities join the fold blend with weight 1/(k + 1)."""
+    from seedlings.chain.submit import submit
     from seedlings.predict.members import load_probs, run_members
-    from seedlings.predict.submit import submit
 
     run = tiny_run(demo_master, "full", UNFROZEN % 1, "train_folds=2", "full_fit=true", "tta=none")
     submit(run)
@@ -166,8 +166,8 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
     """pseudo_label: the chain's second round (runs/<run>-pseudo) trains every fold on the training images plus the
     test images the first round's blend gave at least that probability, labelled with their predicted species; its
     submission is the chain's answer, the first round's stays beside it."""
+    from seedlings.chain.submit import pseudo_round, submit
     from seedlings.predict.members import Probs
-    from seedlings.predict.submit import pseudo_round, submit
     from seedlings.train.fold import prepare_fold
 
     confident = ["stages=[{size: 32, freeze: true, precompute: true, fit: logistic}]", "head_c=100"]  # a sure head
@@ -195,8 +195,8 @@ def test_pseudo_label_round_trains_on_confident_test_images(demo_master, home):
 def test_no_confident_test_image_makes_no_second_round(demo_master, home, capsys):
     """A blend that gives no test image the pseudo_label confidence used to retrain a whole second round on
     the first round's data."""
+    from seedlings.chain.submit import pseudo_round
     from seedlings.predict.members import Probs
-    from seedlings.predict.submit import pseudo_round
 
     run = tiny_run(demo_master, "pl3", UNFROZEN % 1, "pseudo_label=0.9")
     comp = run.comp
@@ -213,10 +213,10 @@ def test_pseudo_label_must_be_a_confidence():
 def test_calibrate_bias_rescales_the_blend_by_a_fit_on_out_of_fold_probabilities(demo_master, home):
     """calibrate: bias: the submission comes from the fold blend's test probabilities after a temperature and class
     biases fitted on the out-of-fold ones; the OOF score is cross-fitted, the uncalibrated blend stays in the table."""
+    from seedlings.chain.submit import submit
     from seedlings.data.folds import load_folds
     from seedlings.predict.blend import Calibration, oof_summary
     from seedlings.predict.members import load_probs, run_members
-    from seedlings.predict.submit import submit
 
     run = tiny_run(demo_master, "cal", UNFROZEN % 1, "train_folds=2", "calibrate=bias", "tta=flip")
     submit(run)

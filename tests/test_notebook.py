@@ -11,7 +11,7 @@ def test_notebook_runs_on_a_demo_run(demo_master, home, monkeypatch):
     from nbclient import NotebookClient
 
     from conftest import tiny_run
-    from seedlings.predict.submit import submit
+    from seedlings.chain.submit import submit
 
     submit(tiny_run(demo_master, "demo", "precompute_d4=false"))
     monkeypatch.setenv("SEEDLINGS_RUN", "demo")

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
+from seedlings.chain.specialist import divide
 from seedlings.cli import main
-from seedlings.predict.specialist import divide
 
 STAGES = "stages=[{size: 32, freeze: true, precompute: true, fit: logistic}, {size: 32, freeze: false, lr: 0.01}]"
 

@@ -129,7 +129,7 @@ def test_blend_only_trains_no_fold_and_blends_those_done(demo_master, home, caps
     """--blend-only (BLEND_ONLY=1, the job after a cluster's fold array): fold 1 untrained is named, not trained, and
     folds 0 and 2 make the submission (the chain used to stop at predicting a fold it had left out)."""
     from conftest import tiny_run
-    from seedlings.predict.submit import submit
+    from seedlings.chain.submit import submit
     from seedlings.train.fit import train_fold
 
     run = tiny_run(demo_master, "bo", "stages=[{size: 32, freeze: false, lr: 0.003, n_cycles: 1, cycle_len: 1}]")

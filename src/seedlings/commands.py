@@ -127,7 +127,7 @@ def split_runs(args: Args) -> None:
 
 
 def submit(args: Args) -> None:
-    from seedlings.predict.submit import submit as submit_chain
+    from seedlings.chain.submit import submit as submit_chain
     from seedlings.recipe.load import variant_overrides
     from seedlings.run import saved_run
 

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from seedlings import paths
+from seedlings.chain.submit import evaluate_chain
 from seedlings.data.cache import load_cache
 from seedlings.errors import UserError
 from seedlings.lab.holdout import answers_of, fold_row, graded_row, json_seconds
 from seedlings.predict.infer import tta_probs
 from seedlings.predict.members import run_members
-from seedlings.predict.submit import evaluate_chain
 from seedlings.recipe.load import read_yaml, with_changes
 from seedlings.recipe.schema import BLEND_KEYS, PREDICTION_KEYS, recipe_dict
 from seedlings.run import Run, open_run

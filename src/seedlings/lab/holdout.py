@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from seedlings import paths
+from seedlings.chain.submit import submit
 from seedlings.data.competition import scan_competition
 from seedlings.data.folds import dataset_key
 from seedlings.errors import UserError
@@ -21,7 +22,6 @@ from seedlings.metrics import macro_f1, micro_f1
 from seedlings.predict.infer import predict_fold
 from seedlings.predict.members import run_members
 from seedlings.predict.submission import read_rows
-from seedlings.predict.submit import submit
 from seedlings.run import Run
 from seedlings.storage import read_json
 from seedlings.train.fit import train_fold

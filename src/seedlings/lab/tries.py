@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 
 from seedlings import paths
+from seedlings.chain.submit import evaluate_chain
 from seedlings.errors import Busy, UserError
 from seedlings.lab.ablations import load_ablations
 from seedlings.lab.holdout import fold_seconds
 from seedlings.lab.paired import Arm, changed_errors, paired_verdict, points, verdict_line
-from seedlings.predict.submit import evaluate_chain
 from seedlings.recipe.load import with_changes
 from seedlings.recipe.schema import VARIANT_KEYS, Recipe, recipe_dict
 from seedlings.run import Run, check_name, differences, open_run

@@ -19,12 +19,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from seedlings.chain.submit import evaluate_chain
 from seedlings.errors import UserError
 from seedlings.lab.sweep.heartbeat import end_at_last_heartbeat, heartbeat_ages, silent_trials
 from seedlings.lab.sweep.settings import DIGITS, shown
 from seedlings.lab.sweep.space import MAX_RETRY, Sweep, TrialRefused, fold_epochs, recipe_with
 from seedlings.lab.sweep.study import SweepLock, lost_storage, open_study
-from seedlings.predict.submit import evaluate_chain
 from seedlings.run import Run, open_run
 from seedlings.storage import process_alive
 from seedlings.track.mlflow import track_trial

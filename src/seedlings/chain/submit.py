@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from seedlings import paths
+from seedlings.chain.specialist import specialist_run, with_specialist
 from seedlings.data.cache import load_cache
 from seedlings.data.competition import Competition
 from seedlings.errors import Busy, UserError
@@ -19,7 +20,6 @@ from seedlings.metrics import val_scores
 from seedlings.predict.blend import ChainBlend, blend_members, format_table
 from seedlings.predict.infer import predict_run
 from seedlings.predict.report import write_report
-from seedlings.predict.specialist import specialist_run, with_specialist
 from seedlings.predict.submission import species_of, validate_submission, write_submission
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.run import Run, git_commit
