@@ -220,13 +220,14 @@ class FoldTracking:
     tracker: Tracker
     run_id: str | None
     solved: frozenset = frozenset()  # the stages that fit the head on features: their row is no epoch of steps
+    scores_every_epoch = False  # a fold's callback (train/callbacks.py): it charts the scores computed, no more
 
-    def epoch(self, row: dict) -> None:
+    def after_epoch(self, row: dict) -> None:
         names = {**CHARTS, **SOLVED, "lr": None} if int(row["stage"]) in self.solved else CHARTS
         values = {names.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS and names.get(k, k)}
         self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
 
-    def done(self, final: dict, fold_dir: Path) -> None:
+    def after_fold(self, final: dict, fold_dir: Path) -> None:
         self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items() if k != "threads"})
         self.tracker.tags(self.run_id, {"threads": final["threads"]} if "threads" in final else {})
         self.tracker.artifacts(self.run_id, [fold_dir / f for f in paths.FOLD_RECORDS])

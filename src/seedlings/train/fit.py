@@ -2,7 +2,8 @@
 
 `fit_fold` is the whole of a fold's training, top to bottom; the pieces it calls each do one thing: `fit_head` solves
 the head (features.py), a trainee says what a stage trains and on what (trainees.py), `train_epoch` runs one pass,
-`FoldLog` writes what an epoch leaves behind (checkpoint.py).
+`FoldLog` writes what an epoch leaves behind (checkpoint.py); tracking and a caller's epoch hook attach as callbacks
+(callbacks.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,22 +26,22 @@ from seedlings.progress import FoldProgress, bar, due
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
-from seedlings.track.mlflow import FoldTracking, track_fold
+from seedlings.track.mlflow import track_fold
 from seedlings.train.average import WeightAverage, average_for, averaged
+from seedlings.train.callbacks import EpochHook, FoldCallback, notify, scores_every_epoch
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
-from seedlings.train.fold import FoldContext, prepare_fold
+from seedlings.train.fold import FoldContext
 from seedlings.train.mixing import mix_batch, mixed_criterion
 from seedlings.train.schedule import cycle_end_epochs, make_scheduler
 from seedlings.train.step import train_step
-from seedlings.train.teacher import teacher_targets
+from seedlings.train.teacher import prepare_training
 from seedlings.train.trainees import trainee_for
 
-EpochHook = Callable[[dict], None]  # called with each epoch's metrics row once its checkpoint is written
 
-
-def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: EpochHook | None = None) -> dict:
+def train_fold(run: Run, fold: int, until_stage: int | None = None,
+               on_epoch: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
     """Train (or resume, or skip when finished) one fold under its lock; returns the final validation scores.
 
     until_stage: stop (checkpointed, resumable) before that stage starts; the LR finder sweeps a later stage so.
@@ -55,14 +56,13 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Ep
         with exclusive(out / paths.LOCK, f"fold {fold} of run {run.name!r}"):
             if done.exists():  # finished by the process that held the lock before
                 return read_done(done, fold)
-            ctx = prepare_fold(run, fold)
-            ctx.targets = teacher_targets(ctx)  # with a teacher, soft targets (its refusals pin nothing); None: labels
+            ctx = prepare_training(run, fold)  # with a teacher, its soft targets too
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
-            tracking = track_fold(run, fold)
+            callbacks = [track_fold(run, fold), *([EpochHook(on_epoch)] if on_epoch else [])]
             try:
-                return fit_fold(ctx, until_stage, on_epoch, tracking)
+                return fit_fold(ctx, until_stage, callbacks)
             except BaseException:  # pruned, interrupted, failed: its MLflow run says so until a resume goes on
-                tracking.stopped()
+                notify(callbacks, "stopped")
                 raise
     except Busy:
         raise  # the folder and its lock file are the holder's
@@ -77,12 +77,11 @@ def read_done(done: Path, fold: int) -> dict:
     return read_json(done, "record of a finished fold", fix, (*VAL_KEYS, "seconds"))
 
 
-def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHook | None = None,
-             tracking: FoldTracking | None = None) -> dict:  # fmt: skip
-    """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch (each
-    epoch's row and the fold's end logged on `tracking`, if any)."""
+def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequence[FoldCallback] = ()) -> dict:
+    """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch, each
+    epoch's row and the fold's end told to the callbacks (train/callbacks.py)."""
     recipe = ctx.recipe
-    every_epoch = recipe.validate == "epoch" or on_epoch is not None  # a pruner reads every epoch's score
+    every_epoch = recipe.validate == "epoch" or scores_every_epoch(callbacks)  # a pruner reads every epoch's score
     ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
     log = FoldLog(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
     progress = fold_progress(ctx, until_stage, log.metrics)
@@ -94,8 +93,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
             if stage.kind == SOLVED_HEAD:  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
                 progress.epoch(log.metrics[-1])
-                if tracking is not None:
-                    tracking.epoch(log.metrics[-1])
+                notify(callbacks, "after_epoch", log.metrics[-1])
                 continue
             trainee = trainee_for(ctx, stage_i)
             optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
@@ -132,10 +130,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
                 # snapshots, checkpoint, CSVs
                 log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average, scaler)
                 progress.epoch(row)
-                if tracking is not None:
-                    tracking.epoch(row)
-                if on_epoch is not None:
-                    on_epoch(row)
+                notify(callbacks, "after_epoch", row)
         log.saver.wait()  # a failed checkpoint write raises here
     finally:
         log.saver.close()
@@ -148,8 +143,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, on_epoch: EpochHo
     final["seconds"] = float(sum(m["seconds"] for m in log.metrics))
     final["threads"] = torch.get_num_threads()  # CPU results depend on it (README: what is refused, thread count)
     write_json(ctx.dir / paths.DONE, final)
-    if tracking is not None:
-        tracking.done(final, ctx.dir)
+    notify(callbacks, "after_fold", final, ctx.dir)
     return final
 
 

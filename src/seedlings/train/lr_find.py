@@ -19,9 +19,9 @@ from seedlings.run import Run
 from seedlings.storage import load_torch, pyplot, save_figure, write_csv
 from seedlings.train.checkpoint import load_checkpoint
 from seedlings.train.fit import train_fold
-from seedlings.train.fold import FoldContext, prepare_fold
+from seedlings.train.fold import FoldContext
 from seedlings.train.step import train_step
-from seedlings.train.teacher import teacher_targets
+from seedlings.train.teacher import prepare_training
 from seedlings.train.trainees import trainee_for
 
 
@@ -151,8 +151,7 @@ def lr_find(run: Run, fold: int, stage: int | None) -> None:
     recipe = run.recipe
     stage = default_stage(recipe) if stage is None else stage
     weights = weights_before_stage(run, fold, stage)
-    ctx = prepare_fold(run, fold)
-    ctx.targets = teacher_targets(ctx)  # the sweep trains towards what the stage will
+    ctx = prepare_training(run, fold)  # the sweep trains towards what the stage will (a teacher's targets)
     if weights is not None:
         ctx.model.load_state_dict(weights)
     df = lr_sweep(ctx, recipe.lr_find_start, recipe.lr_find_end, recipe.lr_find_steps, stage=stage)

@@ -16,13 +16,21 @@ import torch
 from seedlings import paths
 from seedlings.data.augment import TTA_VIEWS
 from seedlings.errors import UserError
-from seedlings.run import saved_run
+from seedlings.run import Run, saved_run
 from seedlings.storage import Probs, load_probs, save_probs
 from seedlings.train.checkpoint import recorded_weights
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.predictor import Predictor
 
 TEACHER_FILE = paths.TEACHER  # in a fold's folder: file,<class>... the teachers' probabilities of its training images
+
+
+def prepare_training(run: Run, fold: int) -> FoldContext:
+    """A fold prepared to train: its data, model and device (fold.prepare_fold), and with a teacher the soft targets
+    it trains towards (its refusals pin nothing of the run)."""
+    ctx = prepare_fold(run, fold)
+    ctx.targets = teacher_targets(ctx)
+    return ctx
 
 
 def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
