@@ -96,8 +96,14 @@ def test_modules_and_functions_stay_short(name):
 def test_each_step_is_a_subpackage():
     """The tree reads as the pipeline: a folder per step, the lab apart, and few modules loose beside them."""
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
-    assert {"seedlings.data", "seedlings.recipe", "seedlings.train", "seedlings.predict", "seedlings.chain",
-            "seedlings.lab"} <= packages
+    assert {
+        "seedlings.data",
+        "seedlings.recipe",
+        "seedlings.train",
+        "seedlings.predict",
+        "seedlings.chain",
+        "seedlings.lab",
+    } <= packages
     loose = {m for m, p in MODULES.items() if p.parent == PACKAGE and p.name != "__init__.py"}
     allowed = {
         "seedlings.cli",
