@@ -227,6 +227,9 @@ class FoldTracking:
         values = {names.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS and names.get(k, k)}
         self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
 
+    def after_solved_head(self, row: dict) -> None:
+        self.after_epoch(row)  # charted apart by its stage (SOLVED)
+
     def after_fold(self, final: dict, fold_dir: Path) -> None:
         self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items() if k != "threads"})
         self.tracker.tags(self.run_id, {"threads": final["threads"]} if "threads" in final else {})

@@ -1,7 +1,7 @@
-"""What attaches to a fold's loop, in fastai's manner (its `Callback`): an object told after each epoch, when the fold
-is done and when it stops early. `fit_fold` reads as the loop alone; MLflow's tracking (track/mlflow.py's
-FoldTracking) and a caller's epoch hook (a sweep's pruner) attach as callbacks. Each method does nothing unless an
-object defines it."""
+"""What attaches to a fold's loop, in fastai's manner (its `Callback`): an object told after the solved head and each
+epoch, when the fold is done and when it stops early. `fit_fold` reads as the loop alone; MLflow's tracking
+(track/mlflow.py's FoldTracking) and a caller's epoch hook (a sweep's pruner) attach as callbacks. Each method does
+nothing unless an object defines it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from typing import Protocol
 
 class FoldCallback(Protocol):
     scores_every_epoch: bool  # the callback reads every epoch's validation scores (under `validate: cycle` too)
+
+    def after_solved_head(self, row: dict) -> None:
+        """The solved head's row (a fit on features: no epoch of steps, so no pruner reads it), once written."""
 
     def after_epoch(self, row: dict) -> None:
         """The epoch's metrics row, once its checkpoint is written."""

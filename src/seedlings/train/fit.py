@@ -93,7 +93,7 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequen
             if stage.kind == SOLVED_HEAD:  # the head solved on precomputed features: one row, no epochs
                 log.epoch_done(fit_head(ctx, stage_i, len(log.metrics)), stage_i, 0, [1], None, None)
                 progress.epoch(log.metrics[-1])
-                notify(callbacks, "after_epoch", log.metrics[-1])
+                notify(callbacks, "after_solved_head", log.metrics[-1])
                 continue
             trainee = trainee_for(ctx, stage_i)
             optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
