@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import DEFAULTS, TINY, Interrupted, stop_after, tiny_run
+from seedlings import paths
 from seedlings.cli import main
 from seedlings.data.folds import load_folds
 from seedlings.errors import UserError
@@ -15,7 +16,7 @@ from seedlings.predict.tta import tta_predict
 from seedlings.train import teacher as teacher_module
 from seedlings.train.fit import train_fold
 from seedlings.train.fold import eval_loader, prepare_fold
-from seedlings.train.teacher import TEACHER_FILE, teacher_targets
+from seedlings.train.teacher import teacher_targets
 
 MAPS = ("stages=[{size: 32, freeze: true, precompute: true, fit: logistic}, {size: 32, freeze: false, frozen_groups: "
         "1, precompute: true, lr: {max: 0.01, mult: 3}, n_cycles: 1, cycle_len: 2, cycle_mult: 1}]")  # fmt: skip
@@ -48,7 +49,7 @@ def test_the_student_learns_its_teachers_fold_on_its_own_training_images(demo_ma
     student = tiny_run(demo_master, "s", "teacher=[t]", "distill=0.25")
     ctx = prepare_fold(student, 0)
     targets = teacher_targets(ctx)
-    written = pd.read_csv(home / "runs" / "s" / "fold0" / TEACHER_FILE).set_index("file")
+    written = pd.read_csv(home / "runs" / "s" / "fold0" / paths.TEACHER).set_index("file")
     folds = load_folds(demo_master, 3, 0).set_index("file")
     assert set(written.index) == set(folds.index[folds.fold != 0])  # its training images, not one validation image
     tctx = prepare_fold(teacher, 0)
@@ -77,7 +78,7 @@ def test_targets_equal_to_the_labels_train_as_the_labels_do(demo_master, home, s
     one_hot = pd.DataFrame(np.eye(len(ctx.classes))[ctx.labels[ctx.train_idx]], columns=ctx.classes)
     copy.fold_dir(0).mkdir(parents=True)
     one_hot.insert(0, "file", files)
-    one_hot.to_csv(copy.fold_dir(0) / TEACHER_FILE, index=False)
+    one_hot.to_csv(copy.fold_dir(0) / paths.TEACHER, index=False)
     train_fold(copy, 0)
     a, b = final_weights(plain), final_weights(copy)
     for k in a:
@@ -106,7 +107,7 @@ def test_a_student_resumes_on_the_targets_it_wrote(demo_master, home, monkeypatc
     train_fold(tiny_run(demo_master, "cut", *extra), 0)
     early = tiny_run(demo_master, "early", *extra)
     early.fold_dir(0).mkdir(parents=True)
-    (early.fold_dir(0) / TEACHER_FILE).write_bytes((whole.fold_dir(0) / TEACHER_FILE).read_bytes())
+    (early.fold_dir(0) / paths.TEACHER).write_bytes((whole.fold_dir(0) / paths.TEACHER).read_bytes())
     train_fold(early, 0)
     expected = final_weights(whole)
     for run in (cut, early):

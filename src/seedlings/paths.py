@@ -52,11 +52,7 @@ def run_dir(run: str) -> Path:
 
 
 def fold_dir(run: str, fold: int) -> Path:
-    return run_dir(run) / fold_name(fold)
-
-
-def fold_name(fold: int) -> str:
-    return f"fold{fold}"
+    return run_dir(run) / f"fold{fold}"
 
 
 def probs_dir(run: str, variant: str = "") -> Path:

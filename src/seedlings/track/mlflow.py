@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seedlings import paths
-from seedlings.recipe.schema import SOLVED_HEAD, recipe_dict
+from seedlings.recipe.schema import recipe_dict
 from seedlings.run import Run, git_commit
 from seedlings.storage import file_sha256, write_json
 
@@ -219,16 +219,18 @@ class FoldTracking:
 
     tracker: Tracker
     run_id: str | None
-    solved: frozenset = frozenset()  # the stages that fit the head on features: their row is no epoch of steps
     scores_every_epoch = False  # a fold's callback (train/callbacks.py): it charts the scores computed, no more
 
     def after_epoch(self, row: dict) -> None:
-        names = {**CHARTS, **SOLVED, "lr": None} if int(row["stage"]) in self.solved else CHARTS
-        values = {names.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS and names.get(k, k)}
-        self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
+        self.chart(row, CHARTS)
 
     def after_solved_head(self, row: dict) -> None:
-        self.after_epoch(row)  # charted apart by its stage (SOLVED)
+        self.chart(row, {**CHARTS, **SOLVED, "lr": None})  # a fit on features: its loss apart, no learning rate
+
+    def chart(self, row: dict, names: dict) -> None:
+        """The row's scores at its step, each under its chart's name (a name of None: not charted)."""
+        values = {names.get(k, k): v for k, v in row.items() if k not in CONSTANT_KEYS and names.get(k, k)}
+        self.tracker.metrics(self.run_id, values, step=int(row["epoch"]))
 
     def after_fold(self, final: dict, fold_dir: Path) -> None:
         self.tracker.metrics(self.run_id, {f"final_{k}": v for k, v in final.items() if k != "threads"})
@@ -242,8 +244,7 @@ class FoldTracking:
 
 def track_fold(run: Run, fold: int) -> FoldTracking:
     tracker, parent = project_run(run)
-    solved = frozenset(k for k, stage in enumerate(run.recipe.stages) if stage.kind == SOLVED_HEAD)
-    return FoldTracking(tracker, tracker.fold_run(fold, parent) if parent else None, solved)
+    return FoldTracking(tracker, tracker.fold_run(fold, parent) if parent else None)
 
 
 def track_chain(run: Run, scores: dict, seconds: dict, files: list[Path]) -> None:

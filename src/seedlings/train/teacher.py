@@ -22,8 +22,6 @@ from seedlings.train.checkpoint import recorded_weights
 from seedlings.train.fold import FoldContext, prepare_fold
 from seedlings.train.predictor import Predictor
 
-TEACHER_FILE = paths.TEACHER  # in a fold's folder: file,<class>... the teachers' probabilities of its training images
-
 
 def prepare_training(run: Run, fold: int) -> FoldContext:
     """A fold prepared to train: its data, model and device (fold.prepare_fold), and with a teacher the soft targets
@@ -40,7 +38,7 @@ def teacher_targets(ctx: FoldContext) -> np.ndarray | None:
     recipe = ctx.recipe
     if not recipe.teacher:
         return None
-    path = ctx.dir / TEACHER_FILE
+    path = ctx.dir / paths.TEACHER  # file,<class>...: the teachers' probabilities
     probs = read_teacher_probs(path, ctx.classes)
     if probs is None:
         gpus = [torch.cuda.current_device()] if ctx.device.type == "cuda" else []
