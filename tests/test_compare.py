@@ -53,8 +53,8 @@ def test_each_shipped_ablation_switches_its_recipe(config):
     (a stage list replaced counts as `stages`), and leaves a valid recipe; the file is found from the recipe's path."""
     from seedlings.lab.ablations import ablations_path, load_ablations
     from seedlings.recipe.load import load_recipe, with_changes
+    from seedlings.recipe.saved import differences
     from seedlings.recipe.schema import recipe_dict
-    from seedlings.run import differences
 
     recipe = load_recipe(config)
     ablations = load_ablations(ablations_path(config))

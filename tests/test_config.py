@@ -216,12 +216,13 @@ def test_the_choices_the_schema_checks_are_the_ones_each_table_implements():
     assert loaders.train_transform.__defaults__ == (choices.CROP_SCALE,) == (Recipe().crop_scale,)
 
 
-def test_reading_recipes_and_listing_runs_imports_neither_torch_nor_scikit_learn_nor_opencv():
-    """`seedlings runs` lists hundreds of runs in about a second: none of the heavy libraries is imported for it."""
+def test_reading_recipes_and_listing_runs_imports_neither_torch_nor_scikit_learn_nor_opencv_nor_pandas():
+    """`seedlings runs` lists hundreds of runs within a second: none of the heavy libraries is imported for it."""
     import subprocess
     import sys
 
-    code = "import sys, seedlings.track.table; print(sorted({'torch', 'sklearn', 'cv2', 'timm'} & set(sys.modules)))"
+    heavy = "{'torch', 'sklearn', 'cv2', 'timm', 'pandas', 'numpy'}"
+    code = f"import sys, seedlings.track.table; print(sorted({heavy} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import Interrupted, stop_after, tiny_run
@@ -207,7 +208,7 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(demo, home, tmp_pat
     from seedlings.track.table import runs_table
 
     monkeypatch.setenv("SEEDLINGS_HOME", str(home))
-    table = runs_table(None, sweep="s", sort="run", ascending=True)
+    table = pd.DataFrame(runs_table(None, sweep="s", sort="run", ascending=True))
     assert len(table) == 4 and {s.lower() for s in states} == set(table.state)
     complete = table[table.state == "complete"]
     # a trial's value: its one fold's last validation micro-F1, stored to 4 digits

@@ -68,7 +68,7 @@ def test_runs_table_shows_each_run_with_what_it_has(chain, tmp_path, monkeypatch
     assert pd.isna(table.loc["half", "oof_f1"]) and "seed=7" in table.loc["half", "differs"]
     assert list(table.index) == ["tiny", "half"]  # the best OOF first, runs without one last
     by_name = runs_table(str(REPO / "tests" / "defaults.yaml"), sort="run", ascending=True)
-    assert list(by_name.run) == ["half", "tiny"]
+    assert [row["run"] for row in by_name] == ["half", "tiny"]
     bad = cli(home, "runs", "--sort", "nope")
     assert bad.returncode == 2 and "--sort" in bad.stderr
 
@@ -98,7 +98,7 @@ def test_runs_table_shows_a_damaged_file_as_damaged_and_every_other_run(chain, t
     out = cli(home, "runs", "--config", str(REPO / "tests" / "defaults.yaml"))
     assert out.returncode == 0, out.stderr
     assert "leaderboard.csv: damaged" in out.stderr
-    table = runs_table(str(REPO / "tests" / "defaults.yaml")).set_index("run")
+    table = pd.DataFrame(runs_table(str(REPO / "tests" / "defaults.yaml"))).set_index("run")
     assert table.index[0] == "tiny" and table.loc["tiny", "oof_f1"] > 0  # the sound run, first by its score
     assert {"tiny", "split-word", "config-bad", "prov-list", "prov-words", *(f"done-{c}" for c in done)} <= set(
         table.index
@@ -126,15 +126,16 @@ def test_runs_table_fits_the_terminal_with_dotted_keys(home):
             recipe["stages"] = recipe["stages"][:1]  # one stage where the reference has two
         (home / "runs" / f"run-{i:02d}").mkdir(parents=True)
         (home / "runs" / f"run-{i:02d}" / "config.yaml").write_text(dump_yaml(recipe, sort_keys=False))
-    table = runs_table(str(REPO / "configs" / "cpu.yaml"), sort="run", ascending=True)
+    rows = runs_table(str(REPO / "configs" / "cpu.yaml"), sort="run", ascending=True)
+    table = pd.DataFrame(rows)
     differs = table.set_index("run").differs
     assert "stages.1.size=41" in differs["run-01"].split() and "{'" not in " ".join(differs)
     assert "stages.1=-" in differs["run-00"].split() and "stages.2.size=40" in differs["run-01"].split()
     assert (table.model == "test_efficientnet").all() and table.date.str.match(r"\d{4}-\d\d-\d\d \d\d:\d\d$").all()
     for width in (80, 120, 200):
-        lines = show(table, width=width).splitlines()
+        lines = show(rows, width=width).splitlines()
         assert len(lines) == 51 and max(map(len, lines)) <= width, (width, max(map(len, lines)))
-    assert all(w in show(table, wide=True) for w in differs["run-49"].split())  # --wide: all of it
+    assert all(w in show(rows, wide=True) for w in differs["run-49"].split())  # --wide: all of it
 
 
 def test_runs_of_a_sweep_that_does_not_exist(home):

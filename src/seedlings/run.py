@@ -19,7 +19,8 @@ from seedlings.data.folds import default_folds_path, load_folds
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.recipe import schema
-from seedlings.recipe.load import dump_yaml, read_yaml, recipe_from_dict, replaced_keys
+from seedlings.recipe.load import dump_yaml, recipe_from_dict
+from seedlings.recipe.saved import differences, read_config
 from seedlings.recipe.schema import FREE_KEYS, PROVENANCE_KEYS, SPLIT_KEYS, Recipe, recipe_dict
 from seedlings.storage import file_sha256, read_json, write_json, write_text
 
@@ -287,28 +288,6 @@ def describe_changes(before: dict[str, list], after: dict[str, list]) -> str:
     parts = [f"{len(fs)} {what} (e.g. {fs[0]})" for fs, what in ((added, "added"), (removed, "removed"),
              (changed, "changed")) if fs]  # fmt: skip
     return ", ".join(parts)
-
-
-def read_config(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        saved = read_yaml(path.read_text(encoding="utf-8"), str(path))
-    except (UserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable run config ({e}); delete the run to redo it") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: not a run config; delete the run to start again")
-    return replaced_keys(saved)  # a run recorded before a key was replaced: read as the key that replaced it
-
-
-def differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old, new) for every leaf where two recipes (as dicts) differ: `stages.2.size`, not `stages`."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(new) + [k for k in old if k not in new]
-        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{key}.{i}")]
-    return [] if old == new else [(key, old, new)]
 
 
 def git_commit() -> str:

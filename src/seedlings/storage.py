@@ -20,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from seedlings.errors import Busy, UserError
+
+if TYPE_CHECKING:  # numpy and pandas load where a file of theirs is written or read: the runs table needs neither
+    import numpy as np
+    import pandas as pd
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -189,12 +191,18 @@ class Probs:
 
 def save_probs(path: Path, probs: Probs) -> None:
     """One format: a CSV `file,<class>...`; 9 significant digits give back every float32 exactly."""
+    import numpy as np
+    import pandas as pd
+
     df = pd.DataFrame(probs.values.astype(np.float32), columns=probs.classes)
     df.insert(0, "file", probs.files)
     write_csv(path, df, float_format="%.9g")
 
 
 def load_probs(path: Path) -> Probs:
+    import numpy as np
+    import pandas as pd
+
     if not path.exists():
         raise UserError(f"{path}: no probabilities (make predict)")
     try:

@@ -26,8 +26,9 @@ from seedlings.lab.ablations import load_ablations
 from seedlings.lab.holdout import fold_seconds
 from seedlings.lab.paired import Arm, changed_errors, paired_verdict, points, verdict_line
 from seedlings.recipe.load import with_changes
+from seedlings.recipe.saved import differences
 from seedlings.recipe.schema import VARIANT_KEYS, Recipe, recipe_dict
-from seedlings.run import Run, check_name, differences, open_run
+from seedlings.run import Run, check_name, open_run
 from seedlings.storage import write_csv, write_text
 from seedlings.track.mlflow import track_try
 from seedlings.train.fit import train_fold

@@ -1,24 +1,26 @@
 """`seedlings runs`: one row per run under runs/ (or per trial of a sweep), from the files each run left behind:
 its config.yaml (what differs from a reference recipe), its folds' done.json, its submission's provenance JSON, and
-the scores `make leaderboard` last saw. A run from older code or a half-trained one shows what it has."""
+the scores `make leaderboard` last saw. A run from older code or a half-trained one shows what it has. The table is a
+list of rows (dicts) printed by hand: neither pandas nor the pipeline loads for it, so it answers within a second."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from seedlings import defaults, paths
 from seedlings.errors import UserError
 from seedlings.recipe.load import dump_yaml, load_recipe
+from seedlings.recipe.saved import differences, read_config
 from seedlings.recipe.schema import PROVENANCE_KEYS, SPLIT_KEYS, recipe_dict
-from seedlings.run import differences, read_config
-from seedlings.storage import finite_number, write_csv
+from seedlings.storage import finite_number, write_text
 
 COLUMNS = ("run", "date", "data", "model", "differs", "variant", "folds", "fold_f1", "oof_f1", "oof_log_loss",
            "seconds", "submission", "public", "private")  # fmt: skip
@@ -26,6 +28,7 @@ NARROW = ("private", "public", "submission", "oof_log_loss", "seconds", "data", 
 # left out in this order where the terminal is too narrow for every column and MIN_DIFFERS characters of `differs`
 MIN_DIFFERS = 16
 DAMAGED = "damaged"  # what the table shows for a file it cannot read
+BOARD_COLUMNS = ("date", "description", "status", "public_score", "private_score")
 LEADERBOARD = "leaderboard.csv"  # under submissions/: what `make leaderboard` last saw, one row per submission
 
 
@@ -35,8 +38,7 @@ def leaderboard_path() -> Path:
 
 def save_leaderboard(rows: list[dict]) -> Path:
     """What `make leaderboard` saw, newest first (data.kaggle.submission_row's keys)."""
-    board = pd.DataFrame(rows, columns=["date", "description", "status", "public_score", "private_score"])
-    return write_csv(leaderboard_path(), board)
+    return write_text(leaderboard_path(), csv_text(rows, BOARD_COLUMNS))
 
 
 def run_folders(sweep: str | None = None) -> list[Path]:
@@ -76,30 +78,29 @@ def provenance(path: Path) -> dict | str:
     return {} if record is None else record if isinstance(record, dict) else DAMAGED
 
 
-def leaderboard_scores() -> pd.DataFrame:
-    """What `make leaderboard` last saw; a damaged file is said on stderr and read as none."""
+def leaderboard_scores() -> list[dict]:
+    """What `make leaderboard` last saw, as rows of strings; a damaged file is said on stderr and read as none."""
     path = leaderboard_path()
     if not path.exists():
-        return pd.DataFrame()
+        return []
     try:
-        board = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError):
-        board = pd.DataFrame()
-    if not {"description", "public_score", "private_score"} <= set(board.columns):
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))
+        board = list(reader)
+    except (OSError, ValueError, csv.Error):
+        board, reader = [], None
+    if reader is None or not {"description", "public_score", "private_score"} <= set(reader.fieldnames or ()):
         print(f"warning: {path}: {DAMAGED}, its scores left out; make leaderboard writes it again", file=sys.stderr)
-        return pd.DataFrame()
+        return []
     return board
 
 
-def scored(board: pd.DataFrame, name: str) -> dict:
+def scored(board: list[dict], name: str) -> dict:
     """The newest scored Kaggle submission whose message names the run (upload's default message starts 'RUN:')."""
-    if board.empty:
-        return {}
-    rows = board[board.description.str.match(re.escape(name) + ":") & (board.public_score != "")]
-    return rows.iloc[0].to_dict() if len(rows) else {}
+    mine = re.compile(re.escape(name) + ":")
+    return next((row for row in board if mine.match(row.get("description") or "") and row.get("public_score")), {})
 
 
-def run_row(folder: Path, name: str, reference: dict, board: pd.DataFrame) -> dict:
+def run_row(folder: Path, name: str, reference: dict, board: list[dict]) -> dict:
     """One run's row; a damaged file shows as damaged in its columns and leaves the others (and other runs) shown."""
     try:
         config, differs = read_config(folder / paths.CONFIG) or {}, []
@@ -165,63 +166,99 @@ def inline(value) -> str:
 
 
 def runs_table(reference: str | None, sweep: str | None = None, sort: str = "oof_f1",
-               ascending: bool = False) -> pd.DataFrame:  # fmt: skip
+               ascending: bool = False) -> list[dict]:  # fmt: skip
     """Every run (or sweep trial) as a row of COLUMNS, sorted by one column (runs without a value last)."""
     ref = recipe_dict(load_recipe(reference, []))
     board = leaderboard_scores()
     prefix = f"{sweep}/" if sweep else ""
     rows = [run_row(f, prefix + f.name, ref, board) for f in run_folders(sweep)]
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
     if sweep:
-        table = with_trial_states(table, paths.run_dir(sweep) / "trials.csv")
-    if sort not in table.columns:
-        raise UserError(f"--sort: expected one of {', '.join(table.columns)}, got {sort!r}")
-    return table.sort_values(sort, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+        rows = with_trial_states(rows, paths.run_dir(sweep) / "trials.csv")
+    columns = list(rows[0]) if rows else list(COLUMNS)
+    if sort not in columns:
+        raise UserError(f"--sort: expected one of {', '.join(columns)}, got {sort!r}")
+    present = [r for r in rows if not missing(r[sort])]
+    present.sort(key=lambda r: (isinstance(r[sort], str), r[sort]), reverse=not ascending)
+    return present + [r for r in rows if missing(r[sort])]
 
 
-def with_trial_states(table: pd.DataFrame, trials_csv: Path) -> pd.DataFrame:
+def missing(value) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def with_trial_states(rows: list[dict], trials_csv: Path) -> list[dict]:
     """A sweep's rows with each trial's state and value, from the trials.csv its report wrote (when there is one)."""
     if not trials_csv.exists():
-        return table
+        return rows
     try:
-        trials = pd.read_csv(trials_csv)
-    except (OSError, ValueError):
-        trials = pd.DataFrame()
-    if not {"number", "state", "value"} <= set(trials.columns):
+        reader = csv.DictReader(io.StringIO(trials_csv.read_text(encoding="utf-8"), newline=""))
+        trials = {row["number"]: row for row in reader}  # the last row of a number wins
+    except (OSError, ValueError, csv.Error, KeyError):
+        reader = None
+    if reader is None or not {"number", "state", "value"} <= set(reader.fieldnames or ()):
         print(f"warning: {trials_csv}: {DAMAGED}, trial states left out; make sweep-report writes it again",
               file=sys.stderr)  # fmt: skip
-        return table
-    trials = trials.drop_duplicates("number", keep="last").set_index("number")
-    number = table.run.str.extract(r"trial-(\d+)$")[0].astype(float)
-    table.insert(1, "state", number.map(trials.state).fillna(""))
-    table.insert(2, "value", number.map(trials.value))
-    return table
+        return rows
+    shown = []
+    for row in rows:
+        number = re.search(r"trial-(\d+)$", row["run"])
+        trial = trials.get(number.group(1), {}) if number else {}
+        value = float(trial["value"]) if trial.get("value") not in (None, "") else None
+        shown.append({"run": row["run"], "state": trial.get("state", ""), "value": value, **row})
+    return shown
 
 
-def show(table: pd.DataFrame, csv: bool = False, wide: bool = False, width: int = 0) -> str:
+def show(rows: list[dict], csv: bool = False, wide: bool = False, width: int = 0) -> str:
     """The table as CSV (for scripts) or as aligned text (scores to 4 places, seconds whole), cut to `width` columns (0:
     the terminal's): blank columns left out, then the least read ones, and `differs` cut short (wide: all of it)."""
     if csv:
-        return table.to_csv(index=False)
-    if table.empty:
+        return csv_text(rows, list(rows[0]) if rows else list(COLUMNS))
+    if not rows:
         return "no runs yet"
-    shown = table.copy()
-    for col in [c for c in ("value", "fold_f1", "oof_f1", "oof_log_loss") if c in shown]:
-        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    shown["seconds"] = shown["seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
-    shown["submission"] = shown["submission"].map(lambda s: Path(s).name if s else "")
-    shown = shown[[c for c in shown.columns if c in ("run", "differs") or shown[c].astype(str).str.len().any()]]
+    shown = {col: [cell(col, row[col]) for row in rows] for col in rows[0]}
+    shown = {col: cells for col, cells in shown.items() if col in ("run", "differs") or any(cells)}
     if wide:
-        return shown.to_string(index=False)
+        return aligned(shown)
     width = width or shutil.get_terminal_size((160, 24)).columns
-    for col in [c for c in NARROW if c in shown.columns]:
-        if text_width(shown.drop(columns="differs")) + MIN_DIFFERS < width:
+    for col in [c for c in NARROW if c in shown]:
+        if text_width({c: v for c, v in shown.items() if c != "differs"}) + MIN_DIFFERS < width:
             break
-        shown = shown.drop(columns=col)
-    room = max(MIN_DIFFERS, width - text_width(shown.drop(columns="differs")) - 1)
-    shown["differs"] = shown["differs"].map(lambda d: d if len(d) <= room else d[: room - 1] + "…")
-    return shown.to_string(index=False)
+        del shown[col]
+    room = max(MIN_DIFFERS, width - text_width({c: v for c, v in shown.items() if c != "differs"}) - 1)
+    shown["differs"] = [d if len(d) <= room else d[: room - 1] + "…" for d in shown["differs"]]
+    return aligned(shown)
 
 
-def text_width(table: pd.DataFrame) -> int:
-    return max(len(line) for line in table.to_string(index=False).splitlines())
+def cell(column: str, value) -> str:
+    """A value as the table prints it: scores to 4 places, seconds whole, a submission by its file's name."""
+    if missing(value):
+        return ""
+    if column in ("value", "fold_f1", "oof_f1", "oof_log_loss"):
+        return f"{value:.4f}"
+    if column == "seconds":
+        return f"{value:.0f}"
+    return Path(value).name if column == "submission" else str(value)
+
+
+def aligned(columns: dict[str, list[str]]) -> str:
+    """Columns right-aligned under their names, one space apart."""
+    widths = {col: max(len(col), *map(len, cells)) for col, cells in columns.items()}
+    lines = [" ".join(col.rjust(widths[col]) for col in columns)]
+    lines += [
+        " ".join(columns[col][i].rjust(widths[col]) for col in columns)
+        for i in range(len(next(iter(columns.values()))))
+    ]
+    return "\n".join(lines)
+
+
+def text_width(columns: dict[str, list[str]]) -> int:
+    return sum(max(len(col), *map(len, cells)) for col, cells in columns.items()) + len(columns) - 1
+
+
+def csv_text(rows: list[dict], columns) -> str:
+    """Rows as CSV with a header, empty where a value is missing, Unix line ends."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: "" if missing(v) else v for k, v in row.items()} for row in rows)
+    return out.getvalue()
