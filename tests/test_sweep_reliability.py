@@ -17,6 +17,7 @@ import yaml
 
 from conftest import DEFAULTS, TINY
 from seedlings.cli import main
+from seedlings.lab.sweep.study import recorded_settings
 from seedlings.lab.sweep.worker import slots_taken
 from seedlings.recipe.load import load_recipe
 from seedlings.recipe.schema import recipe_dict
@@ -93,7 +94,8 @@ def test_a_journal_cut_mid_line_is_repaired_not_appended_to(study, capsys):
     now = path.read_bytes()  # those, then what the second command appended (Optuna's load_if_exists writes too)
     assert now.startswith(kept) and all(json.loads(line)["op_code"] >= 0 for line in now.splitlines())
     assert path.with_name("study.journal.damaged").read_bytes() == cut
-    assert optuna.load_study(study_name="s", storage=journal(path.parents[2])).user_attrs["settings"]
+    storage = journal(path.parents[2])
+    assert recorded_settings(storage, optuna.load_study(study_name="s", storage=storage))["space"]
 
 
 @pytest.mark.parametrize("damage", ["line", "binary"])
@@ -282,3 +284,16 @@ def test_the_study_names_its_metric_for_the_dashboard(study):
     args, path = study
     loaded = optuna.load_study(study_name="s", storage=journal(path.parents[2]))
     assert loaded.metric_names == ["val micro-F1"]
+
+
+def test_the_dashboard_shows_the_studys_settings_as_a_note_with_round_numbers(study):
+    """optuna-dashboard showed the settings as one JSON attribute, cut; the study's note says them in words instead,
+    ranges rounded as the report rounds them, and the attribute table holds short values only."""
+    import optuna_dashboard
+
+    args, path = study
+    loaded = optuna.load_study(study_name="s", storage=journal(path.parents[2]))
+    assert "settings" not in loaded.user_attrs and all(len(str(v)) < 200 for v in loaded.user_attrs.values())
+    note = optuna_dashboard.get_note(loaded)
+    assert "| `stages.1.lr` | 1.00e-04 to 0.03 (log) |" in note and "| `drop_rate` | `0.1`, `0.3` |" in note
+    assert "3 folds of fold seed" in note and "2 trials" in note and "`model=test_efficientnet`" in note

@@ -27,7 +27,7 @@ from seedlings import paths
 from seedlings.defaults import FOLD_SEED, N_FOLDS
 from seedlings.errors import UserError
 from seedlings.lab.holdout import ensure_holdout
-from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS
+from seedlings.lab.sweep.settings import GRACE_S, HEARTBEAT_S, OBJECTIVES, PRUNERS, shown
 from seedlings.recipe.load import apply_override, dump_yaml, load_recipe, parse_value, read_yaml, recipe_from_dict
 from seedlings.recipe.schema import FREE_KEYS, SOLVED_HEAD, Recipe, recipe_dict
 from seedlings.run import Run, check_name
@@ -104,6 +104,30 @@ class Sweep:
         space = {k: optuna.distributions.distribution_to_json(d) for k, d in self.space.items()}
         return {"base": self.base, "space": space, "data": Path(self.data).resolve().name, "n_folds": self.n_folds,
                 "fold_seed": self.fold_seed, "sweep_folds": self.sweep_folds, "objective": self.objective}  # fmt: skip
+
+    def note(self) -> str:
+        """The study's settings as optuna-dashboard's study note (Markdown): what is searched, over what, on which data
+        and split, from which base; numbers rounded as the report rounds them."""
+        from seedlings.recipe.saved import differences
+
+        base = [f"`{k}={shown(new)}`" for k, _, new in differences(recipe_dict(Recipe()), self.base) if new is not None]
+        rows = [f"| `{key}` | {searched(d)} |" for key, d in self.space.items()]
+        return "\n".join([
+            f"**Sweep `{self.name}`**: {self.trials} trials, each scored by {OBJECTIVES[self.objective]}.", "",
+            f"Data `{Path(self.data).resolve().name}`, {self.n_folds} folds of fold seed {self.fold_seed}, the first "
+            f"{self.sweep_folds} trained per trial; pruner `{self.pruner}`"
+            + ("; the best graded once on a held-out split." if self.holdout else "."), "",
+            "| key | searched over |", "|---|---|", *rows, "",
+            "Base recipe, where it differs from the defaults: " + (" ".join(base) or "none") + ".",
+        ])  # fmt: skip
+
+
+def searched(d: BaseDistribution) -> str:
+    """A search range in words: 1.00e-04 to 1.00e-02 (log), 0.1 to 0.5 by 0.1, or the choices."""
+    if isinstance(d, CategoricalDistribution):
+        return ", ".join(f"`{shown(c)}`" for c in d.choices)
+    step = f" by {shown(d.step)}" if getattr(d, "step", None) not in (None, 1) else ""
+    return f"{shown(d.low)} to {shown(d.high)}{step}" + (" (log)" if d.log else "")
 
 
 # ------------------------------------------------------------------------------------------------------- the space

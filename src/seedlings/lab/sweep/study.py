@@ -26,6 +26,8 @@ from seedlings.lab.sweep.space import MAX_RETRY, SETTINGS_BEFORE, Sweep
 from seedlings.recipe.schema import Recipe, recipe_dict
 from seedlings.storage import loopback_port
 
+SETTINGS = "seedlings:settings"  # the study's system attribute holding what it was created with (Sweep.settings)
+
 
 # ----------------------------------------------------------------------------------------------- storage and study
 def check_storage(sweep: Sweep) -> None:
@@ -197,9 +199,10 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
         storage = storage_of(sweep)
         study = optuna.create_study(study_name=sweep.name, storage=storage, direction="maximize",
                                     sampler=sampler(sweep), pruner=pruner(sweep), load_if_exists=True)  # fmt: skip
-        recorded = study.user_attrs.get("settings")
+        recorded = recorded_settings(storage, study)
         if recorded is None:
-            study.set_user_attr("settings", sweep.settings())
+            storage.set_study_system_attr(storage.get_study_id_from_name(sweep.name), SETTINGS, sweep.settings())
+            optuna_dashboard.save_note(study, sweep.note())  # the settings as the dashboard shows them
             study.set_user_attr("trials", sweep.trials)
             study.set_user_attr("pruner", sweep.pruner)
             study.set_user_attr("data_path", str(Path(sweep.data).resolve()))
@@ -212,6 +215,13 @@ def open_study(sweep: Sweep, lock: SweepLock | None = None) -> optuna.Study:
                                 "ARGS, SPACE and data, or another SWEEP")  # fmt: skip
             check_trials(study, sweep)
     return study
+
+
+def recorded_settings(storage, study: optuna.Study) -> dict | None:
+    """The settings the study was created with (None: not made by `make sweep`): a system attribute, kept out of the
+    dashboard's attribute table, which cut the JSON; studies created before that kept them as a user attribute."""
+    recorded = storage.get_study_system_attrs(storage.get_study_id_from_name(study.study_name)).get(SETTINGS)
+    return recorded if recorded is not None else study.user_attrs.get("settings")
 
 
 def check_trials(study: optuna.Study, sweep: Sweep) -> None:
@@ -259,14 +269,16 @@ def load_sweep(name: str, storage: str = "") -> tuple[Sweep, optuna.Study]:
     shell = Sweep(name, Path("."), {}, {}, 0, storage=storage)
     if not storage and not shell.journal.exists():
         raise UserError(f"{shell.journal}: no study of sweep {name!r} here (make sweep first, or give STORAGE)")
+    store = storage_of(shell)
     try:
-        study = optuna.load_study(study_name=name, storage=storage_of(shell))
+        study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
         raise UserError(f"{safe_url(storage) if storage else shell.journal}: no study named {name!r}") from None
     attrs = study.user_attrs
-    if "settings" not in attrs:
+    recorded = recorded_settings(store, study)
+    if recorded is None:
         raise UserError(f"study {name!r}: not made by `make sweep` (it records no settings)")
-    recorded = {**SETTINGS_BEFORE, **attrs["settings"]}
+    recorded = {**SETTINGS_BEFORE, **recorded}
     space = {k: optuna.distributions.json_to_distribution(v) for k, v in recorded["space"].items()}
     data = Path(attrs.get("data_path") or recorded["data"])
     sweep = Sweep(name, data, recorded["base"], space, int(attrs.get("trials", 0)), recorded["n_folds"],
