@@ -196,6 +196,8 @@ def test_a_refused_trial_recipe_fails_that_trial_and_the_sweep_goes_on(data, tmp
     space = space_file(tmp_path, "stages.1.warmup: [0.0, 2.0]\nstages.1.cycle_len: [2, 3]\n")
     out = run_workers(1, sweep_cmd(data, space, 4, "--pruner", "none"), home, [tmp_path])[0]
     assert "Traceback" not in out and "failed with" not in out  # one line of ours a refused trial, not Optuna's 28
+    # a trial trains the first sweep_folds (1) of its 3-fold split: its progress counts that one fold, no more
+    assert "fold 1/1: fold 0 of run 's/trial-" in out and "fold 1/3" not in out and "chain's folds" not in out
     trials = finished_trials(journal(home))
     assert len(trials) == 4
     for t in trials:

@@ -40,12 +40,14 @@ from seedlings.train.teacher import prepare_training
 from seedlings.train.trainees import trainee_for
 
 
-def train_fold(run: Run, fold: int, until_stage: int | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+def train_fold(run: Run, fold: int, until_stage: int | None = None, on_epoch: Callable[[dict], None] | None = None,
+               chain: Sequence[int] | None = None) -> dict:  # fmt: skip
     """Train (or resume, or skip when finished) one fold under its lock; returns the final validation scores.
 
     until_stage: stop (checkpointed, resumable) before that stage starts; the LR finder sweeps a later stage so.
     on_epoch: called after every epoch (a sweep reports the score to its pruner there, which may stop the fold).
+    chain: the folds the caller trains in turn, for the progress's "fold k/n" and ETA (a sweep trains the first
+    sweep_folds of a trial's split); None: the run's own (its recipe's folds, then the full fit).
     """
     out = run.fold_dir(fold)
     done = out / paths.DONE
@@ -60,7 +62,7 @@ def train_fold(run: Run, fold: int, until_stage: int | None = None,
             run.record()  # after the data, folds and model passed their checks: a refused first try pins no recipe
             callbacks = [track_fold(run, fold), *([EpochHook(on_epoch)] if on_epoch else [])]
             try:
-                return fit_fold(ctx, until_stage, callbacks)
+                return fit_fold(ctx, until_stage, callbacks, chain)
             except BaseException:  # pruned, interrupted, failed: its MLflow run says so until a resume goes on
                 notify(callbacks, "stopped")
                 raise
@@ -77,14 +79,15 @@ def read_done(done: Path, fold: int) -> dict:
     return read_json(done, "record of a finished fold", fix, (*VAL_KEYS, "seconds"))
 
 
-def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequence[FoldCallback] = ()) -> dict:
+def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequence[FoldCallback] = (),
+             chain: Sequence[int] | None = None) -> dict:  # fmt: skip
     """A fold's training from its checkpoint (or from the start) to done.json: every stage, every epoch, each
     epoch's row and the fold's end told to the callbacks (train/callbacks.py)."""
     recipe = ctx.recipe
     every_epoch = recipe.validate == "epoch" or scores_every_epoch(callbacks)  # a pruner reads every epoch's score
     ckpt = resume_from_checkpoint(ctx)  # weights and RNG restored; None: a fresh start
     log = FoldLog(ctx, ckpt["metrics"] if ckpt else [], ckpt["lrs"] if ckpt else [])
-    progress = fold_progress(ctx, until_stage, log.metrics)
+    progress = fold_progress(ctx, until_stage, log.metrics, chain)
     try:
         for stage_i, stage in enumerate(recipe.stages[:until_stage]):
             resuming = ckpt is not None and stage_i == ckpt["stage"]
@@ -195,9 +198,11 @@ def epoch_plan(stages) -> list[tuple[int, int, bool]]:
     return plan
 
 
-def fold_progress(ctx: FoldContext, until_stage: int | None, done: list[dict]) -> FoldProgress:
+def fold_progress(ctx: FoldContext, until_stage: int | None, done: list[dict],
+                  chain: Sequence[int] | None = None) -> FoldProgress:  # fmt: skip
     """The fold's progress lines: "fold 1/2" among the models the chain trains, the ETA counting those not trained."""
-    run, models = ctx.run, ctx.run.models()
+    run = ctx.run
+    models = list(chain) if chain is not None else run.models()
     what = "full fit" if ctx.fold == run.full else "fold"
     label = f"{what} {models.index(ctx.fold) + 1}/{len(models)}" if ctx.fold in models else f"{what} {ctx.fold}"
     after = sum(1 for k in models if k != ctx.fold and not run.is_trained(k))

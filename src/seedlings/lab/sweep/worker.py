@@ -201,7 +201,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, lock: SweepLock, started: list[
                 raise optuna.TrialPruned(f"epoch {step}: val micro-F1 {row['val_f1']:.4f}")
 
         try:
-            final = train_fold(run, i, on_epoch=on_epoch)
+            final = train_fold(run, i, on_epoch=on_epoch, chain=range(sweep.sweep_folds))
         except optuna.TrialPruned:
             track_trial(run, "PRUNED", pruned_epoch=epochs)
             raise
