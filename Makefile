@@ -48,7 +48,7 @@ JOBS_SH    = jobs=$$(echo " $$MAKEFLAGS" | grep -o -- ' -j[0-9]*' | tr -dc 0-9);
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo-data check-data folds lr-find train predict submit try compare mle evaluate upload leaderboard demo \
+.PHONY: help setup data demo-data full-size-data check-data folds lr-find train predict submit try compare mle evaluate upload leaderboard demo \
 	kaggle kaggle-push kaggle-output \
 	test test-all \
 	bench gpu-wheels gpu-check lint clean sweep sweep-study sweep-report dashboard mlflow-ui
@@ -70,6 +70,9 @@ data: $(STAMP) ## download the competition with the kaggle CLI into DATA (skippe
 
 demo-data: $(STAMP) ## generate a small synthetic competition in data/demo
 	$(SEEDLINGS) demo-data --out data/demo --per-class 10 --seed 0
+
+full-size-data: $(STAMP) ## a stand-in at Kaggle's counts and photo sizes in data/full-size (SOURCE: photos to upsample)
+	$(SEEDLINGS) demo-data --full-size --out data/full-size --seed 0 $(if $(SOURCE),--source "$(SOURCE)")
 
 check-data: $(STAMP) ## check layout, decode every image, report counts, sizes, duplicates
 	$(SEEDLINGS) check-data --data "$(DATA)" --config "$(CONFIG)"

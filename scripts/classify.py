@@ -17,6 +17,10 @@ session = ort.InferenceSession(f"{folder}/model.onnx")
 def prepare(path):
     img = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     if step["background"] is not None:  # the plant mask: the green plant kept, the gravel dimmed or blacked out
+        h, w = img.shape[:2]
+        scale = step.get("mask_side", max(h, w)) / max(h, w)  # found on the photo shrunk to a bounded side
+        if scale < 1:
+            img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         mask = cv2.inRange(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), *map(tuple, step["green_hsv"]))
         k = max(3, round(min(img.shape[:2]) / 60) | 1)
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))

@@ -63,11 +63,7 @@ def add_data_commands(sub) -> None:
     )
     p.add_argument("--data", default=defaults.DATA, help="where the competition folder goes")
     p.add_argument("--competition", default=defaults.COMPETITION, help="Kaggle's name of the competition")
-    p.add_argument(
-        "--archive",
-        default=None,
-        help="a bundle downloaded by hand from the competition page (default: download it with the kaggle API)",
-    )
+    p.add_argument("--archive", default=None, help="a bundle downloaded by hand (default: the kaggle API downloads it)")
     p.add_argument("--max-expand", type=float, default=20, help="extracted bytes allowed per archive byte")
 
     p = command(sub, "demo-data", commands.demo_data, "generate a small synthetic competition")
@@ -75,7 +71,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("--per-class", type=int, default=10, help="images of the smallest species (others up to ~3x)")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawing")
     p.add_argument("--min-size", type=int, default=50, help="px, smallest image side")
-    p.add_argument("--max-size", type=int, default=600, help="px, largest image side")
+    p.add_argument("--max-size", type=int, default=None, help="px, largest image side (default 600; full size 2800)")
+    p.add_argument("--full-size", action="store_true", help="a stand-in at Kaggle's counts and photo sizes")
+    p.add_argument("--fraction", type=float, default=1.0, help="full size: the share of Kaggle's counts to write")
+    p.add_argument("--source", default=None, help="full size: real photos to upsample (default: drawn plants)")
 
     p = command(
         sub, "check-data", commands.check_data, "check layout, decode every image, report counts, sizes, duplicates"

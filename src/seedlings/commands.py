@@ -48,7 +48,12 @@ def demo_data(args: Args) -> None:
     if out.exists():
         print(f"{out}: exists, nothing to do")
         return
-    make_demo(out, args.per_class, args.seed, args.min_size, args.max_size)
+    if args.full_size:
+        from seedlings.data.full_size import MAX_SIDE, make_full_size
+
+        make_full_size(out, args.fraction, args.seed, args.max_size or MAX_SIDE, args.source)
+        return
+    make_demo(out, args.per_class, args.seed, args.min_size, args.max_size or 600)
     print(f"{out}: demo competition written")
 
 

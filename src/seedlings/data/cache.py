@@ -15,7 +15,7 @@ from seedlings.data.competition import Competition, listing_hash, parallel_imap,
 from seedlings.errors import UserError
 from seedlings.storage import atomic_path, check_free_space, write_json
 
-CACHE_VERSION = 1  # bump when the stored pixels would change for the same inputs
+CACHE_VERSION = 2  # bump when the stored pixels would change for the same inputs (2: the mask at a bounded side)
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -49,12 +49,35 @@ def green_only(img: np.ndarray, background: float = 0.0) -> np.ndarray:
     return (img * keep).round().astype(np.uint8)
 
 
+MASK_SIDE = 1024  # px: the plant mask is found on the photo shrunk to this side (or to 4x the cache's size if larger)
+
+
+def mask_side(size: int) -> int:
+    """The longest side the plant mask is computed at for a cache of `size` px: large enough that the mask found
+    there is the one found at full size (tests/test_data.py compares them on real photos upsampled), small enough
+    that a 2,800 px photo costs each worker tens of MB, not hundreds."""
+    return max(MASK_SIDE, 4 * size)
+
+
+def shrunk(img: np.ndarray, side: int) -> np.ndarray:
+    """The image with its longest side at most `side` (aspect kept, area filter); smaller images as they are."""
+    h, w = img.shape[:2]
+    if max(h, w) <= side:
+        return img
+    scale = side / max(h, w)
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def cached_pixels(img: np.ndarray, size: int, mask: str = "none") -> np.ndarray:
+    """What the cache stores of a decoded photo: the plant mask (if any) at its bounded side, then size x size."""
+    if BACKGROUND[mask] is not None:
+        img = green_only(shrunk(img, mask_side(size)), BACKGROUND[mask])
+    return resize_square(img, size)
+
+
 def _load(path: Path, size: int, mask: str = "none") -> tuple[np.ndarray | None, str | None]:
     try:
-        img = read_image(path)
-        if BACKGROUND[mask] is not None:
-            img = green_only(img, BACKGROUND[mask])
-        return resize_square(img, size), None
+        return cached_pixels(read_image(path), size, mask), None
     except UserError as e:
         return None, str(e)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from seedlings import paths
 from seedlings.data.augment import view
-from seedlings.data.cache import BACKGROUND, GREEN_HIGH, GREEN_LOW, MIN_PLANT, _load
+from seedlings.data.cache import BACKGROUND, GREEN_HIGH, GREEN_LOW, MIN_PLANT, _load, mask_side
 from seedlings.errors import UserError
 from seedlings.metrics import MEANS, PROB_FLOOR
 from seedlings.predict.images import blended_folds, chain_record, member_weights, recorded_calibration
@@ -108,6 +108,7 @@ def model_card(run: Run, record: dict, chain: Chain, onnx_file: str) -> dict:
             "decode": "RGB uint8: alpha dropped, greyscale expanded, 16 bit scaled to 8",
             "plant_mask": recipe.plant_mask,
             "background": BACKGROUND[recipe.plant_mask],  # null: no mask; else the gravel's share of its brightness
+            "mask_side": mask_side(recipe.cache_size),  # the mask is found on the photo shrunk to this longest side
             "green_hsv": [list(GREEN_LOW), list(GREEN_HIGH)],  # OpenCV HSV, hue 0-180
             "mask_kernel": "ellipse of odd side max(3, round(min(h, w) / 60) | 1): close, then dilate",
             "min_plant": MIN_PLANT,  # a mask keeping less of the photo than this: the photo as it is
