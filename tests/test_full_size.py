@@ -84,9 +84,9 @@ def test_the_mask_at_a_bounded_side_is_the_full_size_mask_without_the_speckles_o
     assert abs(share["bounded"] - share["original"]) < 0.05 and share["full"] > share["original"] + 0.2, share
 
 
-def peak_memory(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+def peak_memory(cmd: list[str], field: str = "Pss") -> tuple[subprocess.CompletedProcess, float]:
     """Run cmd; the peak of its processes' proportional set size summed (pages shared after a fork counted once),
-    polled every 20 ms, in MiB."""
+    polled every 20 ms, in MiB. field: Pss (all), or Pss_Anon (without the pages of mapped files: a cache's memmap)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0.0, threading.Event()
 
@@ -94,7 +94,7 @@ def peak_memory(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         nonlocal peak
         while not done.is_set():
             pids = [proc.pid, *children(proc.pid)]
-            peak = max(peak, sum(pss_kib(p) for p in pids) / 1024)
+            peak = max(peak, sum(pss_kib(p, field) for p in pids) / 1024)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=poll)
@@ -115,12 +115,12 @@ def children(pid: int) -> list[int]:
     return found + [g for c in found for g in children(c)]
 
 
-def pss_kib(pid: int) -> int:
+def pss_kib(pid: int, field: str = "Pss") -> int:
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith(field + ":")), 0)
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="memory is read from Linux's /proc")
@@ -147,3 +147,20 @@ def test_the_chain_runs_end_to_end_on_full_size_photos(stand_in, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = (tmp_path / "submissions" / "full.csv").read_text().splitlines()
     assert len(rows) == 1 + len(list((stand_in / "test").glob("*.png")))
+
+
+def test_decoding_on_every_core_writes_the_cache_one_process_writes(stand_in, tmp_path):
+    from seedlings.data.cache import build_cache
+    from seedlings.data.competition import scan_competition
+
+    comp = scan_competition(stand_in)
+    for workers in (1, 2):  # 95 photos: over the 64 under which no pool is started
+        build_cache(comp, "train", 64, False, tmp_path / f"{workers}.u8", tmp_path / f"{workers}.json", "dim", workers)
+    assert (tmp_path / "1.u8").read_bytes() == (tmp_path / "2.u8").read_bytes()
+
+
+def test_the_bench_times_the_cache_build_on_one_process_and_on_every_core(home):
+    from seedlings.lab.bench import cache_build_row
+
+    row = cache_build_row(None, quick=True)
+    assert row["photos"] >= 64 and row["one"] > 0 and row["all"] > 0 and row["cores"] >= 1

@@ -10,6 +10,8 @@ or AMX: docs/recipe.md, bf16 on a CPU). A precision the device cannot compute is
 from __future__ import annotations
 
 import functools
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,11 +111,19 @@ def _on_gpu(asked: str, device: torch.device) -> Precision:
 
 class StepScaler:
     """torch.amp.GradScaler for fp16 steps, counting the steps it skipped (their gradients overflowed) on the device,
-    so the count costs no host sync per step: read it once per epoch."""
+    so the count costs no host sync per step: read it once per epoch, into the epoch's row (a stage callback:
+    train/callbacks.py)."""
+
+    key = "scaler"  # its state (scale, growth) in the fold's checkpoint
 
     def __init__(self, device: torch.device):
         self.scaler = torch.amp.GradScaler(device.type)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # a skipped step leaves the schedule one step ahead of the optimizer, as meant: torch's warning says otherwise
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+
+    def after_epoch(self, row: dict) -> None:
+        row["skipped_steps"] = self.take_skipped()
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.scale(loss).backward()

@@ -136,7 +136,10 @@ def build_cache(
     data_path: Path,
     meta_path: Path,
     mask: str = "none",
+    workers: int | None = None,
 ) -> None:
+    """Decode, mask and resize every image of the split into `data_path` (uint8), on `workers` processes (None: every
+    core), each holding one photo at a time."""
     files, folder = comp.split(split)
     bad = []
     # a memmap written past the disk's end dies by SIGBUS, without a word: its size is known, check it first
@@ -144,7 +147,7 @@ def build_cache(
     with atomic_path(data_path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(files)), size, size, 3))
         loader = partial(_load, size=size, mask=mask)
-        for i, (img, err) in enumerate(parallel_imap(loader, [folder / f for f in files], desc=f"cache {split}")):
+        for i, (img, err) in enumerate(parallel_imap(loader, [folder / f for f in files], f"cache {split}", workers)):
             if err is not None:
                 if not skip_bad_images:
                     raise UserError(err)

@@ -2,11 +2,14 @@
 
 Loader rows: images/s of (a) a naive loader that decodes each PNG with PIL every time and applies torchvision
 transforms, against (b) the decode-once cache with the albumentations pipeline. Training row: images/s of a training
-step fed by the full pipeline, against the bare model's forward+backward on tensors already in memory.
+step fed by the full pipeline, against the bare model's forward+backward on tensors already in memory. Cache build row:
+a full-size stand-in's plant-masked cache decoded by one process against one per core.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,9 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seedlings import paths
-from seedlings.data.cache import load_cache
+from seedlings.data.cache import build_cache, load_cache
 from seedlings.data.competition import scan_competition
 from seedlings.data.demo import make_demo
+from seedlings.data.full_size import make_full_size
 from seedlings.data.loaders import CachedImages, EpochSampler, make_loader, train_transform
 from seedlings.optim import make_optimizer
 from seedlings.precision import cpu_has_bf16
@@ -211,6 +215,23 @@ def memory_format_row(size: int, n_batches: int) -> dict:
     return out
 
 
+def cache_build_row(source: Path | None, quick: bool) -> dict:
+    """Seconds to build the 192 px plant-masked cache (cpu.yaml's) of a full-size stand-in's training photos (the
+    source's real photos upsampled, or drawn plants): decoded by one process, then by one per core."""
+    folder = paths.root() / "data" / f"bench-full-size-{'quick' if quick else 'f03'}"
+    if not folder.exists():
+        make_full_size(folder, 0.015 if quick else 0.03, seed=2, source=source)
+    comp, cores = scan_competition(folder), os.cpu_count() or 1
+    seconds = {}
+    with tempfile.TemporaryDirectory(dir=paths.cache_dir().parent) as tmp:
+        for workers in (1, cores):
+            start = time.perf_counter()
+            build_cache(comp, "train", 192, False, Path(tmp, f"{workers}.u8"), Path(tmp, f"{workers}.json"), "dim",
+                        workers)  # fmt: skip
+            seconds[workers] = time.perf_counter() - start
+    return {"photos": len(comp.train_files), "cores": cores, "one": seconds[1], "all": seconds[cores]}
+
+
 def bench(data: Path | None = None, quick: bool = False) -> None:
     """data: a competition folder of real images (docs/results.md's figures use ../shared/data/seedlings-150); without
     it only generated large images are measured."""
@@ -229,6 +250,10 @@ def bench(data: Path | None = None, quick: bool = False) -> None:
             f"{row['data']:<22} {row['median side']:>9} {row['naive']:>14.1f} {row['cached']:>11.1f} "
             f"{row['ratio']:>6.1f} {row['cache build s']:>14.1f}"
         )
+    c = cache_build_row(Path(data) if data is not None else None, quick)
+    print(f"\ncache build, {c['photos']} full-size photos (49 to 2,800 px) at 192 px with the plant mask, seconds")
+    print(f"{'1 process':>10} {c['cores']:>2} processes {'ratio':>6}")
+    print(f"{c['one']:>10.1f} {c['all']:>12.1f} {c['one'] / c['all']:>6.2f}")
     source = Path(data) if data is not None else large
     rows = [training_row(source, 128, 3 if quick else 12, augment) for augment in ("albumentations", "tensor")]
     print(f"\ntraining images/s, tf_efficientnet_lite0 at 128 px, batch 32, {torch.get_num_threads()} threads")

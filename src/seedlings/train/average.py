@@ -14,7 +14,10 @@ from torch import nn
 class WeightAverage:
     """The average of the parameters in `optimizer`'s groups (what the stage trains; the frozen ones are their own
     average). Buffers (batch-norm statistics) stay as trained. The decay warms up as (1 + t) / (10 + t) over the
-    first steps t, so the first steps' weights do not dominate a short stage."""
+    first steps t, so the first steps' weights do not dominate a short stage. A stage callback (callbacks.py):
+    updated after every step, read by validation and snapshots, copied into the model when the stage ends."""
+
+    key = "average"  # its state's name in the fold's checkpoint
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, decay: float):
         trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -28,6 +31,15 @@ class WeightAverage:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    def after_step(self) -> None:
+        self.update()
+
+    def after_stage(self) -> None:
+        self.copy_to_model()  # the stage ends on its average: the next stage starts from it
+
+    def weights_read(self):
+        return self.swapped()
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
@@ -54,13 +66,3 @@ class WeightAverage:
         for mine, saved in zip(self.shadow, state["shadow"], strict=True):
             mine.copy_(saved)
         self.steps = state["steps"]
-
-
-def average_for(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float) -> WeightAverage | None:
-    """The stage's weight average; None when the recipe averages nothing (ema: 0)."""
-    return WeightAverage(model, optimizer, decay) if decay else None
-
-
-def averaged(average: WeightAverage | None):
-    """A block in which the model holds the average (nothing when there is none)."""
-    return average.swapped() if average is not None else contextlib.nullcontext()

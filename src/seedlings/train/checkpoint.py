@@ -4,6 +4,7 @@ scheduler, RNG state, position, and the metrics and learning rates so far."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 
 from seedlings import paths
 from seedlings.errors import UserError
-from seedlings.precision import StepScaler
 from seedlings.storage import (
     BackgroundSaver,
     cpu_copy,
@@ -23,7 +23,7 @@ from seedlings.storage import (
     write_csv,
     write_json,
 )
-from seedlings.train.average import WeightAverage
+from seedlings.train.callbacks import weights_read
 from seedlings.train.fold import FoldContext
 
 CHECKPOINT_FORMAT = "seedlings-checkpoint-1"
@@ -108,18 +108,19 @@ class FoldLog:
     saver: BackgroundSaver = field(default_factory=BackgroundSaver)
 
     def epoch_done(self, row: dict, stage_i: int, epoch: int, ends: list[int], optimizer, scheduler,
-                   average: WeightAverage | None = None, scaler: StepScaler | None = None) -> None:  # fmt: skip
-        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based); average: the stage's
-        weight average (a snapshot holds it; at the stage's end the model already does). Snapshots and the
-        checkpoint are host copies written off the training thread (resume stays exact: they are the state now)."""
+                   extras: Sequence = ()) -> None:  # fmt: skip
+        """epoch: 0-based within the stage; ends: the stage's cycle-end epochs (1-based); extras: the stage's callbacks
+        (a snapshot holds the weights they have validation read, the average; at the stage's end the model already
+        does), each one's state checkpointed under its key. Snapshots and the checkpoint are host copies written off
+        the training thread (resume stays exact: they are the state now)."""
         self.metrics.append(row)
         out, state = self.ctx.dir, cpu_copy(self.ctx.model.state_dict())
         at_stage_end = epoch + 1 == ends[-1]
         if self.ctx.recipe.snapshots and epoch + 1 in ends:
             snapshot = self.ctx.run.snapshot_path(self.ctx.fold, stage_i, ends.index(epoch + 1))
             weights = state
-            if average is not None and not at_stage_end:
-                with average.swapped():
+            if extras and not at_stage_end:
+                with weights_read(extras):
                     weights = cpu_copy(self.ctx.model.state_dict())
             record_weights(out, save_torch(snapshot, weights))
         # at a stage's end the next stage starts with a new optimizer: nothing of this one is kept
@@ -131,8 +132,7 @@ class FoldLog:
                 "model": state,
                 "optimizer": None if at_stage_end else cpu_copy(optimizer.state_dict()),
                 "scheduler": None if at_stage_end else cpu_copy(scheduler.state_dict()),
-                "average": None if at_stage_end or average is None else average.state_dict(),
-                "scaler": None if at_stage_end or scaler is None else scaler.state_dict(),  # fp16: scale, growth
+                **{extra.key: None if at_stage_end else extra.state_dict() for extra in extras},  # average, scaler
                 "stage": stage_i + 1 if at_stage_end else stage_i,
                 "epoch": 0 if at_stage_end else epoch + 1,
                 "rng": rng_state(),

@@ -8,9 +8,7 @@ the head (features.py), a trainee says what a stage trains and on what (trainees
 
 from __future__ import annotations
 
-import re
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,14 +19,21 @@ from seedlings import paths
 from seedlings.errors import Busy, UserError
 from seedlings.metrics import NO_VALIDATION, VAL_KEYS, val_scores
 from seedlings.optim import make_optimizer
-from seedlings.precision import StepScaler, scaler_for
 from seedlings.progress import FoldProgress, bar, due
 from seedlings.recipe.schema import SOLVED_HEAD
 from seedlings.run import Run
 from seedlings.storage import exclusive, read_json, save_torch, write_json
 from seedlings.track.mlflow import track_fold
-from seedlings.train.average import WeightAverage, average_for, averaged
-from seedlings.train.callbacks import EpochHook, FoldCallback, notify, scores_every_epoch
+from seedlings.train.callbacks import (
+    EpochHook,
+    FoldCallback,
+    StageCallback,
+    notify,
+    scores_every_epoch,
+    stage_callbacks,  # fmt: skip
+    step_owner,
+    weights_read,
+)
 from seedlings.train.checkpoint import FoldLog, record_weights, resume_from_checkpoint
 from seedlings.train.curves import plot_fold
 from seedlings.train.features import fit_head
@@ -102,36 +107,30 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequen
             optimizer = make_optimizer(recipe.optimizer, trainee.param_groups, recipe.momentum)
             warmup = round(stage.warmup * trainee.steps_per_epoch)
             scheduler = make_scheduler(optimizer, trainee.steps_per_epoch, stage.cycle_len, stage.cycle_mult, warmup)
-            average = average_for(ctx.model, optimizer, recipe.ema)  # None: no weight average
-            scaler = scaler_for(ctx.precision, ctx.device)  # fp16: gradients scaled; None: no scaling
-            if scaler is not None:  # a skipped step leaves the schedule one step ahead of the optimizer, as meant
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            extras = stage_callbacks(ctx, optimizer)  # the weight average, fp16's scaler: each where the recipe asks
             first_epoch = 0
             if resuming and ckpt["epoch"] > 0:  # within the stage: its optimizer and schedule go on where they were
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
-                if average is not None:
-                    average.load_state_dict(ckpt["average"])
-                if scaler is not None and ckpt.get("scaler"):
-                    scaler.load_state_dict(ckpt["scaler"])
+                for extra in extras:  # a checkpoint from before the scaler kept its state holds none: it starts anew
+                    if ckpt.get(extra.key) is not None:
+                        extra.load_state_dict(ckpt[extra.key])
                 first_epoch = ckpt["epoch"]
             ends = cycle_end_epochs(stage.n_cycles, stage.cycle_len, stage.cycle_mult)
             for epoch in range(first_epoch, ends[-1]):
                 start = time.perf_counter()
-                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, average,
-                                    scaler, progress.epoch_desc())  # fmt: skip
-                if average is not None and epoch + 1 == ends[-1]:
-                    average.copy_to_model()  # the stage ends on its average: the next stage starts from it
+                train = train_epoch(ctx, trainee, optimizer, scheduler, stage_i, len(log.metrics), log.lrs, extras,
+                                    progress.epoch_desc())  # fmt: skip
+                if epoch + 1 == ends[-1]:
+                    notify(extras, "after_stage")
                 scored = len(ctx.val_idx) > 0 and (every_epoch or epoch + 1 in ends)
-                with averaged(average if scored else None):
+                with weights_read(extras if scored else ()):
                     val = val_scores(trainee.val_probs(), ctx.labels[ctx.val_idx]) if scored else NO_VALIDATION
                 row = {"epoch": len(log.metrics) + 1, "stage": stage_i, "size": stage.size,
                        "train_loss": train["train_loss"], **val, "lr": train["lr"],
                        "seconds": time.perf_counter() - start, "images_per_s": train["images_per_s"]}  # fmt: skip
-                if scaler is not None:  # fp16: the steps whose gradients overflowed, skipped by the scaler
-                    row["skipped_steps"] = scaler.take_skipped()
-                # snapshots, checkpoint, CSVs
-                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, average, scaler)
+                notify(extras, "after_epoch", row)  # fp16: the steps whose gradients overflowed, skipped
+                log.epoch_done(row, stage_i, epoch, ends, optimizer, scheduler, extras)  # snapshots, checkpoint, CSVs
                 progress.epoch(row)
                 notify(callbacks, "after_epoch", row)
         log.saver.wait()  # a failed checkpoint write raises here
@@ -151,13 +150,13 @@ def fit_fold(ctx: FoldContext, until_stage: int | None = None, callbacks: Sequen
 
 
 def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, epoch: int, lr_rows: list[dict],
-                average: WeightAverage | None = None, scaler: StepScaler | None = None,
-                desc: str = "") -> dict:  # fmt: skip
-    """One pass over the training batches, every step's learning rates appended to lr_rows (and the weight average,
-    if any, updated after every step; fp16 steps scaled by `scaler`), shown as a bar described `desc`: train loss,
-    the head's last learning rate, images/s."""
+                extras: Sequence[StageCallback] = (), desc: str = "") -> dict:  # fmt: skip
+    """One pass over the training batches, every step's learning rates appended to lr_rows and the stage's callbacks
+    told after every step (fp16: the scaler takes the step), shown as a bar described `desc`: train loss, the head's
+    last learning rate, images/s."""
     recipe = ctx.recipe
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    scaler = step_owner(extras)  # fp16: scaled gradients, a step skipped on an overflow; None: a plain step
     trainee.train_mode()
     start, seen = time.perf_counter(), 0
     total_loss = torch.zeros((), device=ctx.device)  # summed on the device: reading it is a host sync
@@ -173,8 +172,7 @@ def train_epoch(ctx: FoldContext, trainee, optimizer, scheduler, stage_i: int, e
             step_loss = mixed_criterion(criterion, y_a, y_b, lam)
         loss = train_step(trainee.forward, optimizer, step_loss, x, y, ctx.device, ctx.precision.train, scaler)
         scheduler.step()
-        if average is not None:
-            average.update()
+        notify(extras, "after_step")
         seen += len(y)
         total_loss += loss * len(y)
         if due(steps):  # the bar's loss read from the device only when the bar draws, not on every step
