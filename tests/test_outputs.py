@@ -138,6 +138,21 @@ def test_runs_table_fits_the_terminal_with_dotted_keys(home):
     assert all(w in show(rows, wide=True) for w in differs["run-49"].split())  # --wide: all of it
 
 
+def test_runs_of_a_sweep_show_each_trials_state_and_value_from_its_report(home):
+    from seedlings.track.table import runs_table
+
+    for n in range(3):
+        (home / "runs" / "s" / f"trial-{n:04d}").mkdir(parents=True)
+        (home / "runs" / "s" / f"trial-{n:04d}" / "config.yaml").write_text("seed: 0\n")
+    (home / "runs" / "s" / "trials.csv").write_text("number,state,value\n0,COMPLETE,0.9\n1,PRUNED,\n1,COMPLETE,x\n")
+    rows = runs_table(None, sweep="s", sort="run", ascending=True)
+    assert [(r["run"], r["state"], r["value"]) for r in rows] == [
+        ("s/trial-0000", "COMPLETE", 0.9),
+        ("s/trial-0001", "COMPLETE", None),
+        ("s/trial-0002", "", None),
+    ]
+
+
 def test_runs_of_a_sweep_that_does_not_exist(home):
     out = cli(home, "runs", "--sweep", "nothing")
     assert out.returncode == 2 and "nothing" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -192,8 +192,8 @@ def with_trial_states(rows: list[dict], trials_csv: Path) -> list[dict]:
         return rows
     try:
         reader = csv.DictReader(io.StringIO(trials_csv.read_text(encoding="utf-8"), newline=""))
-        trials = {row["number"]: row for row in reader}  # the last row of a number wins
-    except (OSError, ValueError, csv.Error, KeyError):
+        trials = {int(float(row["number"])): row for row in reader}  # the last row of a number wins
+    except (OSError, ValueError, TypeError, csv.Error, KeyError):
         reader = None
     if reader is None or not {"number", "state", "value"} <= set(reader.fieldnames or ()):
         print(f"warning: {trials_csv}: {DAMAGED}, trial states left out; make sweep-report writes it again",
@@ -202,10 +202,18 @@ def with_trial_states(rows: list[dict], trials_csv: Path) -> list[dict]:
     shown = []
     for row in rows:
         number = re.search(r"trial-(\d+)$", row["run"])
-        trial = trials.get(number.group(1), {}) if number else {}
-        value = float(trial["value"]) if trial.get("value") not in (None, "") else None
+        trial = trials.get(int(number.group(1)), {}) if number else {}
+        value = number_in(trial.get("value"))
         shown.append({"run": row["run"], "state": trial.get("state", ""), "value": value, **row})
     return shown
+
+
+def number_in(text: str | None) -> float | None:
+    """A number written in a CSV cell; None where the cell is empty or not a number."""
+    try:
+        return finite_number(float(text)) if text else None
+    except ValueError:
+        return None
 
 
 def show(rows: list[dict], csv: bool = False, wide: bool = False, width: int = 0) -> str:
